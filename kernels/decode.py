@@ -55,7 +55,9 @@ def _num_sms(device: torch.device) -> int:
 @triton.jit
 def _mla_decode_kernel(
     q_ptr,  # [b, s_q, h_q, d]
-    k_ptr,  # [num_blocks, page_size, h_kv, d]
+    k_ptr,  # [num_blocks, page_size, h_kv, d]; FP8: the same bytes as float8_e4m3fn [..., fp8 bytes]
+    k_scale_ptr,  # FP8 only: the cache's bytes as float32 (tile scales)
+    k_rope_ptr,  # FP8 only: the cache's bytes as bfloat16 (k_pe)
     block_table_ptr,  # int32 [b, max_blocks]
     seqlens_ptr,  # int32 [b]
     bounds_ptr,  # int32 [b, num_splits + 1]: split s covers [bounds[s], bounds[s+1])
@@ -67,6 +69,7 @@ def _mla_decode_kernel(
     page_size,
     dv,
     d_rope,
+    fp8_tile,
     scale_log2,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kn, stride_kp, stride_kh, stride_kd,
@@ -77,6 +80,7 @@ def _mla_decode_kernel(
     CAUSAL: tl.constexpr,
     SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
+    IS_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_ROPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -129,17 +133,31 @@ def _mla_decode_kernel(
         # positions past n_end are never loaded, so unused page slots and table entries,
         # whatever they hold, never reach the arithmetic
         i_blk = tl.load(block_table_ptr + i_b * stride_tb + (o_n // page_size) * stride_tn, mask=m_n, other=0)
-        p_k = k_ptr + i_blk.to(tl.int64) * stride_kn + (o_n % page_size).to(tl.int64) * stride_kp + i_g * stride_kh
-        b_kv = tl.load(p_k[:, None] + o_dv[None, :] * stride_kd, mask=m_n[:, None] & m_dv[None, :], other=0.0)
-        if UPCAST:
-            b_kv = b_kv.to(tl.float32)
+        # offset of each token's row: elements of k_cache, or bytes for FP8
+        o_row = i_blk.to(tl.int64) * stride_kn + (o_n % page_size).to(tl.int64) * stride_kp + i_g * stride_kh
+        m_kv = m_n[:, None] & m_dv[None, :]
+        if IS_FP8:
+            # code * power-of-two tile scale is exact in bf16, so the dot sees the stored value
+            b_code = tl.load(k_ptr + o_row[:, None] + o_dv[None, :], mask=m_kv, other=0.0)
+            b_sc = tl.load(k_scale_ptr + (o_row[:, None] + dv + 4 * (o_dv // fp8_tile)[None, :]) // 4, mask=m_kv, other=0.0)
+            b_kv = b_code.to(tl.float32) * b_sc
+            if not UPCAST:
+                b_kv = b_kv.to(q_ptr.dtype.element_ty)
+        else:
+            b_kv = tl.load(k_ptr + o_row[:, None] + o_dv[None, :] * stride_kd, mask=m_kv, other=0.0)
+            if UPCAST:
+                b_kv = b_kv.to(tl.float32)
         b_s = tl.dot(b_qv, tl.trans(b_kv), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         if HAS_ROPE:
-            b_kr = tl.load(
-                p_k[:, None] + (dv + o_dr)[None, :] * stride_kd, mask=m_n[:, None] & m_dr[None, :], other=0.0
-            )
-            if UPCAST:
-                b_kr = b_kr.to(tl.float32)
+            m_kr = m_n[:, None] & m_dr[None, :]
+            if IS_FP8:
+                p_kr = k_rope_ptr + (o_row + dv + 4 * (dv // fp8_tile)) // 2
+                b_kr = tl.load(p_kr[:, None] + o_dr[None, :], mask=m_kr, other=0.0)
+                b_kr = b_kr.to(tl.float32) if UPCAST else b_kr.to(q_ptr.dtype.element_ty)
+            else:
+                b_kr = tl.load(k_ptr + o_row[:, None] + (dv + o_dr)[None, :] * stride_kd, mask=m_kr, other=0.0)
+                if UPCAST:
+                    b_kr = b_kr.to(tl.float32)
             b_s += tl.dot(b_qr, tl.trans(b_kr), input_precision=DOT_PRECISION)
         visible = m_n[None, :] & (o_n[None, :] <= last[:, None])
         b_s = tl.where(visible, b_s * scale_log2, float("-inf"))
@@ -282,7 +300,7 @@ def _describe(x) -> str:
     return repr(type(x).__name__)
 
 
-def _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, causal) -> None:
+def _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, is_fp8_kvcache) -> None:
     for name, t in (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {_describe(t)}")
@@ -292,8 +310,13 @@ def _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, causal) ->
         raise ValueError(f"k_cache must be [num_blocks, page_block_size, h_kv, d], got shape {tuple(k_cache.shape)}")
     if q.dtype not in _DTYPES:
         raise TypeError(f"q must be bfloat16, float16 or float32, got {q.dtype}")
-    if k_cache.dtype != q.dtype:
-        raise TypeError(f"k_cache dtype {k_cache.dtype} must match q dtype {q.dtype}")
+    if is_fp8_kvcache:
+        if q.dtype == torch.float32:
+            raise TypeError("an FP8 k_cache takes a bfloat16 or float16 q, got float32")
+        if k_cache.dtype not in (torch.uint8, torch.float8_e4m3fn):
+            raise TypeError(f"with is_fp8_kvcache, k_cache must be uint8 or float8_e4m3fn bytes, got {k_cache.dtype}")
+    elif k_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache dtype {k_cache.dtype} must match q dtype {q.dtype} (FP8 caches need is_fp8_kvcache=True)")
     if block_table.dtype != torch.int32 or block_table.dim() != 2:
         raise TypeError(f"block_table must be an int32 tensor [b, max_blocks], got {_describe(block_table)}")
     if cache_seqlens.dtype != torch.int32 or cache_seqlens.dim() != 1:
@@ -303,7 +326,9 @@ def _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, causal) ->
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     b, s_q, h_q, d = q.shape
     num_blocks, page_size, h_kv, d_k = k_cache.shape
-    if d_k != d:
+    if is_fp8_kvcache:
+        _check_fp8_cache(k_cache, head_dim_v, d)
+    elif d_k != d:
         raise ValueError(f"k_cache head dim {d_k} must equal q head dim {d}")
     if block_table.shape[0] != b or cache_seqlens.shape[0] != b:
         raise ValueError(
@@ -315,8 +340,8 @@ def _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, causal) ->
         raise ValueError(f"head_dim_v must be an int with 16 <= head_dim_v <= d ({d}), got {head_dim_v!r}")
     if s_q < 1 or page_size < 1:
         raise ValueError(f"s_q and page_block_size must be >= 1, got s_q={s_q}, page_block_size={page_size}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if not isinstance(causal, bool) or not isinstance(is_fp8_kvcache, bool):
+        raise TypeError(f"causal and is_fp8_kvcache must be bools, got {causal!r}, {is_fp8_kvcache!r}")
     # Value checks read the tensors on the host. On CPU that is free and required: the
     # interpreter dies on an out-of-bounds access. On the GPU it would sync, so debug only.
     if q.device.type == "cpu" or DEBUG:
@@ -337,6 +362,25 @@ def _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, causal) ->
             raise ValueError(f"block_table[{i}, {j}] = {table[i, j].item()} is outside [0, {num_blocks})")
 
 
+def _check_fp8_cache(k_cache: torch.Tensor, head_dim_v: int, d: int) -> None:
+    from mla.reference.quant import fp8_bytes_per_token
+
+    if not isinstance(head_dim_v, int) or not 16 <= head_dim_v < d:
+        raise ValueError(f"head_dim_v must be an int with 16 <= head_dim_v < d ({d}) for an FP8 cache, got {head_dim_v!r}")
+    width = fp8_bytes_per_token(head_dim_v, d - head_dim_v)
+    if k_cache.shape[-1] != width:
+        raise ValueError(
+            f"FP8 k_cache rows must be {width} bytes for kv_lora_rank={head_dim_v}, rope={d - head_dim_v} "
+            f"(latent bytes, float32 tile scales, bfloat16 k_pe), got {k_cache.shape[-1]}"
+        )
+    # the kernel reads scales and k_pe through float32 / bfloat16 views of the same bytes
+    if k_cache.stride(-1) != 1 or any(st % 4 for st in k_cache.stride()[:-1]) or head_dim_v % 4:
+        raise ValueError(
+            f"FP8 k_cache needs a contiguous last dim, other strides multiple of 4 bytes and kv_lora_rank % 4 == 0, "
+            f"got strides {k_cache.stride()} and kv_lora_rank {head_dim_v}"
+        )
+
+
 def flash_mla_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -347,6 +391,7 @@ def flash_mla_with_kvcache(
     num_splits: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     causal: bool = False,
+    is_fp8_kvcache: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over a paged latent cache (FlashMLA's contract, any page size and head dim).
 
@@ -361,6 +406,10 @@ def flash_mla_with_kvcache(
         tile_scheduler_metadata, num_splits: from `get_mla_metadata`; computed here when None.
         softmax_scale: defaults to d ** -0.5.
         causal: query token i sees cache positions j <= seqlen - s_q + i.
+        is_fp8_kvcache: k_cache is uint8 / float8_e4m3fn [num_blocks, page_block_size, h_kv,
+            bytes] in the FP8 layout of `mla.reference.quant` (latent codes, float32 scale per
+            tile, bfloat16 k_pe; 656 bytes for 512 + 64); q is bfloat16 or float16 and
+            head_dim_v is the latent width. Dequantized on load; the math is the same.
 
     Returns:
         out: [b, s_q, h_q, head_dim_v] in q's dtype; zero for rows that see no key.
@@ -371,7 +420,7 @@ def flash_mla_with_kvcache(
             f"the Triton decode kernel needs a GPU (q is on {q.device}); on the CPU use "
             "mla.reference.flash_mla_with_kvcache, or set TRITON_INTERPRET=1 before importing mla.kernels"
         )
-    _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, causal)
+    _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, is_fp8_kvcache)
     b, s_q, h_q, d = q.shape
     page_size, h_kv = k_cache.shape[1], k_cache.shape[2]
     group = h_q // h_kv
@@ -399,6 +448,15 @@ def flash_mla_with_kvcache(
     block_dv = triton.next_power_of_2(head_dim_v)
     d_rope = d - head_dim_v
     block_dr = max(16, triton.next_power_of_2(max(d_rope, 1)))
+    if is_fp8_kvcache:
+        from mla.reference.quant import fp8_tile_size
+
+        fp8_tile = fp8_tile_size(head_dim_v)
+        raw = k_cache.view(torch.uint8)
+        k_main, k_scale, k_rope = raw.view(torch.float8_e4m3fn), raw.view(torch.float32), raw.view(torch.bfloat16)
+        k_strides = (*raw.stride()[:3], 1)
+    else:
+        fp8_tile, k_main, k_scale, k_rope, k_strides = 1, k_cache, k_cache, k_cache, k_cache.stride()
     if n_split == 1:
         o_stage, lse_stage = out, lse
         o_strides = (out.stride(0), 0, out.stride(1), out.stride(2), out.stride(3))
@@ -408,12 +466,13 @@ def flash_mla_with_kvcache(
         lse_stage = torch.empty(b, n_split, s_q, h_q, dtype=torch.float32, device=q.device)
         o_strides, lse_strides = o_stage.stride(), lse_stage.stride()
     _mla_decode_kernel[(b, h_kv * m_tiles, n_split)](
-        q, k_cache, block_table, cache_seqlens, meta, o_stage, lse_stage,
-        s_q, group, m_tiles, page_size, head_dim_v, d_rope, scale * math.log2(math.e),
-        *q.stride(), *k_cache.stride(), *block_table.stride(), *meta.stride(), *o_strides, *lse_strides,
+        q, k_main, k_scale, k_rope, block_table, cache_seqlens, meta, o_stage, lse_stage,
+        s_q, group, m_tiles, page_size, head_dim_v, d_rope, fp8_tile, scale * math.log2(math.e),
+        *q.stride(), *k_strides, *block_table.stride(), *meta.stride(), *o_strides, *lse_strides,
         CAUSAL=causal,
         SPLIT=n_split > 1,
         UPCAST=interpret,
+        IS_FP8=is_fp8_kvcache,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HAS_ROPE=d_rope > 0,
         BLOCK_M=block_m,

@@ -3,7 +3,21 @@
 Files mirror `mla.kernels` by name and functions keep the kernels' signatures.
 """
 
+from .cache import write_latent
 from .decode import flash_mla_with_kvcache
 from .mla import absorb_query, mla_absorbed, mla_naive, split_kv_b
+from .quant import dequantize_cache, dequantize_latent_fp8, fp8_bytes_per_token, quantize_latent_fp8, write_latent_fp8
 
-__all__ = ["flash_mla_with_kvcache", "mla_naive", "mla_absorbed", "absorb_query", "split_kv_b"]
+__all__ = [
+    "flash_mla_with_kvcache",
+    "write_latent",
+    "write_latent_fp8",
+    "quantize_latent_fp8",
+    "dequantize_latent_fp8",
+    "dequantize_cache",
+    "fp8_bytes_per_token",
+    "mla_naive",
+    "mla_absorbed",
+    "absorb_query",
+    "split_kv_b",
+]

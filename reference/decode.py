@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .quant import dequantize_latent_fp8
+
 
 def gather_pages(k_cache: torch.Tensor, block_table: torch.Tensor, seqlen: int, batch_idx: int) -> torch.Tensor:
     """The first `seqlen` tokens of sequence `batch_idx`: [seqlen, h_kv, d]."""
@@ -40,6 +42,7 @@ def flash_mla_with_kvcache(
     num_splits=None,
     softmax_scale: float | None = None,
     causal: bool = False,
+    is_fp8_kvcache: bool = False,
     compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over a paged latent cache.
@@ -53,6 +56,8 @@ def flash_mla_with_kvcache(
         tile_scheduler_metadata, num_splits: accepted for signature parity with the kernel; unused.
         softmax_scale: defaults to d ** -0.5.
         causal: query token i sees cache positions j <= seqlen - s_q + i.
+        is_fp8_kvcache: k_cache holds FP8 bytes (`mla.reference.quant` layout, head_dim_v is the
+            latent width); it is dequantized to q's dtype first, then attended as usual.
         compute_dtype: dtype the math runs in (not in the kernel's signature). Tests run it in
             q's own dtype to measure PyTorch's low-precision error, or in float64.
 
@@ -62,6 +67,9 @@ def flash_mla_with_kvcache(
         rows that see no key.
     """
     b, s_q, h_q, d = q.shape
+    if is_fp8_kvcache:
+        kv, k_pe = dequantize_latent_fp8(k_cache, head_dim_v, d - head_dim_v)
+        k_cache = torch.cat([kv.to(q.dtype), k_pe.to(q.dtype)], dim=-1)
     h_kv = k_cache.shape[2]
     group = h_q // h_kv
     scale = d**-0.5 if softmax_scale is None else softmax_scale

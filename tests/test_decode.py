@@ -12,6 +12,7 @@ import torch
 from mla import reference as ref
 from mla.kernels import decode as kdecode
 from mla.kernels import flash_mla_with_kvcache, get_mla_metadata
+from mla.reference.quant import quantize_latent_fp8
 
 from .utils import assert_close, max_error
 
@@ -54,17 +55,18 @@ def make_inputs(b, s_q, h_q, h_kv, d, page, lens, dtype, seed=0):
     return [t.to(DEVICE) for t in (q, k_cache, block_table, cache_seqlens)]
 
 
-def check_against_reference(q, k_cache, block_table, cache_seqlens, dv, causal, num_sm=None):
+def check_against_reference(q, k_cache, block_table, cache_seqlens, dv, causal, num_sm=None, is_fp8_kvcache=False):
     """Kernel error vs a high-precision reference must be at most ~2x the error of the same
     reference run in the input dtype (PyTorch's own low-precision error), plus a small floor."""
     s_q, h_q, h_kv = q.shape[1], q.shape[2], k_cache.shape[2]
     meta, splits = get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv, num_sm=num_sm)
-    out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, dv, meta, splits, causal=causal)
+    kw = dict(causal=causal, is_fp8_kvcache=is_fp8_kvcache)
+    out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, dv, meta, splits, **kw)
     assert out.dtype == q.dtype and lse.dtype == torch.float32
 
     args = (q, k_cache, block_table, cache_seqlens, dv)
-    out_ref, lse_ref = ref.flash_mla_with_kvcache(*args, causal=causal, compute_dtype=torch.float64)
-    out_low, lse_low = ref.flash_mla_with_kvcache(*args, causal=causal, compute_dtype=q.dtype)
+    out_ref, lse_ref = ref.flash_mla_with_kvcache(*args, **kw, compute_dtype=torch.float64)
+    out_low, lse_low = ref.flash_mla_with_kvcache(*args, **kw, compute_dtype=q.dtype)
     # out_ref is rounded to q's dtype like the kernel's output, so the two may sit one
     # rounding step apart on top of the arithmetic error: rtol = eps covers that step
     assert_close("out", out, out_ref, atol=2 * max_error(out_low, out_ref) + 1e-5, rtol=torch.finfo(q.dtype).eps)
@@ -209,6 +211,51 @@ def test_reference_matches_plain_mla_math():
         args = (q_nope[i : i + 1], q_pe[i : i + 1], lat, k_pe, w_kv_b, dv, scale)
         assert_close(f"absorbed seq{i}", out[i : i + 1], ref.mla_absorbed(*args), atol=1e-12)
         assert_close(f"naive seq{i}", out[i : i + 1], ref.mla_naive(*args), atol=1e-12)
+
+
+def to_fp8_cache(k_cache: torch.Tensor, dv: int) -> torch.Tensor:
+    """Quantize a plain cache into FP8 bytes; its NaN slots become poisoned (NaN) tiles."""
+    flat = k_cache.reshape(-1, k_cache.shape[-1])
+    return quantize_latent_fp8(flat[:, :dv], flat[:, dv:]).view(*k_cache.shape[:3], -1)
+
+
+@pytest.mark.parametrize(
+    "b,s_q,h_q,page,dtype,d,dv,causal,num_sm",
+    [
+        pytest.param(1, 1, 16, 64, "bf16", 576, 512, False, None, id="b1-sq1-h16-page64-bf16-d576v512"),
+        pytest.param(3, 2, 128, 16, "bf16", 576, 512, True, 64, id="b3-sq2-h128-page16-bf16-d576v512-causal-split"),
+        pytest.param(3, 4, 3, 1, "fp16", 576, 512, True, 64, id="b3-sq4-h3-page1-fp16-d576v512-causal-split"),
+        pytest.param(3, 1, 64, 64, "fp16", 80, 64, False, 64, id="b3-sq1-h64-page64-fp16-d80v64-split"),
+        pytest.param(1, 2, 16, 1, "bf16", 48, 32, True, None, id="b1-sq2-h16-page1-bf16-d48v32-causal"),
+        pytest.param(3, 4, 16, 16, "bf16", 1152, 1024, True, 64, id="b3-sq4-h16-page16-bf16-d1152v1024-causal-split"),
+    ],
+)
+def test_decode_fp8_cache_matches_reference(nan_empty, b, s_q, h_q, page, dtype, d, dv, causal, num_sm):
+    lens = seqlens_for(b, page, s_q + h_q)
+    q, k_cache, block_table, cache_seqlens = make_inputs(b, s_q, h_q, 1, d, page, lens, DTYPES[dtype], seed=h_q)
+    fp8 = to_fp8_cache(k_cache, dv)
+    check_against_reference(q, fp8, block_table, cache_seqlens, dv, causal, num_sm=num_sm, is_fp8_kvcache=True)
+    # the float8 view of the same bytes is accepted too
+    out = flash_mla_with_kvcache(q, fp8.view(torch.float8_e4m3fn), block_table, cache_seqlens, dv, causal=causal, is_fp8_kvcache=True)[0]
+    assert torch.equal(out, flash_mla_with_kvcache(q, fp8, block_table, cache_seqlens, dv, causal=causal, is_fp8_kvcache=True)[0])
+
+
+@pytest.mark.parametrize(
+    "q_dtype,d,dv,width_delta,error,match",
+    [
+        pytest.param(torch.float32, 80, 64, 0, TypeError, "FP8 k_cache takes", id="fp32-q"),
+        pytest.param(torch.float8_e4m3fn, 80, 64, 0, TypeError, "q must be", id="fp8-q"),
+        pytest.param(torch.bfloat16, 80, 64, 4, ValueError, "bytes for kv_lora_rank", id="byte-width"),
+        pytest.param(torch.bfloat16, 256, 192, 0, ValueError, "multiple of the FP8 scale tile", id="latent-not-tiled"),
+    ],
+)
+def test_decode_fp8_rejects_bad_inputs(q_dtype, d, dv, width_delta, error, match):
+    q, k_cache, block_table, lens = make_inputs(2, 1, 4, 1, d, 16, [20, 5], torch.bfloat16)
+    tile = min(128, dv)
+    width = dv + 4 * max(1, dv // tile) + 2 * (d - dv) + width_delta
+    fp8 = torch.zeros(*k_cache.shape[:3], width, dtype=torch.uint8)
+    with pytest.raises(error, match=match):
+        flash_mla_with_kvcache(q.to(q_dtype), fp8, block_table, lens, dv, is_fp8_kvcache=True)
 
 
 # ---- bad inputs: each names the argument ----
