@@ -1,0 +1,208 @@
+"""A small dense MLA decoder on the paged latent cache.
+
+Layout and parameter names follow transformers' DeepseekV3ForCausalLM with every layer dense
+(first_k_dense_replace >= num_hidden_layers), so `MLAForCausalLM.from_hf` loads such a
+checkpoint's state dict as it is:
+
+    model.embed_tokens -> layers[i]: x += self_attn(input_layernorm(x)); x += mlp(post_attention_layernorm(x))
+    -> model.norm -> lm_head
+
+Every call adds the same number of tokens to each listed sequence: `forward` reserves them in
+the cache, builds the shared `AttentionMetadata` once, and runs the layers. Generation is
+`prefill` once, then `decode_step` per token (or per k + 1 tokens when verifying a draft; roll
+rejected tokens back with `cache.truncate`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mla.attention import AttentionMetadata, MLAttention, RMSNorm
+from mla.cache import LatentCache
+from mla.config import MLAConfig
+from mla.rope import RotaryEmbedding
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: MLAConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MLAConfig, layer_idx: int, backend: str | None = None):
+        super().__init__()
+        self.self_attn = MLAttention(config, layer_idx, backend)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cache: LatentCache, metadata: AttentionMetadata) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), metadata.positions, cache, metadata.seq_ids, metadata=metadata)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MLAModel(nn.Module):
+    """Embedding, decoder layers and final norm: input_ids [b, s] -> hidden states [b, s, hidden]."""
+
+    def __init__(self, config: MLAConfig, backend: str | None = None):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, backend) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+
+    def forward(self, input_ids: torch.Tensor, cache: LatentCache, seq_ids) -> torch.Tensor:
+        """Append s tokens to each sequence and run them through the layers.
+
+        Args:
+            input_ids: integer [b, s], the next s tokens of each sequence.
+            cache: the model's cache (`MLAForCausalLM.new_cache`).
+            seq_ids: b distinct ids of sequences in `cache`.
+
+        Returns:
+            [b, s, hidden_size] final hidden states (after the last norm, what the LM head reads).
+            The tokens stay in the cache; if anything fails they are removed again.
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be an integer tensor [b, s], got {shape}")
+        seq_ids = list(seq_ids)
+        if len(seq_ids) != input_ids.shape[0]:
+            raise ValueError(f"seq_ids has {len(seq_ids)} ids for a batch of {input_ids.shape[0]}")
+        lengths = [cache.length(sid) for sid in seq_ids]
+        cache.reserve(seq_ids, input_ids.shape[1])
+        try:
+            metadata = AttentionMetadata.build(cache, seq_ids, input_ids.shape[1], self.rotary)
+            x = self.embed_tokens(input_ids)
+            for layer in self.layers:
+                x = layer(x, cache, metadata)
+            return self.norm(x)
+        except BaseException:
+            for sid, n in zip(seq_ids, lengths):
+                cache.truncate(sid, n)
+            raise
+
+
+class MLAForCausalLM(nn.Module):
+    """`MLAModel` plus the LM head; `lm_head` shares the embedding when tie_word_embeddings."""
+
+    def __init__(self, config: MLAConfig, backend: str | None = None):
+        super().__init__()
+        self.config = config
+        self.model = MLAModel(config, backend)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, backend: str | None = None) -> MLAForCausalLM:
+        """Copy a transformers DeepseekV3ForCausalLM (or DeepseekV2ForCausalLM) whose layers are all dense."""
+        hf_config = hf_model.config
+        config = MLAConfig.from_hf(hf_config)
+        if hf_config.first_k_dense_replace < hf_config.num_hidden_layers:
+            raise ValueError(
+                f"only dense models load: first_k_dense_replace={hf_config.first_k_dense_replace} < "
+                f"num_hidden_layers={hf_config.num_hidden_layers} means MoE layers"
+            )
+        if hf_config.hidden_act != "silu" or getattr(hf_config, "mlp_bias", False):
+            raise ValueError(f"the MLP must be SwiGLU without bias, got hidden_act={hf_config.hidden_act!r}")
+        model = cls(config, backend)
+        weight = hf_model.lm_head.weight
+        model.to(device=weight.device, dtype=weight.dtype)
+        model.load_state_dict(hf_model.state_dict())
+        return model
+
+    def forward(self, input_ids: torch.Tensor, cache: LatentCache, seq_ids, return_hidden: bool = False):
+        """Append input_ids [b, s] to the sequences; logits [b, s, vocab] of every new token.
+
+        With `return_hidden`, returns (logits, hidden [b, s, hidden_size]); the hidden states
+        are those the LM head reads (e.g. the input of a multi-token-prediction module).
+        """
+        hidden = self.model(input_ids, cache, seq_ids)
+        logits = self.lm_head(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    def new_cache(self, num_pages: int, page_size: int, dtype: torch.dtype | None = None, device=None) -> LatentCache:
+        """An empty cache for this model; dtype and device default to the model's."""
+        weight = self.lm_head.weight
+        c = self.config
+        return LatentCache(
+            c.num_hidden_layers, num_pages, page_size, c.kv_lora_rank, c.qk_rope_head_dim,
+            dtype=dtype or weight.dtype, device=device or weight.device,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def prefill(self, input_ids, cache: LatentCache, seq_ids) -> torch.Tensor:
+        """Append prompts to the sequences (fresh, or already holding tokens: chunked prefill).
+
+        Args:
+            input_ids: integer [b, s], or a list of b 1-D prompts of any lengths (sequences
+                of equal length run together, one call per distinct length).
+            seq_ids: b distinct sequence ids.
+
+        Returns:
+            [b, vocab] logits of each sequence's last token, which predict its next one.
+        """
+        if isinstance(input_ids, torch.Tensor):
+            return self.lm_head(self.model(input_ids, cache, seq_ids)[:, -1])
+        prompts, seq_ids = list(input_ids), list(seq_ids)
+        if len(prompts) != len(seq_ids):
+            raise ValueError(f"got {len(prompts)} prompts for {len(seq_ids)} seq_ids")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() == 0:
+                shape = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+                raise ValueError(f"prompt {i} must be a non-empty 1-D tensor of token ids, got {shape}")
+        rows_by_length = defaultdict(list)
+        for i, p in enumerate(prompts):
+            rows_by_length[p.numel()].append(i)
+        logits = [None] * len(prompts)
+        for rows in rows_by_length.values():
+            batch = torch.stack([prompts[i] for i in rows])
+            out = self.lm_head(self.model(batch, cache, [seq_ids[i] for i in rows])[:, -1])
+            for i, row in zip(rows, out):
+                logits[i] = row
+        return torch.stack(logits)
+
+    @torch.no_grad()
+    def decode_step(self, input_ids: torch.Tensor, cache: LatentCache, seq_ids) -> torch.Tensor:
+        """Append input_ids [b, n] (n >= 1; n = k + 1 to verify a k-token draft) -> logits [b, n, vocab]."""
+        return self(input_ids, cache, seq_ids)
+
+    @torch.no_grad()
+    def generate_greedy(
+        self, prompts, max_new_tokens: int, cache: LatentCache | None = None, page_size: int = 16
+    ) -> torch.Tensor:
+        """Greedy continuation of each prompt ([b, s] tensor or list of 1-D prompts).
+
+        Uses `cache` (or a new one just big enough), adding one sequence per prompt and freeing
+        them at the end. Returns int64 [b, max_new_tokens], no stopping at EOS.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        prompts = list(prompts)
+        if cache is None:
+            pages = sum(-(-(len(p) + max_new_tokens) // page_size) for p in prompts)
+            cache = self.new_cache(pages, page_size)
+        seq_ids = [cache.add_sequence() for _ in prompts]
+        try:
+            tokens = [self.prefill(prompts, cache, seq_ids).argmax(-1)]  # [b]
+            for _ in range(max_new_tokens - 1):
+                tokens.append(self.decode_step(tokens[-1][:, None], cache, seq_ids)[:, -1].argmax(-1))
+        finally:
+            for sid in seq_ids:
+                cache.free(sid)
+        return torch.stack(tokens, dim=1)
