@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import repeat
 
 from .quant import dequantize_latent_fp8
 
@@ -81,7 +82,7 @@ def flash_mla_with_kvcache(
         if seqlen <= 0:
             continue
         kv = gather_pages(k_cache, block_table, seqlen, i).to(compute_dtype)  # [seqlen, h_kv, d]
-        kv = kv.repeat_interleave(group, dim=1)  # [seqlen, h_q, d]
+        kv = repeat(kv, "n g d -> n (g r) d", r=group)  # query head h reads latent head h // group
         scores = torch.einsum("shd,nhd->hsn", q[i].to(compute_dtype), kv) * scale  # [h_q, s_q, seqlen]
         limits = causal_limits(seqlen, s_q, causal, q.device)
         visible = torch.arange(seqlen, device=q.device)[None, :] <= limits[:, None]  # [s_q, seqlen]
