@@ -41,14 +41,7 @@ YARN = {
 DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models are tiny: intra-op threads only add synchronisation, which on a shared CI
-    box costs more than the math (seconds per generate() instead of a fraction of one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _common(attn: str, yarn: bool, q_lora_rank: int | None) -> dict:
