@@ -6,6 +6,11 @@ shared key k_pe [rope_dim] (576 values for DeepSeek-V3). They live in fixed-size
 sequences through a free list; each sequence owns an ordered list of pages (its block table
 row) and a length. Token t of a sequence sits at row t % page_size of its page t // page_size.
 
+With dtype="fp8" a row is instead the FP8 format of `mla.reference.quant` (float8_e4m3fn
+latent codes, one float32 scale per 128-value tile, bfloat16 k_pe: 656 bytes for DeepSeek-V3
+instead of 1,152 in bf16), quantized on write and read by the decode kernel with
+`is_fp8_kvcache=True`.
+
 Bookkeeping is plain Python on the host; only `write` and `read` touch the page tensors.
 """
 
@@ -17,10 +22,36 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from mla.kernels.cache import write_latent as write_latent_triton
 from mla.reference.cache import write_latent as write_latent_reference
+from mla.reference.quant import dequantize_latent_fp8, fp8_bytes_per_token
+from mla.reference.quant import write_latent_fp8 as write_latent_fp8_reference
 
 _BACKENDS = ("triton", "reference")
+FP8_NAMES = ("fp8", "float8", "float8_e4m3fn")
+"""Strings that select the FP8 cache (any case); torch.float8_e4m3fn does too."""
+
+
+# The Triton writers are imported on first use: `import mla` does not load Triton, which a
+# CPU without the interpreter (reference backend) never runs.
+def write_latent_triton(pages, slots, latent, k_pe):
+    """`mla.kernels.cache.write_latent`, imported when first called."""
+    from mla.kernels.cache import write_latent
+
+    return write_latent(pages, slots, latent, k_pe)
+
+
+def write_latent_fp8_triton(pages, slots, kv, k_pe):
+    """`mla.kernels.quant.write_latent_fp8`, imported when first called."""
+    from mla.kernels.quant import write_latent_fp8
+
+    return write_latent_fp8(pages, slots, kv, k_pe)
+
+
+def is_fp8_dtype(dtype) -> bool:
+    """Whether `dtype` names the FP8 cache: torch.float8_e4m3fn or one of FP8_NAMES."""
+    if isinstance(dtype, str):
+        return dtype.lower() in FP8_NAMES
+    return dtype == torch.float8_e4m3fn
 
 
 class CacheFullError(RuntimeError):
@@ -30,11 +61,12 @@ class CacheFullError(RuntimeError):
 class _PlainLayout:
     """Rows stored as they are, `[latent | k_pe]` in one floating dtype.
 
-    A layout owns how a layer's pages are allocated, written and read back; a quantized
-    layout (FP8 rows with scales) plugs in as another class with the same four members.
+    A layout owns how a layer's pages are allocated, written and read back; `_Fp8Layout`
+    (FP8 rows with scales) plugs in with the same members.
     """
 
     dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    is_fp8 = False
 
     def __init__(self, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype):
         self.kv_lora_rank, self.rope_dim, self.dtype = kv_lora_rank, rope_dim, dtype
@@ -53,10 +85,44 @@ class _PlainLayout:
         return rows[:, : self.kv_lora_rank], rows[:, self.kv_lora_rank :]
 
 
-def _make_layout(dtype, kv_lora_rank: int, rope_dim: int) -> _PlainLayout:
-    if dtype in _PlainLayout.dtypes:
+class _Fp8Layout:
+    """Rows in the FP8 format of `mla.reference.quant`: uint8 [fp8_bytes_per_token(r, dr)] per token.
+
+    Bytes [0, r) are float8_e4m3fn codes of the latent, then one float32 scale per tile of
+    min(128, r) latent values, then k_pe as bfloat16 (not quantized). Writes quantize
+    bfloat16 / float16 / float32 input; reads dequantize exactly (code * power-of-two scale).
+    """
+
+    dtype = torch.float8_e4m3fn
+    is_fp8 = True
+
+    def __init__(self, kv_lora_rank: int, rope_dim: int):
+        self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
+        # raises ValueError for a kv_lora_rank that is not a whole number of scale tiles
+        self.bytes_per_token = fp8_bytes_per_token(kv_lora_rank, rope_dim)
+
+    def allocate(self, num_pages: int, page_size: int, device: torch.device) -> torch.Tensor:
+        # All-zero bytes are codes 0 with scale 0.0 and k_pe 0: a never-written row reads as zeros.
+        return torch.zeros(num_pages, page_size, 1, self.bytes_per_token, dtype=torch.uint8, device=device)
+
+    def write(self, pages: torch.Tensor, slots: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, backend: str):
+        (write_latent_fp8_triton if backend == "triton" else write_latent_fp8_reference)(pages, slots, latent, k_pe)
+
+    def read(self, pages: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = pages[slots // pages.shape[1], slots % pages.shape[1], 0]  # [n, bytes]
+        latent, k_pe = dequantize_latent_fp8(rows, self.kv_lora_rank, self.rope_dim)
+        return latent, k_pe.float()
+
+
+def _make_layout(dtype, kv_lora_rank: int, rope_dim: int) -> _PlainLayout | _Fp8Layout:
+    if is_fp8_dtype(dtype):
+        return _Fp8Layout(kv_lora_rank, rope_dim)
+    if not isinstance(dtype, str) and dtype in _PlainLayout.dtypes:
         return _PlainLayout(kv_lora_rank, rope_dim, dtype)
-    raise ValueError(f"dtype must be one of {_PlainLayout.dtypes}, got {dtype!r}")
+    raise ValueError(
+        f"dtype must be one of {_PlainLayout.dtypes}, torch.float8_e4m3fn or one of the strings {FP8_NAMES} "
+        f"(FP8 cache), got {dtype!r}"
+    )
 
 
 def _as_int(name: str, value) -> int:
@@ -85,7 +151,9 @@ class LatentCache:
         page_size: tokens per page (the kernel's page_block_size).
         kv_lora_rank: latent channels r (512 for DeepSeek-V3).
         rope_dim: roped key channels dr (64 for DeepSeek-V3).
-        dtype: torch.bfloat16, torch.float16 or torch.float32.
+        dtype: torch.bfloat16, torch.float16 or torch.float32 (rows stored as they are), or
+            "fp8" / torch.float8_e4m3fn: the FP8 cache of `mla.reference.quant`, which needs
+            kv_lora_rank < 128 or a multiple of 128 (one float32 scale per tile of 128).
         device: where the pages, block tables and lengths live.
         backend: "triton" (the write kernel; CUDA or TRITON_INTERPRET=1), "reference"
             (PyTorch indexing) or None: Triton on CUDA or under the interpreter, else reference.
@@ -93,6 +161,9 @@ class LatentCache:
     Attributes:
         pages: tuple of num_layers tensors [num_pages, page_size, 1, kv_lora_rank + rope_dim],
             the `k_cache` argument of `flash_mla_with_kvcache` (first kv_lora_rank channels are V).
+            FP8: uint8 [num_pages, page_size, 1, bytes_per_token], passed with is_fp8_kvcache=True.
+        dtype: the dtype given; torch.float8_e4m3fn for an FP8 cache.
+        is_fp8: whether rows are FP8 (`flash_mla_with_kvcache(..., is_fp8_kvcache=cache.is_fp8)`).
 
     A decode step: `reserve(ids, 1)`, `slots = slot_mapping(ids, positions)`, then for each
     layer `write(layer, slots, latent, k_pe)` and attend with `block_table(ids)` and `seqlens(ids)`.
@@ -116,10 +187,10 @@ class LatentCache:
         self.rope_dim = _positive("rope_dim", rope_dim)
         if backend is not None and backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
-        self.dtype = dtype
+        self._layout = _make_layout(dtype, self.kv_lora_rank, self.rope_dim)
+        self.dtype = self._layout.dtype
         self.device = torch.device(device)
         self.backend = backend
-        self._layout = _make_layout(dtype, self.kv_lora_rank, self.rope_dim)
         self.pages = tuple(
             self._layout.allocate(self.num_pages, self.page_size, self.device) for _ in range(num_layers)
         )
@@ -131,8 +202,13 @@ class LatentCache:
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes one token occupies in one layer (576 * 2 for DeepSeek-V3 in bf16)."""
+        """Bytes one token occupies in one layer (DeepSeek-V3: 576 * 2 = 1152 in bf16, 656 in FP8)."""
         return self._layout.bytes_per_token
+
+    @property
+    def is_fp8(self) -> bool:
+        """Whether the pages hold FP8 rows (quantized on write, `is_fp8_kvcache=True` to attend)."""
+        return self._layout.is_fp8
 
     @property
     def num_free_pages(self) -> int:
@@ -244,8 +320,9 @@ class LatentCache:
             layer: index in [0, num_layers).
             slots: int64 [n] on the cache's device, from `slot_mapping` (which checks the
                 reservation); distinct.
-            latent: [n, kv_lora_rank] normalized latent, in the cache dtype.
-            k_pe: [n, rope_dim] roped key, in the cache dtype.
+            latent: [n, kv_lora_rank] normalized latent, in the cache dtype; for an FP8 cache
+                bfloat16, float16 or float32, quantized on the way in.
+            k_pe: [n, rope_dim] roped key, like latent (FP8: stored as bfloat16).
         """
         layer = self._check_layer(layer)
         # The kernel infers the split from the inputs; only the cache knows the real one.
@@ -256,7 +333,11 @@ class LatentCache:
         self._layout.write(self.pages[layer], slots, latent, k_pe, backend)
 
     def read(self, layer: int, sid: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """All `length(sid)` rows of one layer: (latent [L, kv_lora_rank], k_pe [L, rope_dim])."""
+        """All `length(sid)` rows of one layer: (latent [L, kv_lora_rank], k_pe [L, rope_dim]).
+
+        In the cache dtype; an FP8 cache returns float32, which holds the dequantized latent
+        (code * power-of-two scale) and the bfloat16 k_pe exactly.
+        """
         layer = self._check_layer(layer)
         sid = self._check_id(sid)
         slots = self.slot_mapping([sid], torch.arange(self._lengths[sid])[None])

@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 
+from mla.cache import is_fp8_dtype
+from mla.reference.quant import fp8_bytes_per_token
+
 # YaRN keys with their defaults when absent (beta_fast/beta_slow as in the YaRN paper,
 # mscale/mscale_all_dim as in DeepSeek's reference code).
 _YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
@@ -122,12 +125,17 @@ class MLAConfig:
         """Values cached per token per layer: kv_lora_rank + qk_rope_head_dim (576 for DeepSeek-V3)."""
         return self.kv_lora_rank + self.qk_rope_head_dim
 
-    def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
-        """Bytes of latent cache per token per layer: (kv_lora_rank + qk_rope_head_dim) * itemsize.
+    def kv_bytes_per_token(self, dtype: torch.dtype | str = torch.bfloat16) -> int:
+        """Bytes of latent cache per token per layer, as `mla.LatentCache(..., dtype).bytes_per_token`.
 
-        FP8 caches are not priced here yet: their layout (per-tile scales, rope kept in 16 bit)
-        is not a plain itemsize, so float8 dtypes (and "fp8") raise ValueError.
+        A floating dtype: (kv_lora_rank + qk_rope_head_dim) * itemsize (1152 for DeepSeek-V3
+        in bf16). "fp8" or torch.float8_e4m3fn, the FP8 cache: kv_lora_rank bytes of codes
+        + 4 per float32 scale (one per min(128, kv_lora_rank) latent values) + 2 *
+        qk_rope_head_dim bytes of bfloat16 k_pe (656 for DeepSeek-V3); ValueError when
+        kv_lora_rank is not a whole number of scale tiles. Other 8-bit floats raise ValueError.
         """
+        if is_fp8_dtype(dtype):
+            return fp8_bytes_per_token(self.kv_lora_rank, self.qk_rope_head_dim)
         return self.cache_dim * _itemsize(dtype)
 
     def mha_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -196,14 +204,17 @@ class MLAConfig:
 
 
 def _itemsize(dtype) -> int:
-    if isinstance(dtype, str) and dtype.lower() in ("fp8", "float8"):
+    if isinstance(dtype, str) and is_fp8_dtype(dtype):
         dtype = torch.float8_e4m3fn
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
     if dtype.itemsize == 1:
-        raise ValueError(f"{dtype}: FP8 latent caches store per-tile scales and a 16-bit rope part; not priced yet")
+        raise ValueError(
+            f"{dtype} is not priced: only the latent cache has an 8-bit format, float8_e4m3fn with "
+            "per-tile scales (kv_bytes_per_token('fp8'))"
+        )
     return dtype.itemsize
 
 

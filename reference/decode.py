@@ -68,6 +68,8 @@ def flash_mla_with_kvcache(
         rows that see no key.
     """
     b, s_q, h_q, d = q.shape
+    if (k_cache.dtype in (torch.uint8, torch.float8_e4m3fn)) != is_fp8_kvcache:
+        raise TypeError(f"k_cache is {k_cache.dtype} but is_fp8_kvcache={is_fp8_kvcache}: FP8 caches are uint8/float8 bytes")
     if is_fp8_kvcache:
         kv, k_pe = dequantize_latent_fp8(k_cache, head_dim_v, d - head_dim_v)
         k_cache = torch.cat([kv.to(q.dtype), k_pe.to(q.dtype)], dim=-1)

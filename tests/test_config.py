@@ -32,6 +32,8 @@ def test_presets(preset, dims, kv_bf16, mha_bf16):
     assert c.cache_dim == 576
     assert c.kv_bytes_per_token(torch.bfloat16) == kv_bf16 == 576 * 2
     assert c.kv_bytes_per_token(torch.float32) == 576 * 4
+    # FP8: 512 e4m3 codes + 4 float32 scales (one per 128) + 64 bf16 k_pe
+    assert c.kv_bytes_per_token("fp8") == c.kv_bytes_per_token(torch.float8_e4m3fn) == 512 + 4 * 4 + 64 * 2 == 656
     assert c.mha_bytes_per_token(torch.bfloat16) == mha_bf16 == c.num_heads * (192 + 128) * 2
     assert c.rope_scaling["type"] == "yarn" and c.rope_scaling["factor"] == 40
     assert c.rope_interleave
@@ -115,15 +117,34 @@ def test_yarn_dict_normalized():
 @pytest.mark.parametrize(
     "dtype, error",
     [
-        pytest.param(torch.float8_e4m3fn, ValueError, id="float8-dtype"),
-        pytest.param("fp8", ValueError, id="fp8-string"),
+        pytest.param(torch.float8_e5m2, ValueError, id="float8-e5m2"),
+        pytest.param("fp4", TypeError, id="fp4-string"),
         pytest.param(torch.int8, ValueError, id="int8"),
         pytest.param("bf16", TypeError, id="string"),
     ],
 )
 def test_bytes_per_token_rejects(dtype, error):
-    with pytest.raises(error, match="dtype|FP8"):
+    with pytest.raises(error, match="dtype|FP8|float8"):
         MLAConfig.deepseek_v3().kv_bytes_per_token(dtype)
+
+
+@pytest.mark.parametrize(
+    "kv_lora_rank, rope, expected",
+    [
+        pytest.param(32, 16, 32 + 4 + 32, id="r32-one-tile"),
+        pytest.param(384, 64, 384 + 3 * 4 + 128, id="r384-three-tiles"),
+        pytest.param(200, 64, None, id="r200-not-tiled"),
+    ],
+)
+def test_fp8_bytes_per_token_general_shapes(kv_lora_rank, rope, expected):
+    c = MLAConfig(**{**TINY, "kv_lora_rank": kv_lora_rank, "qk_rope_head_dim": rope})
+    if expected is None:
+        with pytest.raises(ValueError, match="not a multiple of the FP8 scale tile 128"):
+            c.kv_bytes_per_token("fp8")
+    else:
+        assert c.kv_bytes_per_token("fp8") == expected
+    with pytest.raises(ValueError, match="float8_e4m3fn is not priced"):
+        c.mha_bytes_per_token("fp8")  # only the latent cache has an FP8 format
 
 
 def test_from_hf_v3_yarn_and_layout():

@@ -240,6 +240,14 @@ def test_decode_fp8_cache_matches_reference(nan_empty, b, s_q, h_q, page, dtype,
     assert torch.equal(out, flash_mla_with_kvcache(q, fp8, block_table, cache_seqlens, dv, causal=causal, is_fp8_kvcache=True)[0])
 
 
+def test_reference_rejects_fp8_bytes_without_the_flag():
+    q, k_cache, block_table, lens = make_inputs(1, 1, 4, 1, 80, 16, [20], torch.bfloat16)
+    with pytest.raises(TypeError, match="is_fp8_kvcache=False"):
+        ref.flash_mla_with_kvcache(q, to_fp8_cache(k_cache, 64)[..., :80], block_table, lens, 64)
+    with pytest.raises(TypeError, match="is_fp8_kvcache=True"):
+        ref.flash_mla_with_kvcache(q, k_cache, block_table, lens, 64, is_fp8_kvcache=True)
+
+
 @pytest.mark.parametrize(
     "q_dtype,d,dv,width_delta,error,match",
     [
