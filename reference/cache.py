@@ -20,10 +20,9 @@ def check_write_args(pages: torch.Tensor, slots: torch.Tensor, latent: torch.Ten
     """
     if pages.dim() != 4 or pages.shape[2] != 1:
         raise ValueError(f"pages must be [num_pages, page_size, 1, kv_lora_rank + rope_dim], got {tuple(pages.shape)}")
-    if slots.dtype != torch.int64:
-        raise TypeError(f"slots must be int64, got {slots.dtype}")
-    if slots.dim() != 1:
+    if isinstance(slots, torch.Tensor) and slots.dim() != 1:
         raise ValueError(f"slots must be 1-D [n], got shape {tuple(slots.shape)}")
+    check_slots(pages, slots, latent=latent, k_pe=k_pe)
     for name, t in (("latent", latent), ("k_pe", k_pe)):
         if t.dim() != 2 or t.shape[0] != slots.shape[0]:
             raise ValueError(f"{name} must be [n={slots.shape[0]}, channels], got shape {tuple(t.shape)}")
@@ -33,7 +32,19 @@ def check_write_args(pages: torch.Tensor, slots: torch.Tensor, latent: torch.Ten
         raise ValueError(
             f"latent channels {latent.shape[1]} + k_pe channels {k_pe.shape[1]} != page row width {pages.shape[3]}"
         )
-    for name, t in (("slots", slots), ("latent", latent), ("k_pe", k_pe)):
+
+
+def check_slots(pages: torch.Tensor, slots: torch.Tensor, **rows: torch.Tensor) -> None:
+    """slots must be an int64 tensor on the pages' device, like the row tensors.
+
+    On the CPU the values are checked too: inside the pool (an out-of-bounds write kills the
+    Triton interpreter) and distinct (with duplicates a parallel write leaves either value).
+    """
+    if not isinstance(slots, torch.Tensor):
+        raise TypeError(f"slots must be a torch.Tensor, got {type(slots).__name__}")
+    if slots.dtype != torch.int64:
+        raise TypeError(f"slots must be int64, got {slots.dtype}")
+    for name, t in (("slots", slots), *rows.items()):
         if t.device != pages.device:
             raise ValueError(f"{name} is on {t.device} but pages are on {pages.device}")
     if slots.device.type == "cpu" and slots.numel() > 0:
@@ -42,8 +53,8 @@ def check_write_args(pages: torch.Tensor, slots: torch.Tensor, latent: torch.Ten
         if outside.any():
             bad = slots[outside][0].item()
             raise ValueError(f"slot {bad} is outside the pool of {num_slots} slots (num_pages * page_size)")
-        if torch.unique(slots).numel() != slots.numel():
-            values, counts = torch.unique(slots, return_counts=True)
+        values, counts = torch.unique(slots, return_counts=True)
+        if (counts > 1).any():
             raise ValueError(f"slot {values[counts > 1][0].item()} appears more than once in slots")
 
 

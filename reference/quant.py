@@ -39,6 +39,8 @@ import math
 
 import torch
 
+from .cache import check_slots
+
 FP8_TILE = 128
 """Latent values per scale when kv_lora_rank >= 128."""
 
@@ -218,24 +220,9 @@ def check_write_args(pages: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor,
     if kv.dim() != 2 or k_pe.dim() != 2:
         raise ValueError(f"kv and k_pe must be 2-D [n, dim], got {tuple(kv.shape)} and {tuple(k_pe.shape)}")
     pages = _check_pages(pages, kv.shape[1], k_pe.shape[1])
-    if not isinstance(slots, torch.Tensor):
-        raise TypeError(f"slots must be a torch.Tensor, got {type(slots).__name__}")
-    if slots.dtype != torch.int64:
-        raise TypeError(f"slots must be int64, got {slots.dtype}")
+    check_slots(pages, slots, kv=kv, k_pe=k_pe)
     if slots.dim() != 1 or slots.shape[0] != kv.shape[0]:
         raise ValueError(f"slots must be [n] with n = {kv.shape[0]} tokens, got shape {tuple(slots.shape)}")
-    for name, t in (("slots", slots), ("kv", kv), ("k_pe", k_pe)):
-        if t.device != pages.device:
-            raise ValueError(f"{name} is on {t.device} but pages are on {pages.device}")
-    if slots.device.type == "cpu" and slots.numel() > 0:
-        num_slots = pages.shape[0] * pages.shape[1]
-        outside = (slots < 0) | (slots >= num_slots)
-        if outside.any():
-            bad = slots[outside][0].item()
-            raise ValueError(f"slot {bad} is outside the pool of {num_slots} slots (num_pages * page_size)")
-        values, counts = torch.unique(slots, return_counts=True)
-        if (counts > 1).any():
-            raise ValueError(f"slot {values[counts > 1][0].item()} appears more than once in slots")
     return pages
 
 
