@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import repeat
+from einops import rearrange
 
 from .quant import dequantize_latent_fp8
 
@@ -84,15 +84,16 @@ def flash_mla_with_kvcache(
         if seqlen <= 0:
             continue
         kv = gather_pages(k_cache, block_table, seqlen, i).to(compute_dtype)  # [seqlen, h_kv, d]
-        kv = repeat(kv, "n g d -> n (g r) d", r=group)  # query head h reads latent head h // group
-        scores = torch.einsum("shd,nhd->hsn", q[i].to(compute_dtype), kv) * scale  # [h_q, s_q, seqlen]
+        # query head h = g * group + r reads latent head g; grouping keeps the cache unrepeated
+        qg = rearrange(q[i].to(compute_dtype), "s (g r) d -> g r s d", g=h_kv)
+        scores = torch.einsum("grsd,ngd->grsn", qg, kv) * scale  # [h_kv, group, s_q, seqlen]
         limits = causal_limits(seqlen, s_q, causal, q.device)
         visible = torch.arange(seqlen, device=q.device)[None, :] <= limits[:, None]  # [s_q, seqlen]
         scores = scores.masked_fill(~visible, -math.inf)
         seen = visible.any(dim=1)  # [s_q]
-        row_lse = torch.logsumexp(scores, dim=-1)  # [h_q, s_q]
+        row_lse = torch.logsumexp(scores, dim=-1)  # [h_kv, group, s_q]
         probs = torch.exp(scores - row_lse[..., None]).nan_to_num(0.0)
-        o = torch.einsum("hsn,nhd->shd", probs, kv[..., :head_dim_v])
+        o = torch.einsum("grsn,ngd->sgrd", probs, kv[..., :head_dim_v]).flatten(1, 2)  # [s_q, h_q, dv]
         out[i] = torch.where(seen[:, None, None], o, 0.0)
-        lse[i] = torch.where(seen[None, :], row_lse, math.inf)
+        lse[i] = torch.where(seen[None, :], row_lse.flatten(0, 1), math.inf)
     return out.to(q.dtype), lse.float()
