@@ -1,0 +1,258 @@
+"""The whole report: what each section runs at which size, the targets, the JSON and the figure.
+
+`run(settings, device)` measures and returns the report dict; `save` writes it. Sizes live in
+`Settings` (quick, full, or tiny for the tests), so every size the report uses is in one place.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from mla import MLAConfig
+
+from . import decode, generation, layer, memory, speculative
+from .common import REPO, Target, device_label, metadata
+
+SECTIONS = ("memory", "decode", "generation", "speculative")
+# Kernel rows count toward the GPU targets only when their cache exceeds any L2 and a launch
+# is small next to the transfer.
+TARGET_MIN_CACHE_BYTES = 256 << 20
+
+
+@dataclass
+class Settings:
+    """Every size the report runs at.
+
+    kernel_sweep: {"b", "s_k", "h_q", "s_q"} lists for the GPU kernel sweep (GPU only).
+    ceiling_copy_bytes, ceiling_matmul_n: sizes of the two roofline measurements.
+    layer_config, layer_contexts: the attention layer timed three ways, at these s_k.
+    generation_config, generation_contexts, generation_tokens: the transformers model, the
+        tokens in its cache before decoding and the greedy tokens timed per run
+        {"unpatched": n, "patched": n}.
+    prompts, prompt_bytes, spec_new_tokens, drafters: section 4's workload; prompt + new tokens
+        (+ a draft's overshoot) must fit the shipped model's max_position_embeddings.
+    """
+
+    kernel_sweep: dict = field(default_factory=lambda: dict(decode.QUICK_SWEEP))
+    ceiling_copy_bytes: int = 1 << 30
+    ceiling_matmul_n: int = 8192
+    layer_config: MLAConfig = field(default_factory=MLAConfig.deepseek_v3)
+    layer_model: str = "DeepSeek-V3"
+    layer_contexts: tuple = (1024, 4096)
+    generation_config: MLAConfig = generation.SMALL_DEEPSEEK
+    generation_contexts: tuple = (1024, 4096)
+    generation_tokens: dict = field(default_factory=lambda: {"unpatched": 4, "patched": 16})
+    prompts: int = 6
+    prompt_bytes: int = 256
+    spec_new_tokens: int = 128
+    drafters: tuple = speculative.DRAFTERS
+
+    @classmethod
+    def quick(cls, device: torch.device) -> Settings:
+        if device.type == "cuda":
+            return cls(generation_tokens={"unpatched": 32, "patched": 64})
+        return cls()
+
+    @classmethod
+    def full(cls, device: torch.device) -> Settings:
+        if device.type == "cuda":
+            return cls(
+                kernel_sweep=dict(decode.FULL_SWEEP), layer_contexts=(1024, 4096, 16384),
+                generation_tokens={"unpatched": 64, "patched": 128}, prompts=12, spec_new_tokens=192,
+            )  # fmt: skip
+        return cls(layer_contexts=(1024, 4096, 8192), generation_tokens={"unpatched": 8, "patched": 64},
+                   prompts=12, spec_new_tokens=192, drafters=speculative.DRAFTER_SWEEP)  # fmt: skip
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _bar(desc: str):
+    """A tqdm progress bar over a loop's items, or None (no bar) where tqdm is not installed."""
+    if importlib.util.find_spec("tqdm") is None:
+        return None
+    from tqdm import tqdm
+
+    return lambda items: tqdm(items, desc=desc, unit="run", dynamic_ncols=True, leave=False)
+
+
+def _missing(*packages: str) -> str:
+    """'' when every package imports, else a note naming the missing ones. A GPU machine may
+    hold torch and triton only: the sections that need more are skipped there, not fatal."""
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    return f"not installed: {', '.join(missing)}" if missing else ""
+
+
+def _median(values):
+    return statistics.median(values) if values else None
+
+
+def targets(report: dict, device: torch.device) -> list[Target]:
+    """The issue's targets, each with the number this run measured (None where not measured)."""
+    decode_rows = report.get("decode", [])
+    out = []
+    at_4k = [r for r in decode_rows if r["impl"] == "absorbed" and r["s_k"] == 4096]
+    out.append(Target(
+        "absorbed decode vs transformers' DeepseekV3Attention at s_k=4096", 50, "x",
+        at_4k[0]["speedup_vs_transformers"] if at_4k else None,
+        f"{device.type}, one {report.get('settings', {}).get('layer_model', '')} attention layer" if at_4k
+        else "s_k=4096 not in this run",
+    ))  # fmt: skip
+    gen = [r for r in report.get("generation", []) if r["impl"] == "patched" and r["context"] == 4096]
+    out.append(Target("mla.hf.patch generation vs unpatched at context 4096", 5, "x",
+                      gen[0]["speedup"] if gen else None, "" if gen else "context 4096 not in this run"))
+    greedy = [r for r in report.get("speculative", []) if r["temperature"] == 0]
+    best = max(greedy, key=lambda r: r["speedup"]) if greedy else None
+    why_not = report.get("notes", {}).get("speculative", "not run")
+    out.append(Target(
+        "speculative decoding, best drafter at temperature 0, vs plain greedy", 1.6, "x",
+        best["speedup"] if best else None, f"{best['drafter']}, k={best['num_draft_tokens']}" if best else why_not,
+    ))  # fmt: skip
+    big = [r for r in decode_rows if r["impl"] == "triton" and "copy_fraction" in r
+           and r["b"] * r["s_k"] * decode.D * 2 >= TARGET_MIN_CACHE_BYTES]  # fmt: skip
+    mem = [r["copy_fraction"] for r in big if r["h_q"] == 16]
+    comp = [r["matmul_fraction"] for r in big if r["h_q"] == 128 and r["s_q"] == 2]
+    no_gpu = "needs a GPU" if device.type != "cuda" else "no kernel row with a cache >= 256 MiB"
+    out.append(Target("kernel, h_q=16 (memory-bound): median fraction of copy bandwidth", 0.8, "",
+                      _median(mem), f"median of {len(mem)} shapes" if mem else no_gpu))
+    out.append(Target("kernel, h_q=128 s_q=2 (compute-bound): median fraction of bf16 matmul rate", 0.5, "",
+                      _median(comp), f"median of {len(comp)} shapes" if comp else no_gpu))
+    return out
+
+
+def run(settings: Settings, device: torch.device, sections=SECTIONS, models=None, log=print, checkpoint=None) -> dict:
+    """Measure the report's sections and return the report dict.
+
+    Args:
+        settings: sizes (`Settings.quick(device)`, `.full(device)`, or custom).
+        device: where to run; the kernel sweep runs only on CUDA.
+        sections: a subset of SECTIONS.
+        models: (target, draft) for section 4 instead of the shipped `bench.model` weights.
+        log: called with each printed block (tables, targets).
+        checkpoint: called with the report so far after each section (e.g. to save it, so a
+            run cut short by a time limit still leaves its finished sections).
+    """
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    start = time.perf_counter()
+    report = {**metadata(device), "settings": settings.as_dict(), "sections": list(sections), "notes": {},
+              "memory": [], "decode": [], "generation": [], "speculative": []}  # fmt: skip
+    target = draft = None
+    note = ""
+    if models is not None:
+        target, draft = models
+    elif "speculative" in sections or "memory" in sections:
+        target, draft, note = speculative.load_shipped(device)
+    if note:
+        report["notes"]["speculative"] = note
+    if "speculative" in sections and target is not None:
+        # checked before any section runs, not after minutes of them
+        longest = settings.prompt_bytes + settings.spec_new_tokens + max(k for _, k in settings.drafters) + 1
+        if longest > target.config.max_position_embeddings:
+            raise ValueError(
+                f"prompt_bytes + spec_new_tokens + draft overshoot = {longest} positions exceeds the shipped "
+                f"model's max_position_embeddings {target.config.max_position_embeddings}"
+            )
+
+    if "memory" in sections:
+        rows = memory.memory_rows(memory.presets(target.config if target is not None else None))
+        report["memory"] = rows
+        skipped = f"\n(no row for the shipped small model: {note})" if target is None else ""
+        log(f"\n== 1. KV cache bytes per token (latent vs full multi-head K/V) ==\n"
+            f"{memory.format_table(rows)}{skipped}")
+        _checkpoint(checkpoint, report, start)
+
+    if "decode" in sections:
+        if device.type == "cuda":
+            ceilings = decode.measure_ceilings(device, settings.ceiling_copy_bytes, settings.ceiling_matmul_n)
+            report["ceilings"] = ceilings
+            shapes = decode.sweep_shapes(settings.kernel_sweep)
+            rows = decode.kernel_rows(shapes, device, ceilings, progress=_bar("2. kernel sweep"))
+            report["decode"].extend(rows)
+            log(f"\n== 2. decode kernel vs reference on {report['device']} (copy {ceilings['copy_gbps']:.0f} GB/s, "
+                f"bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s measured now) ==\n"
+                f"{decode.format_kernel_table(rows)}\n"
+                f"(reference skipped where b*s_k*h_q > {decode.REFERENCE_MAX_WORK})")
+            _checkpoint(checkpoint, report, start)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        why = _missing("transformers")
+        if why:
+            report["notes"]["layer"] = why
+            log(f"\n== 2. attention layer decode: skipped ({why}) ==")
+        else:
+            rows = layer.layer_rows(settings.layer_config, settings.layer_contexts, device, dtype,
+                                    _bar("2. layer decode"), settings.layer_model)  # fmt: skip
+            report["decode"].extend(rows)
+            log(f"\n== 2. one {settings.layer_model} attention layer, one decode step, b=1, {dtype} ==\n"
+                "absorbed: mla.MLAttention on a LatentCache; naive: same projections + mla.reference.mla_naive "
+                "(decompresses every cached latent to per-head K/V); transformers: DeepseekV3Attention, eager, "
+                f"DynamicCache\n{layer.format_layer_table(rows)}")
+        _checkpoint(checkpoint, report, start)
+
+    why = _missing("transformers")
+    if "generation" in sections and why:
+        report["notes"]["generation"] = why
+        log(f"\n== 3. generation: skipped ({why}) ==")
+    elif "generation" in sections:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        rows = generation.generation_rows(settings.generation_contexts, settings.generation_tokens, device, dtype,
+                                          settings.generation_config, _bar("3. generation"))  # fmt: skip
+        report["generation"] = rows
+        log(f"\n== 3. greedy decoding, transformers {rows[0]['model']} (random weights, sdpa, {dtype}): "
+            "unpatched vs mla.hf.patch; the DynamicCache holds `context` random latents per layer, only decode "
+            f"is timed ==\n{generation.format_generation_table(rows)}")
+        _checkpoint(checkpoint, report, start)
+
+    if "speculative" in sections:
+        if target is None:
+            log(f"\n== 4. speculative decoding: skipped ({note}) ==")
+        else:
+            prompts = speculative.make_prompts(settings.prompts, settings.prompt_bytes)
+            rows = speculative.speculative_rows(target, draft, prompts, settings.spec_new_tokens,
+                                                drafters=settings.drafters, progress=_bar("4. speculative"))
+            report["speculative"] = rows
+            log(f"\n== 4. speculative decoding on the shipped model, {len(prompts)} held-out source prompts of "
+                f"{settings.prompt_bytes} bytes, {settings.spec_new_tokens} new tokens each, b=1; tokens/s over "
+                "whole calls (prefill included); plain = one token per forward on the same cache ==\n"
+                f"{speculative.format_speculative_table(rows)}")
+
+    goals = targets(report, device)
+    report["targets"] = [t.as_dict() for t in goals]
+    log("\n== targets ==\n" + "\n".join(t.line() for t in goals))
+    report["wall_s"] = time.perf_counter() - start
+    return report
+
+
+def _checkpoint(checkpoint, report: dict, start: float) -> None:
+    if checkpoint is not None:
+        report["wall_s"] = time.perf_counter() - start
+        checkpoint(report)
+
+
+def default_path(report: dict) -> str:
+    """bench/results/<device>-<date>.json"""
+    label = "cpu" if report["device"] == "cpu" else device_label(torch.device("cuda"))
+    return os.path.join(REPO, "bench", "results", f"{label}-{report['date']}.json")
+
+
+def save(report: dict, path: str, figure: bool = True) -> str | None:
+    """Write the JSON to `path` and (with `figure`, where matplotlib is installed) the figure
+    beside it (same name, .png); returns the PNG's path, or None when none was written."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    if not figure or importlib.util.find_spec("matplotlib") is None:
+        return None
+    from .plot import plot_report
+
+    png = os.path.splitext(path)[0] + ".png"
+    plot_report(report, png)
+    return png

@@ -1,0 +1,209 @@
+"""`python -m bench` on tiny shapes: every section's code path, the JSON schema, the figure,
+and the cross-checks the report relies on (the three layer implementations agree, patched
+generation and greedy speculative decoding reproduce the plain tokens).
+
+The kernel sweep only runs on a GPU in the report; here it runs through the interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from bench import __main__ as cli
+from bench import decode, report
+from bench.common import Target, format_table
+from mla import MLAConfig, MLAForCausalLM
+from mla.speculative import MultiTokenPredictor, attach_mtp
+
+CPU = torch.device("cpu")
+# Awkward unequal dims (nope 16, rope 8, v 12) and YaRN, so a swapped split or a dropped
+# scale in the benchmark's naive path shows as a difference from transformers.
+TINY = MLAConfig(
+    hidden_size=64, num_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+    v_head_dim=12, vocab_size=256, num_hidden_layers=2, intermediate_size=96, max_position_embeddings=512,
+    rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "mscale_all_dim": 0.8},
+)  # fmt: skip
+TINY_SETTINGS = report.Settings(
+    kernel_sweep={"b": (1,), "s_k": (64,), "h_q": (16,), "s_q": (1,)},
+    ceiling_copy_bytes=1 << 20, ceiling_matmul_n=64,
+    layer_config=TINY, layer_model="tiny", layer_contexts=(40, 130),
+    generation_config=TINY, generation_contexts=(24,), generation_tokens={"unpatched": 2, "patched": 3},
+    prompts=2, prompt_bytes=48, spec_new_tokens=6,
+)  # fmt: skip
+REQUIRED = {
+    "memory": {"model", "kv_dtype", "bytes_per_token_per_layer", "mha_bytes_per_token_per_layer"},
+    "decode": {"impl", "b", "s_k", "h_q", "s_q", "ms", "gbps"},
+    "speculative": {"drafter", "temperature", "tokens_per_second", "baseline_tokens_per_second", "speedup",
+                    "mean_accepted_length"},
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _models():
+    torch.manual_seed(0)
+    target = MLAForCausalLM(TINY).eval()
+    attach_mtp(target, MultiTokenPredictor(TINY).eval())
+    draft = MLAForCausalLM(dataclasses.replace(TINY, num_hidden_layers=1)).eval()
+    return target, draft
+
+
+@pytest.fixture(scope="module")
+def tiny_report():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return report.run(TINY_SETTINGS, CPU, models=_models(), log=lambda text: None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_report_schema(tiny_report, tmp_path):
+    """Every section filled, the required keys present, JSON and PNG written and readable."""
+    for key in ("device", "commit", "torch", "triton", "date", "machine", "memory", "decode", "generation",
+                "speculative", "targets"):  # fmt: skip
+        assert key in tiny_report, key
+    for section, keys in REQUIRED.items():
+        assert tiny_report[section], f"section {section} is empty"
+        for row in tiny_report[section]:
+            assert keys <= set(row), f"{section} row lacks {keys - set(row)}"
+    assert "tiny" not in {r["model"] for r in tiny_report["memory"]}
+    assert "shipped small model" in {r["model"] for r in tiny_report["memory"]}
+    path = tmp_path / "r.json"
+    png = report.save(tiny_report, str(path))
+    assert json.loads(path.read_text())["device"] == "cpu"
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_layer_implementations_agree(tiny_report):
+    """absorbed (MLAttention) and naive (mla_naive) give transformers' output on the same cache."""
+    rows = [r for r in tiny_report["decode"] if r["impl"] in ("absorbed", "naive", "transformers")]
+    assert {(r["impl"], r["s_k"]) for r in rows} == {(i, s) for i in ("absorbed", "naive", "transformers")
+                                                     for s in (40, 130)}  # fmt: skip
+    for row in rows:
+        # float32 over at most 130 keys: summation-order differences are ~1e-7
+        assert row["max_abs_diff"] < 1e-5, row
+        assert row["ms"] > 0 and row["speedup_vs_transformers"] > 0
+
+
+def test_generation_patched_reproduces_tokens(tiny_report):
+    rows = tiny_report["generation"]
+    assert [(r["impl"], r["new_tokens"]) for r in rows] == [("unpatched", 2), ("patched", 3)]
+    assert all(r["same_tokens"] for r in rows)
+    assert rows[0]["speedup"] == 1.0
+
+
+def test_speculative_rows(tiny_report):
+    rows = tiny_report["speculative"]
+    assert {(r["drafter"], r["temperature"]) for r in rows} == {
+        (d, t) for d in ("ngram", "draft model", "mtp") for t in (0.0, 1.0)
+    }
+    for row in rows:
+        assert row["new_tokens"] == 2 * 6
+        assert 1.0 <= row["mean_accepted_length"] <= 1 + row["num_draft_tokens"]
+        assert 0.0 <= row["acceptance_rate"] <= 1.0
+        # greedy speculative decoding is lossless: the plain greedy tokens exactly
+        assert row["matches_baseline"] is (True if row["temperature"] == 0 else None)
+
+
+def test_kernel_rows_and_ceilings_through_the_interpreter():
+    """The GPU sweep's code path (kernel and reference, fractions of the two ceilings) on the CPU."""
+    ceilings = decode.measure_ceilings(CPU, copy_bytes=1 << 20, matmul_n=64)
+    assert ceilings["copy_gbps"] > 0 and ceilings["matmul_tflops"] > 0
+    shapes = decode.sweep_shapes({"b": (2,), "s_k": (100,), "h_q": (16,), "s_q": (1, 2)})
+    rows = decode.kernel_rows(shapes, CPU, ceilings, reference_max_work=2 * 100 * 16)
+    assert [(r["impl"], r["s_q"]) for r in rows] == [("triton", 1), ("reference", 1), ("triton", 2), ("reference", 2)]
+    for row in rows:
+        assert row["gbps"] == pytest.approx(row["copy_fraction"] * ceilings["copy_gbps"])
+        assert row["tflops"] == pytest.approx(row["matmul_fraction"] * ceilings["matmul_tflops"])
+    skipped = decode.kernel_rows(shapes[:1], CPU, None, reference_max_work=0)
+    assert [r["impl"] for r in skipped] == ["triton"] and "copy_fraction" not in skipped[0]
+
+
+def _synthetic(layer_speedup, gen_speedup, spec_speedups, kernel_fractions):
+    rows = [{"impl": "absorbed", "s_k": 4096, "speedup_vs_transformers": layer_speedup}]
+    rows += [{"impl": "triton", "b": 64, "s_k": 16384, "h_q": h, "s_q": s, "copy_fraction": c, "matmul_fraction": m}
+             for h, s, c, m in kernel_fractions]  # fmt: skip
+    return {
+        "decode": rows,
+        "generation": [{"impl": "patched", "context": 4096, "speedup": gen_speedup}],
+        "speculative": [{"drafter": d, "temperature": t, "speedup": x, "num_draft_tokens": 4}
+                        for d, t, x in spec_speedups],  # fmt: skip
+    }
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        pytest.param(
+            _synthetic(50.0, 5.0, [("ngram", 0.0, 1.2), ("mtp", 0.0, 1.6), ("mtp", 1.0, 3.0)],
+                       [(16, 1, 0.8, 0.1), (128, 2, 0.3, 0.5)]),
+            ["PASS"] * 5, id="all-at-threshold",
+        ),
+        pytest.param(
+            _synthetic(49.9, 4.99, [("ngram", 0.0, 1.59), ("mtp", 1.0, 3.0)],
+                       [(16, 1, 0.79, 0.1), (128, 2, 0.3, 0.49)]),
+            ["MISS"] * 5, id="all-just-below-temperature-1-ignored",
+        ),
+        pytest.param(
+            {"decode": [], "generation": [], "speculative": [], "notes": {"speculative": "no weights"}},
+            ["SKIP"] * 5, id="nothing-measured",
+        ),
+    ],
+)  # fmt: skip
+def test_targets(case, expected):
+    got = report.targets(case, torch.device("cuda"))
+    assert [t.status for t in got] == expected, [t.line() for t in got]
+
+
+def test_target_line_and_table():
+    assert Target("x", 2, "x", 1.5).line().startswith("[MISS] x: 1.50x (target >= 2x)")
+    assert Target("x", 2, "x", None, "why").line() == "[SKIP] x: not measured (target >= 2x)  (why)"
+    table = format_table([("name", "n", ""), ("value", "v", ".1f")], [{"n": "a", "v": 1.25}, {"n": "bb", "v": None}])
+    assert table.splitlines() == ["name  value", "-----------", "a       1.2", "bb        -"]
+
+
+def test_cli_memory_only(tmp_path, monkeypatch, capsys):
+    """`python -m bench --sections memory --json PATH` prints the table and writes both files."""
+    monkeypatch.setattr(cli, "default_path", lambda rep: str(tmp_path / "results" / "cpu-today.json"))
+    out = tmp_path / "out" / "report.json"
+    rep = cli.main(["--sections", "memory", "--json", str(out), "--device", "cpu", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert "DeepSeek-V3" in printed and "[SKIP]" in printed
+    assert rep["sections"] == ["memory"] and rep["decode"] == []
+    for path in (out, out.with_suffix(".png"), tmp_path / "results" / "cpu-today.json"):
+        assert os.path.getsize(path) > 0, path
+    with pytest.raises(SystemExit):
+        cli.main(["--threads", "0"])
+
+
+def test_speculative_workload_must_fit_the_model():
+    """A prompt + generation longer than the model's positions fails before any section runs."""
+    settings = dataclasses.replace(TINY_SETTINGS, prompt_bytes=480, spec_new_tokens=40)
+    with pytest.raises(ValueError, match="max_position_embeddings 512"):
+        report.run(settings, CPU, sections=["generation", "speculative"], models=_models(), log=lambda text: None)
+
+
+def test_report_without_optional_packages(monkeypatch, tmp_path):
+    """A GPU machine may hold torch and triton only: the sections needing transformers are
+    skipped with a note, the JSON is still written, the figure is skipped without matplotlib."""
+    real = report.importlib.util.find_spec
+    absent = {"transformers", "matplotlib", "tqdm"}
+    monkeypatch.setattr(report.importlib.util, "find_spec", lambda name, *a: None if name in absent else real(name, *a))
+    rep = report.run(TINY_SETTINGS, CPU, sections=["decode", "generation"], log=lambda text: None)
+    assert rep["decode"] == [] and rep["generation"] == []
+    assert rep["notes"]["layer"] == rep["notes"]["generation"] == "not installed: transformers"
+    assert report.save(rep, str(tmp_path / "r.json")) is None
+    assert json.loads((tmp_path / "r.json").read_text())["notes"]["generation"] == "not installed: transformers"
