@@ -13,6 +13,8 @@ the two halves of kv_b_proj. Two ways to attend:
   many queries per key, attending in the per-head dims (nope + dr for scores, v for values:
   192 + 128 for DeepSeek-V3) beats the latent dims (576 + 512), and decompressing each cached
   token once is shared by all queries.
+- training (`cache=None`): the same decompressed form over the fresh latents of whole
+  sequences, causal, through autograd (a cache write would cut the gradient).
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ from torch import nn
 from mla.cache import LatentCache
 from mla.config import MLAConfig
 from mla.reference import flash_mla_with_kvcache as reference_flash_mla
-from mla.reference import split_kv_b
+from mla.reference import dequantize_latent_fp8, split_kv_b
 from mla.rope import RotaryEmbedding, apply_rope, softmax_scale
 
 # Calls adding at most this many tokens per sequence attend in the absorbed form through the
 # decode kernel (decode and speculative verification); longer ones take the prefill path.
 DECODE_MAX_TOKENS = 8
 BACKENDS = ("triton", "reference")
+# what the FP8 cache's quantizer takes
+_FP8_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class RMSNorm(nn.Module):
@@ -173,9 +177,9 @@ class MLAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        positions: torch.Tensor,
-        cache: LatentCache,
-        seq_ids,
+        positions: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        seq_ids=None,
         metadata: AttentionMetadata | None = None,
     ) -> torch.Tensor:
         """Attend s new tokens of each of b sequences over their cached context.
@@ -184,18 +188,23 @@ class MLAttention(nn.Module):
         last s of each sequence; this layer writes their latents to its cache layer, then
         attends. Sequences may hold different numbers of tokens.
 
+        Without a cache (`cache=None`, the training path) the s tokens are whole sequences:
+        causal attention among them in the decompressed form, differentiable, nothing stored.
+
         Args:
             hidden_states: [b, s, hidden_size].
             positions: integer [b, s], the new tokens' positions: length - s ... length - 1 of
-                each sequence.
-            cache: `mla.LatentCache` with this layer, kv_lora_rank and qk_rope_head_dim.
-            seq_ids: b distinct sequence ids of the cache.
+                each sequence. Without a cache: the rotary positions, default 0 ... s - 1.
+            cache: `mla.LatentCache` with this layer, kv_lora_rank and qk_rope_head_dim, or None.
+            seq_ids: b distinct sequence ids of the cache (None without a cache).
             metadata: `AttentionMetadata.build(cache, seq_ids, s, rotary)`, shared by all
                 layers of one call (models pass it; positions is then not re-checked).
 
         Returns:
             [b, s, hidden_size] in hidden_states' dtype.
         """
+        if cache is None:
+            return self._forward_uncached(hidden_states, positions, seq_ids, metadata)
         b, s = self._check_inputs(hidden_states, positions, cache, seq_ids)
         if metadata is None:
             metadata = AttentionMetadata.build(cache, seq_ids, s, self.rotary)
@@ -209,41 +218,86 @@ class MLAttention(nn.Module):
                 f"metadata was built for sequences {metadata.seq_ids} with positions "
                 f"{tuple(metadata.positions.shape)}, not for {list(seq_ids)} with [b={b}, s={s}]"
             )
-        cfg = self.config
-        cos, sin = metadata.cos[:, :, None], metadata.sin[:, :, None]  # [b, s, 1, dr / 2]
+        q_nope, q_pe, latent, k_pe = self._project(hidden_states, metadata.cos, metadata.sin)
+        k_cache = cache.pages[self.layer_idx]
+        # an FP8 cache quantizes the module's values as they are (float64 through float32)
+        store_dtype = k_cache.dtype
+        if cache.is_fp8:
+            store_dtype = latent.dtype if latent.dtype in _FP8_INPUT_DTYPES else torch.float32
+        cache.write(
+            self.layer_idx,
+            metadata.slots,
+            latent.reshape(b * s, -1).to(store_dtype),
+            k_pe.reshape(b * s, -1).to(store_dtype),
+        )
 
+        if s <= DECODE_MAX_TOKENS:
+            out = self._attend_absorbed(q_nope, q_pe, k_cache, metadata, cache.is_fp8)
+        else:
+            out = self._attend_decompressed(q_nope, q_pe, k_cache, metadata, cache.is_fp8)
+        return self.o_proj(out.flatten(2))  # [b, s, h * v] -> [b, s, hidden]
+
+    def _forward_uncached(self, hidden_states, positions, seq_ids, metadata) -> torch.Tensor:
+        """`forward` without a cache: [b, s, hidden] -> [b, s, hidden], causal over the s tokens."""
+        if seq_ids is not None or metadata is not None:
+            raise ValueError("seq_ids and metadata name cached sequences; pass neither without a cache")
+        b, s = self._check_inputs(hidden_states, positions, None, None)
+        if positions is None:
+            positions = torch.arange(s, device=hidden_states.device)[None]  # [1, s], broadcast over b
+        cos, sin = self.rotary(positions.to(hidden_states.device))
+        q_nope, q_pe, latent, k_pe = self._project(hidden_states, cos, sin)
+        k, v = self._decompress(latent, k_pe)
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [b, s, h, qk]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+        )  # [b, h, s, v]
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    def _project(self, hidden_states, cos, sin):
+        """[b, s, hidden] and float32 rotary tables [b or 1, s, dr / 2] -> q_nope [b, s, h, nope],
+        roped q_pe [b, s, h, dr], normalized latent [b, s, r], roped k_pe [b, s, dr]."""
+        cfg = self.config
+        b, s, _ = hidden_states.shape
         if cfg.q_lora_rank is None:
             q = self.q_proj(hidden_states)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
         q = q.view(b, s, cfg.num_heads, cfg.qk_head_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], -1)
-        q_pe = apply_rope(q_pe, cos, sin, cfg.rope_interleave)  # [b, s, h, dr]
+        q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None], cfg.rope_interleave)
 
         latent, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], -1)
-        latent = self.kv_a_layernorm(latent)  # [b, s, r]
-        k_pe = apply_rope(k_pe, metadata.cos, metadata.sin, cfg.rope_interleave)  # [b, s, dr]
-        k_cache = cache.pages[self.layer_idx]
-        cache.write(
-            self.layer_idx,
-            metadata.slots,
-            latent.reshape(b * s, -1).to(k_cache.dtype),
-            k_pe.reshape(b * s, -1).to(k_cache.dtype),
-        )
+        latent = self.kv_a_layernorm(latent)
+        k_pe = apply_rope(k_pe, cos, sin, cfg.rope_interleave)
+        return q_nope, q_pe, latent, k_pe
 
-        if s <= DECODE_MAX_TOKENS:
-            out = self._attend_absorbed(q_nope, q_pe, k_cache, metadata)
-        else:
-            out = self._attend_decompressed(q_nope, q_pe, k_cache, metadata)
-        return self.o_proj(out.flatten(2))  # [b, s, h * v] -> [b, s, hidden]
+    def _decompress(self, latent, k_pe) -> tuple[torch.Tensor, torch.Tensor]:
+        """latent [b, L, r], k_pe [b, L, dr] -> per-head K [b, L, h, nope + dr], V [b, L, h, v]."""
+        cfg = self.config
+        b, L, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(b, L, cfg.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], -1)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, cfg.num_heads, -1)], dim=-1)
+        return k, v
 
-    def _attend_absorbed(self, q_nope, q_pe, k_cache, metadata: AttentionMetadata) -> torch.Tensor:
-        """[b, s, h, nope], [b, s, h, dr] -> [b, s, h, v] through the decode kernel."""
+    def _attend_absorbed(
+        self, q_nope, q_pe, k_cache, metadata: AttentionMetadata, is_fp8: bool = False
+    ) -> torch.Tensor:
+        """[b, s, h, nope], [b, s, h, dr] -> [b, s, h, v] through the decode kernel.
+
+        q goes in the cache dtype. With an FP8 cache the reference attends in the module's
+        dtype; the Triton kernel takes a 16-bit q, so a float32 module's q is rounded to
+        bfloat16 (float32's range; relative error 2^-9, small beside the cache's 2^-4).
+        """
         w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)
-        q = torch.cat([q_latent, q_pe], dim=-1).to(k_cache.dtype)  # [b, s, h, r + dr]
+        q = torch.cat([q_latent, q_pe], dim=-1)  # [b, s, h, r + dr]
         r = self.config.kv_lora_rank
         backend = self.backend or ("triton" if q.is_cuda else "reference")
+        if not is_fp8:
+            q = q.to(k_cache.dtype)
+        elif backend == "triton" and q.dtype not in (torch.bfloat16, torch.float16):
+            q = q.to(torch.bfloat16)
         if backend == "triton":
             from mla.kernels import flash_mla_with_kvcache, get_mla_metadata  # lazy: Triton only when used
 
@@ -251,32 +305,36 @@ class MLAttention(nn.Module):
                 metadata.kernel_schedule = get_mla_metadata(metadata.seqlens, q.shape[1] * q.shape[2], 1)
             out, _ = flash_mla_with_kvcache(
                 q, k_cache, metadata.block_table, metadata.seqlens, r, *metadata.kernel_schedule,
-                softmax_scale=self.softmax_scale, causal=True,
+                softmax_scale=self.softmax_scale, causal=True, is_fp8_kvcache=is_fp8,
             )  # fmt: skip
         else:
             out, _ = reference_flash_mla(
                 q, k_cache, metadata.block_table, metadata.seqlens, r,
-                softmax_scale=self.softmax_scale, causal=True,
+                softmax_scale=self.softmax_scale, causal=True, is_fp8_kvcache=is_fp8,
                 compute_dtype=torch.promote_types(q.dtype, torch.float32),
             )  # fmt: skip
         return torch.einsum("bshr,hvr->bshv", out.to(q_nope.dtype), w_uv)
 
-    def _attend_decompressed(self, q_nope, q_pe, k_cache, metadata: AttentionMetadata) -> torch.Tensor:
-        """[b, s, h, nope], [b, s, h, dr] -> [b, s, h, v]: decompress the gathered cache, masked SDPA."""
+    def _attend_decompressed(
+        self, q_nope, q_pe, k_cache, metadata: AttentionMetadata, is_fp8: bool = False
+    ) -> torch.Tensor:
+        """[b, s, h, nope], [b, s, h, dr] -> [b, s, h, v]: decompress the gathered cache, masked SDPA.
+
+        FP8 rows are dequantized (exactly, to float32) before the cast to the module's dtype."""
         cfg = self.config
-        b, s, h, _ = q_nope.shape
+        s = q_nope.shape[1]
         page_size = k_cache.shape[1]
         j = torch.arange(metadata.max_seqlen, device=q_nope.device)  # [L]
         pages = metadata.block_table[:, j // page_size].long()  # [b, L]
-        rows = k_cache[pages, (j % page_size)[None, :], 0]  # [b, L, r + dr]
+        rows = k_cache[pages, (j % page_size)[None, :], 0]  # [b, L, r + dr]; FP8: [b, L, bytes]
+        if is_fp8:
+            rows = torch.cat(dequantize_latent_fp8(rows, cfg.kv_lora_rank, cfg.qk_rope_head_dim), dim=-1)
         # rows past a sequence's end come from other pages; zero them so they cannot be NaN
         in_seq = j[None, :] < metadata.seqlens[:, None]  # [b, L]
         rows = rows.to(q_nope.dtype).masked_fill(~in_seq[..., None], 0.0)
         latent, k_pe = rows.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], -1)
 
-        kv = self.kv_b_proj(latent).view(b, -1, h, cfg.qk_nope_head_dim + cfg.v_head_dim)
-        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], -1)
-        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, h, -1)], dim=-1)  # [b, L, h, qk]
+        k, v = self._decompress(latent, k_pe)  # [b, L, h, qk], [b, L, h, v]
         q = torch.cat([q_nope, q_pe], dim=-1)  # [b, s, h, qk]
         # query i of sequence n is position seqlens[n] - s + i and sees keys j <= that position
         i = torch.arange(s, device=q.device)
@@ -296,6 +354,8 @@ class MLAttention(nn.Module):
             raise ValueError(f"hidden_states has hidden size {hidden}, the config says {cfg.hidden_size}")
         if s < 1:
             raise ValueError("hidden_states has no tokens (s = 0)")
+        if positions is None and cache is None:
+            return b, s
         if not isinstance(positions, torch.Tensor):
             raise TypeError(f"positions must be an integer tensor [b, s], got {_describe(positions)}")
         if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
@@ -304,6 +364,8 @@ class MLAttention(nn.Module):
             raise ValueError(
                 f"positions must have shape [b={b}, s={s}] like hidden_states, got {tuple(positions.shape)}"
             )
+        if cache is None:
+            return b, s
         if not isinstance(cache, LatentCache):
             raise TypeError(f"cache must be an mla.LatentCache, got {type(cache).__name__}")
         seq_ids = list(seq_ids)

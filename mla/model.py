@@ -10,7 +10,8 @@ checkpoint's state dict as it is:
 Every call adds the same number of tokens to each listed sequence: `forward` reserves them in
 the cache, builds the shared `AttentionMetadata` once, and runs the layers. Generation is
 `prefill` once, then `decode_step` per token (or per k + 1 tokens when verifying a draft; roll
-rejected tokens back with `cache.truncate`).
+rejected tokens back with `cache.truncate`). Training calls `model(input_ids)` without a
+cache: whole sequences, causal, differentiable.
 """
 
 from __future__ import annotations
@@ -48,8 +49,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cache: LatentCache, metadata: AttentionMetadata) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), metadata.positions, cache, metadata.seq_ids, metadata=metadata)
+    def forward(
+        self, x: torch.Tensor, cache: LatentCache | None = None, metadata: AttentionMetadata | None = None
+    ) -> torch.Tensor:
+        """x [b, s, hidden] -> [b, s, hidden]; without a cache, x holds whole sequences (positions 0 ... s - 1)."""
+        h = self.input_layernorm(x)
+        if cache is None:
+            attn = self.self_attn(h)
+        else:
+            attn = self.self_attn(h, metadata.positions, cache, metadata.seq_ids, metadata=metadata)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -65,13 +73,15 @@ class MLAModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
 
-    def forward(self, input_ids: torch.Tensor, cache: LatentCache, seq_ids) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: LatentCache | None = None, seq_ids=None) -> torch.Tensor:
         """Append s tokens to each sequence and run them through the layers.
 
         Args:
             input_ids: integer [b, s], the next s tokens of each sequence.
-            cache: the model's cache (`MLAForCausalLM.new_cache`).
-            seq_ids: b distinct ids of sequences in `cache`.
+            cache: the model's cache (`MLAForCausalLM.new_cache`), or None: input_ids are b
+                whole sequences (positions 0 ... s - 1), run causally without storing anything,
+                with gradients (training).
+            seq_ids: b distinct ids of sequences in `cache` (None without a cache).
 
         Returns:
             [b, s, hidden_size] final hidden states (after the last norm, what the LM head reads).
@@ -80,6 +90,13 @@ class MLAModel(nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be an integer tensor [b, s], got {shape}")
+        if cache is None:
+            if seq_ids is not None:
+                raise ValueError("seq_ids name cached sequences; pass none without a cache")
+            x = self.embed_tokens(input_ids)
+            for layer in self.layers:
+                x = layer(x)
+            return self.norm(x)
         seq_ids = list(seq_ids)
         if len(seq_ids) != input_ids.shape[0]:
             raise ValueError(f"seq_ids has {len(seq_ids)} ids for a batch of {input_ids.shape[0]}")
@@ -126,8 +143,14 @@ class MLAForCausalLM(nn.Module):
         model.load_state_dict(hf_model.state_dict())
         return model
 
-    def forward(self, input_ids: torch.Tensor, cache: LatentCache, seq_ids, return_hidden: bool = False):
+    def forward(
+        self, input_ids: torch.Tensor, cache: LatentCache | None = None, seq_ids=None, return_hidden: bool = False
+    ):
         """Append input_ids [b, s] to the sequences; logits [b, s, vocab] of every new token.
+
+        Without a cache (`model(input_ids)`), input_ids are b whole sequences run causally from
+        position 0, nothing stored, differentiable: the training forward. Its logits equal
+        those of `prefill` through a cache.
 
         With `return_hidden`, returns (logits, hidden [b, s, hidden_size]); the hidden states
         are those the LM head reads (e.g. the input of a multi-token-prediction module).
