@@ -12,6 +12,7 @@ torch.matmul).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -68,7 +69,7 @@ def measure_ceilings(device: torch.device, copy_bytes: int = 1 << 30, matmul_n: 
     bf16 matmul TFLOP/s (n x n x n)."""
     src = torch.empty(copy_bytes // 2, dtype=torch.bfloat16, device=device).uniform_()
     dst = torch.empty_like(src)
-    copy_ms = time_ms(lambda: dst.copy_(src), device)
+    copy_ms = time_ms(functools.partial(dst.copy_, src), device)
     del src, dst
     a = torch.randn(matmul_n, matmul_n, dtype=torch.bfloat16, device=device)
     b = torch.randn(matmul_n, matmul_n, dtype=torch.bfloat16, device=device)

@@ -74,7 +74,6 @@ def flash_mla_with_kvcache(
         kv, k_pe = dequantize_latent_fp8(k_cache, head_dim_v, d - head_dim_v)
         k_cache = torch.cat([kv.to(q.dtype), k_pe.to(q.dtype)], dim=-1)
     h_kv = k_cache.shape[2]
-    group = h_q // h_kv
     scale = d**-0.5 if softmax_scale is None else softmax_scale
     out = torch.zeros(b, s_q, h_q, head_dim_v, dtype=compute_dtype, device=q.device)
     lse = torch.full((b, h_q, s_q), math.inf, dtype=compute_dtype, device=q.device)

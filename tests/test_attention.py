@@ -7,7 +7,6 @@ must equal transformers' output at that position.
 """
 
 import copy
-import math
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
 
 from mla import LatentCache, MLAConfig, MLAttention
 from mla.rope import RotaryEmbedding, apply_rope, rope_frequencies, softmax_scale
-from tests.utils import assert_close, max_error
+from tests.utils import assert_close, max_error, randomize_
 
 # YaRN with a ramp inside the 8 frequency pairs (dims 1..5 blend) and both mscales active.
 YARN = {"rope_type": "yarn", "rope_theta": 100.0, "factor": 4.0, "original_max_position_embeddings": 64,
@@ -61,18 +60,6 @@ def hf_attention(version: str, dtype: torch.dtype, layer_idx: int = 1, seed: int
     module = cls(config, layer_idx).to(dtype)
     randomize_(module, seed)
     return module
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> None:
-    """Unit-scale projections (so attention is far from uniform) and norm weights away from 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            if "norm" in name:
-                p.copy_(1 + 0.3 * noise)
-            else:
-                p.copy_(2 * noise / math.sqrt(p.shape[-1]))
 
 
 def hf_forward(hf_attn, x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,6 @@ FP8 cache's output error is about 16 x (the bf16 cache's error from rounding lat
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -27,10 +26,9 @@ import torch
 
 import mla.cache
 from mla import LatentCache, MLAConfig, MLAForCausalLM, MLAttention
-from mla.kernels import quant as kquant
 from mla.reference.quant import tile_scales
 
-from .utils import assert_close
+from .utils import assert_close, randomize_
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
@@ -272,22 +270,6 @@ MODEL_CONFIG = MLAConfig(
     hidden_size=64, num_heads=4, q_lora_rank=32, kv_lora_rank=256, qk_nope_head_dim=16, qk_rope_head_dim=16,
     v_head_dim=16, vocab_size=256, num_hidden_layers=2, intermediate_size=128, max_position_embeddings=256,
 )  # fmt: skip
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Unit-scale projections (attention far from uniform, so scores are sensitive to the
-    cache), norm weights away from 1, unit-variance embeddings."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            if "norm" in name:
-                p.copy_(1 + 0.3 * noise)
-            elif "embed" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(2 * noise / math.sqrt(p.shape[-1]))
-    return module
 
 
 # (rows, n): the next n tokens of sequences `rows` in one call. 11 tokens take the prefill

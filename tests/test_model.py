@@ -1,7 +1,6 @@
 """MLAForCausalLM against transformers' DeepseekV3ForCausalLM (all layers dense) on the paged cache."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Conf
 
 from mla import LatentCache, MLAConfig, MLAForCausalLM
 from mla.cache import CacheFullError
-from tests.utils import assert_close, max_error
+from tests.utils import assert_close, max_error, randomize_
 
 VOCAB = 101
 YARN = {"rope_type": "yarn", "rope_theta": 100.0, "factor": 4.0, "original_max_position_embeddings": 64,
@@ -42,17 +41,7 @@ def hf_model(dtype=torch.float32, seed=0, version="v3", **overrides):
     kwargs.update(overrides)
     cls = DeepseekV3ForCausalLM if version == "v3" else DeepseekV2ForCausalLM
     model = cls(DeepseekV3Config(**kwargs) if version == "v3" else DeepseekV2Config(**kwargs)).to(dtype).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            if "norm" in name:
-                p.copy_(1 + 0.3 * noise)
-            elif "embed_tokens" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(2 * noise / math.sqrt(p.shape[-1]))
-    return model
+    return randomize_(model, seed)
 
 
 def hf_logits(hf, tokens: torch.Tensor) -> torch.Tensor:

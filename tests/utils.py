@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -41,3 +43,20 @@ def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     a, e = actual.double(), expected.double()
     finite = torch.isfinite(a) & torch.isfinite(e)
     return (a - e).abs()[finite].max().item() if finite.any() else 0.0
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Redraw every parameter in place: unit-scale projections (so attention is far from
+    uniform and scores are sensitive to every input), norm weights away from 1, unit-variance
+    embeddings. Default inits (0.02 scale) would hide a wrong score behind near-uniform softmax."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            if "norm" in name:
+                p.copy_(1 + 0.3 * noise)
+            elif "embed" in name:
+                p.copy_(noise)
+            else:
+                p.copy_(2 * noise / math.sqrt(p.shape[-1]))
+    return module
