@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mla import MLAConfig, MLAForCausalLM
-from mla.model import DecoderLayer
 from mla.speculative.mtp import MultiTokenPredictor, attach_mtp
 
 from . import model as shipped
@@ -120,9 +119,6 @@ def eval_windows(stream: torch.Tensor, count: int, length: int) -> torch.Tensor:
 def mtp_logits(model: MLAForCausalLM, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
     """The MTP module of `model` on whole sequences, without a cache (the training forward).
 
-    Same computation as `MultiTokenPredictor.forward` through its cache, composed from the
-    module's parts with the cache-free decoder layer.
-
     Args:
         hidden: [b, n, hidden_size], the target's final hidden states h_0 ... h_{n-1}.
         next_tokens: int64 [b, n], t_1 ... t_n.
@@ -130,9 +126,7 @@ def mtp_logits(model: MLAForCausalLM, hidden: torch.Tensor, next_tokens: torch.T
     Returns:
         [b, n, vocab] logits for t_2 ... t_{n+1}.
     """
-    mtp = model.mtp
-    x = mtp.eh_proj(torch.cat([mtp.enorm(model.model.embed_tokens(next_tokens)), mtp.hnorm(hidden)], dim=-1))
-    return model.lm_head(mtp.shared_head.norm(DecoderLayer.forward(mtp, x)))
+    return model.mtp(hidden, next_tokens)[0]
 
 
 def heads(model: MLAForCausalLM, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
