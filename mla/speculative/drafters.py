@@ -114,6 +114,20 @@ def _choose(
     return sample(q, generator), q
 
 
+def _chain(logits: torch.Tensor, k: int, sampling: tuple, step, empty: torch.Tensor) -> Draft:
+    """Draft k tokens by chaining: choose from logits [b, V], then step(token [b]) -> the next
+    logits [b, V]. `empty` [b] gives the batch and device of the k = 0 draft."""
+    tokens, probs = [], []
+    for j in range(k):
+        token, q = _choose(logits, *sampling)
+        tokens.append(token)
+        probs.append(q)
+        if j < k - 1:
+            logits = step(token)
+    draft = torch.stack(tokens, dim=1) if k else empty.new_zeros(len(empty), 0)
+    return Draft(draft, None if sampling[0] == 0 or not k else torch.stack(probs, dim=1))
+
+
 class NgramDrafter(Drafter):
     """Prompt lookup: continue the longest suffix of the text that occurred before.
 
@@ -210,17 +224,7 @@ class DraftModelDrafter(Drafter):
     def propose(self, pending, k):
         self.base = list(self.lm.lengths)
         logits, _ = self.lm.forward(torch.stack([self.last, pending], dim=1))
-        logits = logits[:, -1]
-        tokens, probs = [], []
-        for j in range(k):
-            token, q = _choose(logits, *self.sampling)
-            tokens.append(token)
-            probs.append(q)
-            if j < k - 1:
-                logits = self.lm.forward(token[:, None])[0][:, -1]
-        draft = torch.stack(tokens, dim=1) if k else pending.new_zeros(len(pending), 0)
-        greedy = self.sampling[0] == 0
-        return Draft(draft, None if greedy or not k else torch.stack(probs, dim=1))
+        return _chain(logits[:, -1], k, self.sampling, lambda token: self.lm.forward(token[:, None])[0][:, -1], pending)
 
     def accept(self, verified):
         # The target kept tokens[:, :n]; the draft keeps all but the last of them, which it feeds next step.

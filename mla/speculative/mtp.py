@@ -23,7 +23,7 @@ from mla.config import MLAConfig
 from mla.model import DecoderLayer, MLAForCausalLM
 from mla.rope import RotaryEmbedding
 
-from .drafters import Draft, Drafter, _choose
+from .drafters import Drafter, _chain
 
 _UNATTACHED = "the MTP module has no embedding/LM head: attach it to a model with attach_mtp(model, mtp)"
 
@@ -209,16 +209,13 @@ class MTPDrafter(Drafter):
         last = torch.tensor(self.counts, device=out.device)[:, None] - 1
         logits = logits.gather(1, last[..., None].expand(-1, -1, logits.shape[-1]))[:, 0]
         h = out.gather(1, last[..., None].expand(-1, -1, out.shape[-1]))  # [b, 1, H]
-        draft, probs = [], []
-        for j in range(k):
-            token, q = _choose(logits, *self.sampling)
-            draft.append(token)
-            probs.append(q)
-            if j < k - 1:
-                logits, h = self.mtp(h, token[:, None], self.cache, self.seq_ids)
-                logits = logits[:, -1]
-        tokens = torch.stack(draft, dim=1) if k else pending.new_zeros(len(pending), 0)
-        return Draft(tokens, None if self.sampling[0] == 0 or not k else torch.stack(probs, dim=1))
+
+        def step(token):
+            nonlocal h
+            logits, h = self.mtp(h, token[:, None], self.cache, self.seq_ids)
+            return logits[:, -1]
+
+        return _chain(logits, k, self.sampling, step, pending)
 
     def accept(self, verified):
         # Drop the chained entries; the accepted positions' target hidden states and their next
