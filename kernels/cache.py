@@ -7,12 +7,12 @@ copy, so the result is bit-identical to the reference in every dtype.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from mla.backend import require_triton_device
+from mla.formats import PlainFormat
 from mla.reference.cache import check_write_args
 
 # Tokens per program: enough rows to keep a program busy at decode batch sizes while
@@ -27,6 +27,7 @@ def _write_latent_kernel(
     latent,
     k_pe,
     n_tokens,
+    num_slots,
     page_size,
     s_page,
     s_row,
@@ -45,8 +46,9 @@ def _write_latent_kernel(
     """pages[slot // page_size, slot % page_size, 0, :] = [latent[t] | k_pe[t]] for slot = slots[t]."""
     i_t = tl.program_id(0).to(tl.int64)
     o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # [BT]
-    m_t = o_t < n_tokens
-    b_slot = tl.load(slots + o_t * s_slot, mask=m_t, other=0).to(tl.int64)  # [BT]
+    b_slot = tl.load(slots + o_t * s_slot, mask=o_t < n_tokens, other=-1).to(tl.int64)  # [BT]
+    # Out-of-range slots are skipped: on CUDA the host does not read slot values (no sync).
+    m_t = (o_t < n_tokens) & (b_slot >= 0) & (b_slot < num_slots)
     o_row = (b_slot // page_size) * s_page + (b_slot % page_size) * s_row  # [BT]
 
     o_r = tl.arange(0, BLOCK_R).to(tl.int64)
@@ -74,32 +76,24 @@ def write_latent(pages: torch.Tensor, slots: torch.Tensor, latent: torch.Tensor,
 
     Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1).
     """
-    check_write_args(pages, slots, latent, k_pe)
-    if pages.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"pages are on {pages.device}: the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1")
+    fmt, _ = check_write_args(pages, slots, latent, k_pe, fp8=False)
+    require_triton_device(pages.device, "mla.reference.write_latent")
+    launch(fmt, pages, slots, latent, k_pe)
+    return pages
+
+
+def launch(fmt: PlainFormat, pages: torch.Tensor, slots: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
+    """The kernel launch alone, for callers that validated the arguments."""
     n = slots.shape[0]
     if n == 0:
-        return pages
-    kv_lora_rank, rope_dim = latent.shape[1], k_pe.shape[1]
+        return
     _write_latent_kernel[(triton.cdiv(n, BLOCK_T),)](
-        pages,
-        slots,
-        latent,
-        k_pe,
-        n,
-        pages.shape[1],
-        pages.stride(0),
-        pages.stride(1),
-        pages.stride(3),
-        slots.stride(0),
-        latent.stride(0),
-        latent.stride(1),
-        k_pe.stride(0),
-        k_pe.stride(1),
-        KV_LORA_RANK=kv_lora_rank,
-        ROPE_DIM=rope_dim,
+        pages, slots, latent, k_pe, n, pages.shape[0] * pages.shape[1], pages.shape[1],
+        pages.stride(0), pages.stride(1), pages.stride(3), slots.stride(0),
+        latent.stride(0), latent.stride(1), k_pe.stride(0), k_pe.stride(1),
+        KV_LORA_RANK=fmt.kv_lora_rank,
+        ROPE_DIM=fmt.rope_dim,
         BLOCK_T=BLOCK_T,
-        BLOCK_R=triton.next_power_of_2(kv_lora_rank),
-        BLOCK_PE=triton.next_power_of_2(rope_dim),
-    )
-    return pages
+        BLOCK_R=triton.next_power_of_2(fmt.kv_lora_rank),
+        BLOCK_PE=triton.next_power_of_2(max(fmt.rope_dim, 1)),
+    )  # fmt: skip

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mla.formats import Fp8Format
+
 # Split boundaries are multiples of SPLIT_ALIGN tokens, so tiles stay aligned, and a
 # split gets at least MIN_SPLIT_TOKENS: below that its fixed cost (load Q, write a fp32
 # partial of head_dim_v per row) outweighs the cache it reads.
@@ -363,11 +365,9 @@ def _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, is
 
 
 def _check_fp8_cache(k_cache: torch.Tensor, head_dim_v: int, d: int) -> None:
-    from mla.reference.quant import fp8_bytes_per_token
-
     if not isinstance(head_dim_v, int) or not 16 <= head_dim_v < d:
         raise ValueError(f"head_dim_v must be an int with 16 <= head_dim_v < d ({d}) for an FP8 cache, got {head_dim_v!r}")
-    width = fp8_bytes_per_token(head_dim_v, d - head_dim_v)
+    width = Fp8Format(head_dim_v, d - head_dim_v).bytes_per_token
     if k_cache.shape[-1] != width:
         raise ValueError(
             f"FP8 k_cache rows must be {width} bytes for kv_lora_rank={head_dim_v}, rope={d - head_dim_v} "
@@ -449,9 +449,7 @@ def flash_mla_with_kvcache(
     d_rope = d - head_dim_v
     block_dr = max(16, triton.next_power_of_2(max(d_rope, 1)))
     if is_fp8_kvcache:
-        from mla.reference.quant import fp8_tile_size
-
-        fp8_tile = fp8_tile_size(head_dim_v)
+        fp8_tile = Fp8Format(head_dim_v, d_rope).tile
         raw = k_cache.view(torch.uint8)
         k_main, k_scale, k_rope = raw.view(torch.float8_e4m3fn), raw.view(torch.float32), raw.view(torch.bfloat16)
         k_strides = (*raw.stride()[:3], 1)

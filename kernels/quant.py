@@ -1,7 +1,8 @@
 """Triton quantize-on-write kernel for the paged FP8 latent cache.
 
 Twin of `mla.reference.quant.write_latent_fp8`; the byte layout and the quantization rule
-are documented in `mla.reference.quant`. The kernel is bit-exact with the reference.
+belong to `mla.formats.Fp8Format`, which also hands the kernel its tile and byte offsets.
+The kernel is bit-exact with the reference.
 
 Every byte is computed with integer arithmetic and stored through a uint8 pointer, instead
 of casting to `tl.float8e4nv` and storing through float8 / float32 / bfloat16 views:
@@ -11,26 +12,18 @@ of casting to `tl.float8e4nv` and storing through float8 / float32 / bfloat16 vi
   - fp8e4nv needs sm_89+, the integer path runs on any GPU;
   - the interpreter's bf16 -> fp32 conversion is wrong for all 254 bf16 subnormals (it
     flushes or garbles them), so bf16 inputs are loaded as int16 bits and widened by a shift;
-  - the scales and k_pe sit at byte offsets that are not 4- or 2-aligned for every shape
-    (e.g. kv_lora_rank 6), so typed views of the page are not always possible.
+  - byte stores need no alignment of the page rows or their strides.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from mla.reference.quant import (
-    FP8_NAN_CODE,
-    MAX_SCALE_EXPONENT,
-    MIN_SCALE_EXPONENT,
-    TOP_SCALE_MAX_CODE,
-    check_write_args,
-    fp8_tile_size,
-)
+from mla.backend import require_triton_device
+from mla.formats import FP8_NAN_CODE, MAX_SCALE_EXPONENT, MIN_SCALE_EXPONENT, TOP_SCALE_MAX_CODE, Fp8Format
+from mla.reference.cache import check_write_args
 
 # Tokens per program: a [BLOCK_T, tile] = 16 x 128 fp32 block fits in registers, and small
 # decode batches still spread over n_tokens / 16 x (kv_lora_rank / 128) programs.
@@ -95,6 +88,8 @@ def _write_latent_fp8_kernel(
     KV_LORA_RANK: tl.constexpr,
     ROPE_DIM: tl.constexpr,
     TILE: tl.constexpr,
+    SCALE_OFFSET: tl.constexpr,
+    ROPE_OFFSET: tl.constexpr,
     KV_IS_BF16: tl.constexpr,
     KPE_IS_BF16: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -144,10 +139,10 @@ def _write_latent_fp8_kernel(
     b_code = tl.where(b_poison[:, None], _NAN_CODE, b_code)
     tl.store(pages + o_row[:, None] + o_kv[None, :] * s_byte, b_code.to(tl.uint8), mask=m_kv)
 
-    # float32 scale as 4 little-endian bytes at KV_LORA_RANK + 4 * i_tile.
+    # float32 scale as 4 little-endian bytes at SCALE_OFFSET + 4 * i_tile.
     o_b = tl.arange(0, 4)
     b_scale_bytes = (b_scale_bits[:, None] >> (8 * o_b)[None, :]) & 0xFF  # [BT, 4]
-    o_scale = KV_LORA_RANK + 4 * i_tile + o_b.to(tl.int64)
+    o_scale = SCALE_OFFSET + 4 * i_tile + o_b.to(tl.int64)
     tl.store(pages + o_row[:, None] + o_scale[None, :] * s_byte, b_scale_bytes.to(tl.uint8), mask=m_t[:, None])
 
     # k_pe as little-endian bfloat16 after the scales; written by the tile-0 programs only.
@@ -158,13 +153,13 @@ def _write_latent_fp8_kernel(
         b_pe = tl.load(p_pe, mask=m_pe, other=0).to(tl.int32) & 0xFFFF  # copied bit for bit
     else:
         b_pe = _bf16_bits(tl.load(p_pe, mask=m_pe, other=0.0).to(tl.float32))
-    o_pe_byte = KV_LORA_RANK + 4 * (KV_LORA_RANK // TILE) + 2 * o_pe
+    o_pe_byte = ROPE_OFFSET + 2 * o_pe
     p_out = pages + o_row[:, None] + o_pe_byte[None, :] * s_byte
     tl.store(p_out, (b_pe & 0xFF).to(tl.uint8), mask=m_pe)
     tl.store(p_out + s_byte, (b_pe >> 8).to(tl.uint8), mask=m_pe)
 
 
-def write_latent_fp8(pages: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+def write_latent_fp8(pages: torch.Tensor, slots: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
     """Quantize tokens and store them into a paged FP8 cache, in place (bit-exact with the reference).
 
     Args:
@@ -172,7 +167,7 @@ def write_latent_fp8(pages: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor,
             any strides.
         slots: int64 [n] distinct flat slots (page * page_size + offset); any stride. Checked
             on the host when on the CPU; on CUDA the kernel skips out-of-range slots.
-        kv: [n, r] latent, bfloat16 / float16 / float32; any strides.
+        latent: [n, r] latent, bfloat16 / float16 / float32; any strides.
         k_pe: [n, dr], bfloat16 / float16 / float32 (stored as bfloat16); any strides.
 
     Returns:
@@ -180,44 +175,36 @@ def write_latent_fp8(pages: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor,
 
     Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1).
     """
-    raw = check_write_args(pages, slots, kv, k_pe)
-    if raw.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"pages are on {raw.device}: the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1")
+    fmt, raw = check_write_args(pages, slots, latent, k_pe, fp8=True)
+    require_triton_device(raw.device, "mla.reference.write_latent_fp8")
+    launch(fmt, raw, slots, latent, k_pe)
+    return pages
+
+
+def launch(fmt: Fp8Format, pages: torch.Tensor, slots: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
+    """The kernel launch alone, for callers that validated the arguments (pages: the uint8 view)."""
     n = slots.shape[0]
     if n == 0:
-        return pages
-    kv_lora_rank, rope_dim = kv.shape[1], k_pe.shape[1]
-    tile = fp8_tile_size(kv_lora_rank)
+        return
     # bf16 inputs travel as raw 16-bit words: the interpreter's bf16 -> fp32 conversion
     # flushes subnormals, and k_pe's NaN payloads then survive as in torch's copy.
-    kv_is_bf16 = kv.dtype == torch.bfloat16
+    kv_is_bf16 = latent.dtype == torch.bfloat16
     kpe_is_bf16 = k_pe.dtype == torch.bfloat16
-    kv_arg = kv.view(torch.int16) if kv_is_bf16 else kv
+    kv_arg = latent.view(torch.int16) if kv_is_bf16 else latent
     k_pe_arg = k_pe.view(torch.int16) if kpe_is_bf16 else k_pe
-    grid = (triton.cdiv(n, BLOCK_T), kv_lora_rank // tile)
+    grid = (triton.cdiv(n, BLOCK_T), fmt.num_tiles)
     _write_latent_fp8_kernel[grid](
-        raw,
-        slots,
-        kv_arg,
-        k_pe_arg,
-        n,
-        raw.shape[0] * raw.shape[1],
-        raw.shape[1],
-        raw.stride(0),
-        raw.stride(1),
-        raw.stride(3),
-        slots.stride(0),
-        kv.stride(0),
-        kv.stride(1),
-        k_pe.stride(0),
-        k_pe.stride(1),
-        KV_LORA_RANK=kv_lora_rank,
-        ROPE_DIM=rope_dim,
-        TILE=tile,
+        pages, slots, kv_arg, k_pe_arg, n, pages.shape[0] * pages.shape[1], pages.shape[1],
+        pages.stride(0), pages.stride(1), pages.stride(3), slots.stride(0),
+        latent.stride(0), latent.stride(1), k_pe.stride(0), k_pe.stride(1),
+        KV_LORA_RANK=fmt.kv_lora_rank,
+        ROPE_DIM=fmt.rope_dim,
+        TILE=fmt.tile,
+        SCALE_OFFSET=fmt.scale_offset,
+        ROPE_OFFSET=fmt.rope_offset,
         KV_IS_BF16=kv_is_bf16,
         KPE_IS_BF16=kpe_is_bf16,
         BLOCK_T=BLOCK_T,
-        BLOCK_TILE=triton.next_power_of_2(tile),
-        BLOCK_PE=triton.next_power_of_2(rope_dim),
-    )
-    return pages
+        BLOCK_TILE=triton.next_power_of_2(fmt.tile),
+        BLOCK_PE=triton.next_power_of_2(fmt.rope_dim),
+    )  # fmt: skip

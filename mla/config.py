@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-from mla.cache import is_fp8_dtype
-from mla.reference.quant import fp8_bytes_per_token
+from mla.formats import cache_format, is_fp8_dtype
 
 # YaRN keys with their defaults when absent (beta_fast/beta_slow as in the YaRN paper,
 # mscale/mscale_all_dim as in DeepSeek's reference code).
@@ -128,15 +127,13 @@ class MLAConfig:
     def kv_bytes_per_token(self, dtype: torch.dtype | str = torch.bfloat16) -> int:
         """Bytes of latent cache per token per layer, as `mla.LatentCache(..., dtype).bytes_per_token`.
 
-        A floating dtype: (kv_lora_rank + qk_rope_head_dim) * itemsize (1152 for DeepSeek-V3
-        in bf16). "fp8" or torch.float8_e4m3fn, the FP8 cache: kv_lora_rank bytes of codes
-        + 4 per float32 scale (one per min(128, kv_lora_rank) latent values) + 2 *
-        qk_rope_head_dim bytes of bfloat16 k_pe (656 for DeepSeek-V3); ValueError when
-        kv_lora_rank is not a whole number of scale tiles. Other 8-bit floats raise ValueError.
+        bfloat16 / float16 / float32: (kv_lora_rank + qk_rope_head_dim) * itemsize (1152 for
+        DeepSeek-V3 in bf16). "fp8" or torch.float8_e4m3fn, the FP8 cache: kv_lora_rank bytes
+        of codes + 4 per float32 scale (one per min(128, kv_lora_rank) latent values) + 2 *
+        qk_rope_head_dim bytes of bfloat16 k_pe (656 for DeepSeek-V3). ValueError for a dtype or
+        dimensions the format cannot hold (`mla.formats`).
         """
-        if is_fp8_dtype(dtype):
-            return fp8_bytes_per_token(self.kv_lora_rank, self.qk_rope_head_dim)
-        return self.cache_dim * _itemsize(dtype)
+        return cache_format(dtype, self.kv_lora_rank, self.qk_rope_head_dim).bytes_per_token
 
     def mha_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """Bytes per token per layer of a standard cache of decompressed per-head K and V:

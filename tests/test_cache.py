@@ -170,7 +170,7 @@ def test_write_rejects_bad_arguments(writer, args, error, match):
 
 def test_kernel_refuses_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="needs CUDA tensors or TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError, match="need CUDA tensors or TRITON_INTERPRET=1"):
         kcache.write_latent(**bad_write())
 
 

@@ -26,7 +26,7 @@ import torch
 
 import mla.cache
 from mla import LatentCache, MLAConfig, MLAForCausalLM, MLAttention
-from mla.reference.quant import tile_scales
+from mla.formats import tile_scales
 
 from .utils import assert_close, randomize_
 
@@ -53,7 +53,7 @@ def backend(request):
         pytest.param(512, 64, 512 + 4 * 4 + 2 * 64, id="v3-512-64"),
         pytest.param(256, 16, 256 + 4 * 2 + 2 * 16, id="r256-dr16"),
         pytest.param(32, 16, 32 + 4 + 2 * 16, id="r32-one-small-tile"),
-        pytest.param(6, 2, 6 + 4 + 2 * 2, id="r6-unaligned"),
+        pytest.param(12, 2, 12 + 4 + 2 * 2, id="r12-small-tile"),
     ],
 )
 def test_pages_layout_and_sizes(r, dr, width):
@@ -228,6 +228,9 @@ def test_import_mla_does_not_load_triton():
         pytest.param({"kv_lora_rank": 200}, "kv_lora_rank=200 is not a multiple of the FP8 scale tile 128",
                      id="rank-not-tiled"),
         pytest.param({"kv_lora_rank": 640 + 64}, "multiple of the FP8 scale tile", id="rank-704"),
+        pytest.param({"kv_lora_rank": 6}, "scales start at byte kv_lora_rank, which must be a multiple of 4",
+                     id="rank-6-scales-unaligned"),
+        pytest.param({"rope_dim": 3}, "rope_dim must be even", id="rope-3-rows-unaligned"),
         pytest.param({"dtype": "fp4"}, "dtype must be one of .* got 'fp4'", id="unknown-string"),
         pytest.param({"dtype": "bf16"}, "dtype must be one of .* got 'bf16'", id="bf16-string"),
         pytest.param({"dtype": torch.float8_e5m2}, "dtype must be one of .* got torch.float8_e5m2", id="e5m2"),
@@ -238,7 +241,7 @@ def test_constructor_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LatentCache(**(args | kwargs))
     if "kv_lora_rank" in kwargs:
-        with pytest.raises(ValueError, match="multiple of the FP8 scale tile"):
+        with pytest.raises(ValueError, match=match):
             MLAConfig(kv_lora_rank=kwargs["kv_lora_rank"]).kv_bytes_per_token("fp8")
 
 

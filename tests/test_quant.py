@@ -17,6 +17,7 @@ from fractions import Fraction
 import pytest
 import torch
 
+from mla.formats import FP8_NAN_CODE, Fp8Format
 from mla.kernels import quant as kquant
 from mla.reference import quant as rquant
 from mla.reference.quant import dequantize_cache, dequantize_latent_fp8, fp8_bytes_per_token, quantize_latent_fp8
@@ -164,7 +165,7 @@ def assert_same_bytes(name: str, actual: torch.Tensor, expected: torch.Tensor) -
         pytest.param(384, 64, 384 + 12 + 128, id="r384-3tiles"),
         pytest.param(128, 64, 128 + 4 + 128, id="r128"),
         pytest.param(64, 16, 64 + 4 + 32, id="r64-tile64"),
-        pytest.param(6, 1, 6 + 4 + 2, id="r6-tile6"),
+        pytest.param(12, 2, 12 + 4 + 4, id="r12-tile12"),
     ],
 )
 def test_bytes_per_token(r, dr, width):
@@ -176,9 +177,11 @@ def test_bytes_per_token(r, dr, width):
     [
         pytest.param(200, 64, "multiple of the FP8 scale tile 128", id="r200"),
         pytest.param(129, 64, "multiple of the FP8 scale tile 128", id="r129"),
-        pytest.param(0, 64, "kv_lora_rank must be a positive int", id="r0"),
-        pytest.param(512, 0, "rope_dim must be a positive int", id="dr0"),
-        pytest.param(512.0, 64, "kv_lora_rank must be a positive int", id="r-float"),
+        pytest.param(0, 64, "kv_lora_rank must be an int >= 1", id="r0"),
+        pytest.param(512, 0, "rope_dim must be an int >= 1", id="dr0"),
+        pytest.param(512.0, 64, "kv_lora_rank must be an int", id="r-float"),
+        pytest.param(6, 2, "must be a multiple of 4", id="r6-scales-unaligned"),
+        pytest.param(512, 3, "rope_dim must be even", id="dr3-rows-unaligned"),
     ],
 )
 def test_bytes_per_token_rejects(r, dr, match):
@@ -239,7 +242,7 @@ def test_quantization_matches_oracles(impl, kind, dtype):
     # Saturation under the largest scale 2**120: code 256 would dequantize to inf.
     top = (expected_scales == 2.0**120)[..., None] & ((expected_codes & 0x7F) > 0x77)
     expected_codes = torch.where(top, (expected_codes & 0x80) | 0x77, expected_codes)
-    expected_codes = torch.where(finite[..., None], expected_codes, rquant.FP8_NAN_CODE)
+    expected_codes = torch.where(finite[..., None], expected_codes, FP8_NAN_CODE)
     assert_same_bytes("codes", codes.long().view(n, 4, 128), expected_codes)
 
     expected_rope = k_pe.to(torch.bfloat16)
@@ -274,10 +277,10 @@ def test_scale_boundaries(impl, amax, scale):
     kv = torch.zeros(1, 128)
     kv[0, 0] = amax
     kv[0, 1:] = torch.linspace(-1, 1, 127) * abs(amax)
-    packed = QUANTIZERS[impl](kv, torch.zeros(1, 1))
-    _, scales, _ = unpack(packed, 128, 1)
+    packed = QUANTIZERS[impl](kv, torch.zeros(1, 2))
+    _, scales, _ = unpack(packed, 128, 2)
     assert scales.item() == scale == oracle_scale(abs(amax))
-    value, _ = dequantize_latent_fp8(packed, 128, 1)
+    value, _ = dequantize_latent_fp8(packed, 128, 2)
     assert torch.isfinite(value).all() and value.abs().max().item() <= 448 * scale
     assert math.copysign(1, value[0, 0].item()) == math.copysign(1, amax)
 
@@ -290,7 +293,7 @@ def test_top_scale_saturates_instead_of_overflowing(impl):
     tie = 248 * 2.0**120
     below = float(torch.nextafter(torch.tensor(tie), torch.tensor(0.0)))
     kv = torch.tensor([[top, -top, tie, -tie, below, 224 * 2.0**120] + [0.0] * 122])
-    value, _ = dequantize_latent_fp8(QUANTIZERS[impl](kv, torch.zeros(1, 1)), 128, 1)
+    value, _ = dequantize_latent_fp8(QUANTIZERS[impl](kv, torch.zeros(1, 2)), 128, 2)
     assert value[0, :6].tolist() == [x * 2.0**120 for x in (240, -240, 240, -240, 240, 224)]
 
 
@@ -335,7 +338,7 @@ def test_non_finite_tile_is_poisoned(impl, bad):
     k_pe[1, 5] = math.nan
     packed = QUANTIZERS[impl](kv, k_pe)
     codes, scales, rope = unpack(packed, 512, 64)
-    assert scales[1, 2].isnan() and (codes[1, 256:384] == rquant.FP8_NAN_CODE).all()
+    assert scales[1, 2].isnan() and (codes[1, 256:384] == FP8_NAN_CODE).all()
     value, _ = dequantize_latent_fp8(packed, 512, 64)
     assert value[1, 256:384].isnan().all() and not value[1, :256].isnan().any() and not value[1, 384:].isnan().any()
     unchanged = torch.ones(656, dtype=torch.bool)
@@ -391,8 +394,8 @@ def test_kernel_matches_reference_data(kind, dtype):
         pytest.param(384, 64, 16, "shuffled", "fp8-pages", id="r384-dr64-page16-float8-pages"),
         pytest.param(128, 32, 3, "shuffled", "contiguous", id="r128-dr32-page3"),
         pytest.param(64, 16, 5, "shuffled", "contiguous", id="r64-dr16-page5-tile64"),
-        pytest.param(48, 3, 7, "reversed", "padded", id="r48-dr3-page7-tile48"),
-        pytest.param(6, 1, 4, "shuffled", "strided", id="r6-dr1-page4-unaligned"),
+        pytest.param(48, 6, 7, "reversed", "padded", id="r48-dr6-page7-tile48"),
+        pytest.param(12, 2, 4, "shuffled", "strided", id="r12-dr2-page4-small-tile"),
     ],
 )
 def test_kernel_matches_reference_shapes(r, dr, page_size, order, layout):
@@ -427,7 +430,7 @@ def test_kernel_skips_out_of_range_slots(monkeypatch):
     slots = torch.tensor([5, -1, 8, 2])
     expected = pages.clone()
     rquant.write_latent_fp8(expected, slots[[0, 3]], kv[[0, 3]], k_pe[[0, 3]])
-    monkeypatch.setattr(kquant, "check_write_args", lambda pages, *args: pages)
+    monkeypatch.setattr(kquant, "check_write_args", lambda pages, *args, fp8: (Fp8Format(512, 64), pages))
     kquant.write_latent_fp8(pages, slots, kv, k_pe)
     assert_same_bytes("pages", pages, expected)
 
@@ -471,13 +474,13 @@ def good_write_args():
     return {
         "pages": torch.zeros(2, 4, 1, 656, dtype=torch.uint8),
         "slots": torch.tensor([0, 5], dtype=torch.int64),
-        "kv": torch.randn(2, 512),
+        "latent": torch.randn(2, 512),
         "k_pe": torch.randn(2, 64),
     }
 
 
 BAD_WRITES = [
-    pytest.param({"kv": torch.randn(2, 200)}, ValueError, "multiple of the FP8 scale tile", id="r200"),
+    pytest.param({"latent": torch.randn(2, 200)}, ValueError, "multiple of the FP8 scale tile", id="r200"),
     pytest.param({"pages": torch.zeros(2, 4, 1, 655, dtype=torch.uint8)}, ValueError, "656", id="byte-width"),
     pytest.param({"pages": torch.zeros(2, 4, 1, 1152, dtype=torch.uint8)}, ValueError, "656", id="bf16-width"),
     pytest.param({"pages": torch.zeros(2, 4, 2, 656, dtype=torch.uint8)}, ValueError, "pages must be", id="h_kv2"),
@@ -487,12 +490,12 @@ BAD_WRITES = [
     pytest.param({"slots": torch.tensor([0, 8])}, ValueError, "slot 8 is outside", id="slot-past-end"),
     pytest.param({"slots": torch.tensor([-1, 3])}, ValueError, "slot -1 is outside", id="slot-negative"),
     pytest.param({"slots": torch.tensor([3, 3])}, ValueError, "more than once", id="slot-duplicate"),
-    pytest.param({"slots": torch.tensor([0, 1, 2])}, ValueError, "slots must be", id="slots-length"),
-    pytest.param({"kv": torch.randn(2, 512, dtype=torch.float64)}, TypeError, "kv must be", id="kv-fp64"),
-    pytest.param({"kv": torch.ones(2, 512, dtype=torch.int32)}, TypeError, "kv must be", id="kv-int"),
+    pytest.param({"slots": torch.tensor([0, 1, 2])}, ValueError, r"must be \[n=3", id="slots-length"),
+    pytest.param({"latent": torch.randn(2, 512, dtype=torch.float64)}, TypeError, "latent must be", id="kv-fp64"),
+    pytest.param({"latent": torch.ones(2, 512, dtype=torch.int32)}, TypeError, "latent must be", id="kv-int"),
     pytest.param({"k_pe": torch.randn(2, 64).to(torch.float8_e4m3fn)}, TypeError, "k_pe must be", id="k_pe-fp8"),
-    pytest.param({"k_pe": torch.randn(3, 64)}, ValueError, "disagree", id="k_pe-rows"),
-    pytest.param({"kv": torch.randn(2, 1, 512)}, ValueError, "2-D", id="kv-3d"),
+    pytest.param({"k_pe": torch.randn(3, 64)}, ValueError, r"k_pe must be \[n=2", id="k_pe-rows"),
+    pytest.param({"latent": torch.randn(2, 1, 512)}, ValueError, r"latent must be \[n=2", id="kv-3d"),
 ]
 
 
@@ -500,7 +503,7 @@ BAD_WRITES = [
 @pytest.mark.parametrize("writer", WRITERS)
 def test_write_rejects(writer, change, error, match):
     args = good_write_args()
-    if "kv" in change and change["kv"].dim() == 3:
+    if "latent" in change and change["latent"].dim() == 3:
         args["k_pe"] = args["k_pe"][:, None]
     args.update(change)
     with pytest.raises(error, match=match):
