@@ -249,9 +249,9 @@ def test_constructor_rejects(kwargs, match):
     "latent, k_pe, error, match",
     [
         pytest.param(torch.zeros(2, 128, dtype=torch.float8_e4m3fn), torch.zeros(2, 8), TypeError,
-                     "must be bfloat16, float16 or float32, got torch.float8_e4m3fn", id="fp8-latent"),
+                     "must be bfloat16, float16 or float32.*got torch.float8_e4m3fn", id="fp8-latent"),
         pytest.param(torch.zeros(2, 128, dtype=torch.float64), torch.zeros(2, 8), TypeError,
-                     "must be bfloat16, float16 or float32, got torch.float64", id="fp64-latent"),
+                     "must be bfloat16, float16 or float32.*got torch.float64", id="fp64-latent"),
         pytest.param(torch.zeros(2, 120), torch.zeros(2, 16), ValueError, r"latent must be \[n, 128\]",
                      id="latent-width"),
         pytest.param(torch.zeros(2, 128), torch.zeros(2, 9), ValueError, r"k_pe must be \[n, 8\]", id="k_pe-width"),
