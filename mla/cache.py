@@ -2,127 +2,33 @@
 
 Per layer and token MLA only needs the normalized latent c_kv [kv_lora_rank] and the roped
 shared key k_pe [rope_dim] (576 values for DeepSeek-V3). They live in fixed-size pages,
-`pages[layer]` of shape [num_pages, page_size, 1, kv_lora_rank + rope_dim], shared by all
-sequences through a free list; each sequence owns an ordered list of pages (its block table
-row) and a length. Token t of a sequence sits at row t % page_size of its page t // page_size.
+`pages[layer]` of shape [num_pages, page_size, 1, row_width], shared by all sequences through
+a free list; each sequence owns an ordered list of pages (its block table row) and a length.
+Token t of a sequence sits at row t % page_size of its page t // page_size. How a row is laid
+out (plain bf16/fp16/fp32, or the 656-byte FP8 row) belongs to the cache's `format`
+(`mla.formats`).
 
-With dtype="fp8" a row is instead the FP8 format of `mla.reference.quant` (float8_e4m3fn
-latent codes, one float32 scale per 128-value tile, bfloat16 k_pe: 656 bytes for DeepSeek-V3
-instead of 1,152 in bf16), quantized on write and read by the decode kernel with
-`is_fp8_kvcache=True`.
-
-Bookkeeping is plain Python on the host; only `write` and `read` touch the page tensors.
+Bookkeeping is on the host; `plan` turns it into the device tables of one forward step
+(`mla.plan.StepPlan`), validating the sequence ids once.
 """
 
 from __future__ import annotations
 
 import operator
-import os
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from mla.reference.cache import write_latent as write_latent_reference
-from mla.reference.quant import dequantize_latent_fp8, fp8_bytes_per_token
-from mla.reference.quant import write_latent_fp8 as write_latent_fp8_reference
-
-_BACKENDS = ("triton", "reference")
-FP8_NAMES = ("fp8", "float8", "float8_e4m3fn")
-"""Strings that select the FP8 cache (any case); torch.float8_e4m3fn does too."""
-
-
-# The Triton writers are imported on first use: `import mla` does not load Triton, which a
-# CPU without the interpreter (reference backend) never runs.
-def write_latent_triton(pages, slots, latent, k_pe):
-    """`mla.kernels.cache.write_latent`, imported when first called."""
-    from mla.kernels.cache import write_latent
-
-    return write_latent(pages, slots, latent, k_pe)
-
-
-def write_latent_fp8_triton(pages, slots, kv, k_pe):
-    """`mla.kernels.quant.write_latent_fp8`, imported when first called."""
-    from mla.kernels.quant import write_latent_fp8
-
-    return write_latent_fp8(pages, slots, kv, k_pe)
-
-
-def is_fp8_dtype(dtype) -> bool:
-    """Whether `dtype` names the FP8 cache: torch.float8_e4m3fn or one of FP8_NAMES."""
-    if isinstance(dtype, str):
-        return dtype.lower() in FP8_NAMES
-    return dtype == torch.float8_e4m3fn
+from mla import ops
+from mla.backend import check_backend, resolve_backend
+from mla.formats import cache_format
+from mla.plan import StepPlan
+from mla.reference.cache import check_write_args
 
 
 class CacheFullError(RuntimeError):
     """Not enough free pages for a reservation. The cache is left exactly as it was."""
-
-
-class _PlainLayout:
-    """Rows stored as they are, `[latent | k_pe]` in one floating dtype.
-
-    A layout owns how a layer's pages are allocated, written and read back; `_Fp8Layout`
-    (FP8 rows with scales) plugs in with the same members.
-    """
-
-    dtypes = (torch.bfloat16, torch.float16, torch.float32)
-    is_fp8 = False
-
-    def __init__(self, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype):
-        self.kv_lora_rank, self.rope_dim, self.dtype = kv_lora_rank, rope_dim, dtype
-        self.bytes_per_token = (kv_lora_rank + rope_dim) * dtype.itemsize
-
-    def allocate(self, num_pages: int, page_size: int, device: torch.device) -> torch.Tensor:
-        # Zeros, not empty: a padded block-table entry points at page 0, and kernels that
-        # load a whole page before masking must not pick up NaN from never-written memory.
-        return torch.zeros(num_pages, page_size, 1, self.kv_lora_rank + self.rope_dim, dtype=self.dtype, device=device)
-
-    def write(self, pages: torch.Tensor, slots: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, backend: str):
-        (write_latent_triton if backend == "triton" else write_latent_reference)(pages, slots, latent, k_pe)
-
-    def read(self, pages: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = pages[slots // pages.shape[1], slots % pages.shape[1], 0]  # [n, r + dr]
-        return rows[:, : self.kv_lora_rank], rows[:, self.kv_lora_rank :]
-
-
-class _Fp8Layout:
-    """Rows in the FP8 format of `mla.reference.quant`: uint8 [fp8_bytes_per_token(r, dr)] per token.
-
-    Bytes [0, r) are float8_e4m3fn codes of the latent, then one float32 scale per tile of
-    min(128, r) latent values, then k_pe as bfloat16 (not quantized). Writes quantize
-    bfloat16 / float16 / float32 input; reads dequantize exactly (code * power-of-two scale).
-    """
-
-    dtype = torch.float8_e4m3fn
-    is_fp8 = True
-
-    def __init__(self, kv_lora_rank: int, rope_dim: int):
-        self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
-        # raises ValueError for a kv_lora_rank that is not a whole number of scale tiles
-        self.bytes_per_token = fp8_bytes_per_token(kv_lora_rank, rope_dim)
-
-    def allocate(self, num_pages: int, page_size: int, device: torch.device) -> torch.Tensor:
-        # All-zero bytes are codes 0 with scale 0.0 and k_pe 0: a never-written row reads as zeros.
-        return torch.zeros(num_pages, page_size, 1, self.bytes_per_token, dtype=torch.uint8, device=device)
-
-    def write(self, pages: torch.Tensor, slots: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, backend: str):
-        (write_latent_fp8_triton if backend == "triton" else write_latent_fp8_reference)(pages, slots, latent, k_pe)
-
-    def read(self, pages: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = pages[slots // pages.shape[1], slots % pages.shape[1], 0]  # [n, bytes]
-        latent, k_pe = dequantize_latent_fp8(rows, self.kv_lora_rank, self.rope_dim)
-        return latent, k_pe.float()
-
-
-def _make_layout(dtype, kv_lora_rank: int, rope_dim: int) -> _PlainLayout | _Fp8Layout:
-    if is_fp8_dtype(dtype):
-        return _Fp8Layout(kv_lora_rank, rope_dim)
-    if not isinstance(dtype, str) and dtype in _PlainLayout.dtypes:
-        return _PlainLayout(kv_lora_rank, rope_dim, dtype)
-    raise ValueError(
-        f"dtype must be one of {_PlainLayout.dtypes}, torch.float8_e4m3fn or one of the strings {FP8_NAMES} "
-        f"(FP8 cache), got {dtype!r}"
-    )
 
 
 def _as_int(name: str, value) -> int:
@@ -152,21 +58,25 @@ class LatentCache:
         kv_lora_rank: latent channels r (512 for DeepSeek-V3).
         rope_dim: roped key channels dr (64 for DeepSeek-V3).
         dtype: torch.bfloat16, torch.float16 or torch.float32 (rows stored as they are), or
-            "fp8" / torch.float8_e4m3fn: the FP8 cache of `mla.reference.quant`, which needs
-            kv_lora_rank < 128 or a multiple of 128 (one float32 scale per tile of 128).
-        device: where the pages, block tables and lengths live.
-        backend: "triton" (the write kernel; CUDA or TRITON_INTERPRET=1), "reference"
-            (PyTorch indexing) or None: Triton on CUDA or under the interpreter, else reference.
+            "fp8" / torch.float8_e4m3fn: FlashMLA's FP8 row (`mla.formats.Fp8Format`: needs
+            kv_lora_rank < 128 or a multiple of 128, kv_lora_rank % 4 == 0, an even rope_dim).
+        device: where the pages and the step tables live.
+        backend: "triton" (the write kernels; CUDA or TRITON_INTERPRET=1), "reference"
+            (PyTorch indexing) or None: the rule of `mla.backend`. Plans of this cache use it
+            unless the model names its own.
 
     Attributes:
-        pages: tuple of num_layers tensors [num_pages, page_size, 1, kv_lora_rank + rope_dim],
-            the `k_cache` argument of `flash_mla_with_kvcache` (first kv_lora_rank channels are V).
-            FP8: uint8 [num_pages, page_size, 1, bytes_per_token], passed with is_fp8_kvcache=True.
+        pages: tuple of num_layers tensors [num_pages, page_size, 1, row_width], the `k_cache`
+            argument of `flash_mla_with_kvcache` (first kv_lora_rank channels are V). FP8:
+            uint8 [num_pages, page_size, 1, bytes_per_token], passed with is_fp8_kvcache=True.
+        format: the row format (`mla.formats`): bytes per token, offsets, pack / unpack.
         dtype: the dtype given; torch.float8_e4m3fn for an FP8 cache.
         is_fp8: whether rows are FP8 (`flash_mla_with_kvcache(..., is_fp8_kvcache=cache.is_fp8)`).
 
-    A decode step: `reserve(ids, 1)`, `slots = slot_mapping(ids, positions)`, then for each
-    layer `write(layer, slots, latent, k_pe)` and attend with `block_table(ids)` and `seqlens(ids)`.
+    A forward step: `reserve(ids, s)`, then `plan(ids, s, config)` (slots, block table, lengths,
+    positions, rotary tables, kernel schedule, backend: what every layer reads), then per layer
+    `plan.write(layer, latent, k_pe)` and `plan.attend(layer, q, scale)`. By hand: `slot_mapping`,
+    `write`, `block_table`, `seqlens`.
     """
 
     def __init__(
@@ -185,30 +95,32 @@ class LatentCache:
         self.page_size = _positive("page_size", page_size)
         self.kv_lora_rank = _positive("kv_lora_rank", kv_lora_rank)
         self.rope_dim = _positive("rope_dim", rope_dim)
-        if backend is not None and backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
-        self._layout = _make_layout(dtype, self.kv_lora_rank, self.rope_dim)
-        self.dtype = self._layout.dtype
+        self.backend = check_backend(backend)
+        self.format = cache_format(dtype, self.kv_lora_rank, self.rope_dim)
+        self.dtype = self.format.dtype
         self.device = torch.device(device)
-        self.backend = backend
-        self.pages = tuple(
-            self._layout.allocate(self.num_pages, self.page_size, self.device) for _ in range(num_layers)
-        )
+        self.pages = tuple(self.format.allocate(self.num_pages, self.page_size, self.device) for _ in range(num_layers))
         # A stack: pop() hands out page 0 first and reuses the most recently freed page.
         self._free: list[int] = list(range(self.num_pages - 1, -1, -1))
         self._seq_pages: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
         self._next_id = 0
+        # Block-table rows kept up to date on the host as pages come and go, so a step's table
+        # is one gather, not a loop over every page of every sequence. Entries past a
+        # sequence's pages are 0.
+        self._rows: dict[int, int] = {}
+        self._free_rows: list[int] = []
+        self._table = torch.zeros(0, self.num_pages, dtype=torch.int32)
 
     @property
     def bytes_per_token(self) -> int:
         """Bytes one token occupies in one layer (DeepSeek-V3: 576 * 2 = 1152 in bf16, 656 in FP8)."""
-        return self._layout.bytes_per_token
+        return self.format.bytes_per_token
 
     @property
     def is_fp8(self) -> bool:
         """Whether the pages hold FP8 rows (quantized on write, `is_fp8_kvcache=True` to attend)."""
-        return self._layout.is_fp8
+        return self.format.is_fp8
 
     @property
     def num_free_pages(self) -> int:
@@ -225,6 +137,11 @@ class LatentCache:
         self._next_id += 1
         self._seq_pages[sid] = []
         self._lengths[sid] = 0
+        if not self._free_rows:
+            grown = max(4, 2 * self._table.shape[0])
+            self._free_rows = list(range(grown - 1, self._table.shape[0] - 1, -1))
+            self._table = torch.cat([self._table, self._table.new_zeros(grown - self._table.shape[0], self.num_pages)])
+        self._rows[sid] = self._free_rows.pop()
         return sid
 
     def length(self, sid: int) -> int:
@@ -256,7 +173,11 @@ class LatentCache:
                 f"only {len(self._free)} of {self.num_pages} are free; free or truncate sequences first"
             )
         for sid, count, k in zip(ids, counts, new_pages):
-            self._seq_pages[sid].extend(self._free.pop() for _ in range(k))
+            pages = self._seq_pages[sid]
+            if k:
+                taken = [self._free.pop() for _ in range(k)]
+                self._table[self._rows[sid], len(pages) : len(pages) + k] = torch.tensor(taken, dtype=torch.int32)
+                pages.extend(taken)
             self._lengths[sid] += count
 
     def truncate(self, sid: int, new_length: int) -> None:
@@ -267,15 +188,60 @@ class LatentCache:
             raise ValueError(f"cannot truncate sequence {sid} of length {self._lengths[sid]} to {new_length}")
         pages = self._seq_pages[sid]
         keep = self._pages_for(new_length)
-        self._free.extend(reversed(pages[keep:]))
-        del pages[keep:]
+        if keep < len(pages):
+            self._free.extend(reversed(pages[keep:]))
+            self._table[self._rows[sid], keep : len(pages)] = 0
+            del pages[keep:]
         self._lengths[sid] = new_length
 
     def free(self, sid: int) -> None:
         """Drop sequence `sid` and return all its pages to the pool."""
-        self._check_id(sid)
-        self._free.extend(reversed(self._seq_pages.pop(sid)))
-        del self._lengths[sid]
+        self.truncate(sid, 0)
+        del self._seq_pages[sid], self._lengths[sid]
+        self._free_rows.append(self._rows.pop(sid))
+
+    def plan(
+        self,
+        seq_ids: Iterable[int],
+        num_new_tokens: int,
+        config,
+        rotary=None,
+        backend: str | None = None,
+        table_width: int = 1,
+        out: StepPlan | None = None,
+    ) -> StepPlan:
+        """The tables of one forward step that adds `num_new_tokens` (already reserved) to each sequence.
+
+        Args:
+            seq_ids: b distinct sequence ids, each holding at least num_new_tokens tokens.
+            num_new_tokens: s, the new tokens per sequence: the last s of each.
+            config: the `mla.MLAConfig` of the layers that read the plan.
+            rotary: the layers' `mla.rope.RotaryEmbedding` (made from config when None).
+            backend: "triton", "reference" or None (this cache's backend, else the rule of `mla.backend`).
+            table_width: the block table has at least this many columns (a plan that later steps
+                refill needs room for the pages they will own).
+            out: a plan to refill in place (same batch and s, its block table wide enough), so
+                that tensors captured in a CUDA graph see this step's values.
+
+        Returns:
+            `mla.plan.StepPlan`. The ids are validated here and nowhere after.
+        """
+        ids = self._check_ids(seq_ids, distinct=True)
+        n = _as_int("num_new_tokens", num_new_tokens)
+        lengths = [self._lengths[s] for s in ids]
+        short = [(sid, length) for sid, length in zip(ids, lengths) if length < n]
+        if n < 1 or short:
+            raise ValueError(
+                f"a step adds num_new_tokens >= 1 tokens that are already reserved; got {n}, and sequences "
+                f"(id, length) {short} hold fewer: call cache.reserve(seq_ids, num_new_tokens) first"
+            )
+        table = self._host_table(ids).long()  # [b, width]
+        table = F.pad(table, (0, max(0, _as_int("table_width", table_width) - table.shape[1])))
+        seqlens = torch.tensor(lengths, dtype=torch.int64)
+        positions = seqlens[:, None] - n + torch.arange(n)  # [b, s]
+        slots = table.gather(1, positions // self.page_size) * self.page_size + positions % self.page_size
+        backend = resolve_backend(backend if backend is not None else self.backend, self.device)
+        return StepPlan.build(self, ids, positions, slots.flatten(), table, seqlens, config, rotary, backend, out)
 
     def slot_mapping(self, seq_ids: Iterable[int], positions) -> torch.Tensor:
         """Flat slots (page * page_size + offset) of token positions, in the order given.
@@ -309,7 +275,7 @@ class LatentCache:
             raise ValueError(
                 f"position {pos[i, j].item()} of sequence {ids[i]} is outside its reservation [0, {lengths[i].item()})"
             )
-        table = self._table(ids)
+        table = self._host_table(ids).long()
         slots = table.gather(1, pos // self.page_size) * self.page_size + pos % self.page_size
         return slots.flatten().to(self.device)
 
@@ -325,12 +291,12 @@ class LatentCache:
             k_pe: [n, rope_dim] roped key, like latent (FP8: stored as bfloat16).
         """
         layer = self._check_layer(layer)
-        # The kernel infers the split from the inputs; only the cache knows the real one.
+        # The writers infer the split from the inputs; only the cache knows the real one.
         for name, t, channels in (("latent", latent, self.kv_lora_rank), ("k_pe", k_pe, self.rope_dim)):
             if t.dim() != 2 or t.shape[1] != channels:
                 raise ValueError(f"{name} must be [n, {channels}], got shape {tuple(t.shape)}")
-        backend = self.backend or ("triton" if self._triton_auto() else "reference")
-        self._layout.write(self.pages[layer], slots, latent, k_pe, backend)
+        check_write_args(self.pages[layer], slots, latent, k_pe, fp8=self.is_fp8)
+        ops.write(self.format, self.pages[layer], slots, latent, k_pe, resolve_backend(self.backend, self.device))
 
     def read(self, layer: int, sid: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All `length(sid)` rows of one layer: (latent [L, kv_lora_rank], k_pe [L, rope_dim]).
@@ -341,14 +307,15 @@ class LatentCache:
         layer = self._check_layer(layer)
         sid = self._check_id(sid)
         slots = self.slot_mapping([sid], torch.arange(self._lengths[sid])[None])
-        return self._layout.read(self.pages[layer], slots)
+        pages = self.pages[layer]
+        return self.format.unpack(pages[slots // self.page_size, slots % self.page_size, 0])
 
     def block_table(self, seq_ids: Iterable[int]) -> torch.Tensor:
         """int32 [b, max pages owned by these sequences] page ids, padded with 0.
 
         At least one column, so a batch of empty sequences still gives kernels a valid table.
         """
-        return self._table(self._check_ids(seq_ids)).to(self.device, torch.int32)
+        return self._host_table(self._check_ids(seq_ids)).to(self.device)
 
     def seqlens(self, seq_ids: Iterable[int]) -> torch.Tensor:
         """int32 [b] lengths of the sequences, on the cache's device."""
@@ -362,20 +329,13 @@ class LatentCache:
             f"sequences={len(self._lengths)}, free_pages={len(self._free)})"
         )
 
-    def _table(self, ids: list[int]) -> torch.Tensor:
-        """int64 [b, max(1, max pages)] on the CPU."""
+    def _host_table(self, ids: list[int]) -> torch.Tensor:
+        """int32 [b, max(1, max pages)] on the CPU."""
         width = max([1] + [len(self._seq_pages[s]) for s in ids])
-        table = torch.zeros(len(ids), width, dtype=torch.int64)
-        for row, sid in enumerate(ids):
-            pages = self._seq_pages[sid]
-            table[row, : len(pages)] = torch.tensor(pages, dtype=torch.int64)
-        return table
+        return self._table[[self._rows[s] for s in ids], :width]
 
     def _pages_for(self, length: int) -> int:
         return -(-length // self.page_size)
-
-    def _triton_auto(self) -> bool:
-        return self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
     def _check_layer(self, layer) -> int:
         layer = _as_int("layer", layer)

@@ -275,8 +275,6 @@ def cache_format(dtype, kv_lora_rank: int, rope_dim: int) -> PlainFormat | Fp8Fo
     torch.float8_e4m3fn). Raises ValueError for a dtype or dimensions the format cannot hold."""
     if is_fp8_dtype(dtype):
         return Fp8Format(kv_lora_rank, rope_dim)
-    if isinstance(dtype, str):
-        raise TypeError(f"unknown cache dtype {dtype!r}: use a torch dtype or one of {FP8_NAMES}")
     return PlainFormat(kv_lora_rank, rope_dim, dtype)
 
 

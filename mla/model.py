@@ -7,8 +7,10 @@ checkpoint's state dict as it is:
     model.embed_tokens -> layers[i]: x += self_attn(input_layernorm(x)); x += mlp(post_attention_layernorm(x))
     -> model.norm -> lm_head
 
-Every call adds the same number of tokens to each listed sequence: `forward` reserves them in
-the cache, builds the shared `AttentionMetadata` once, and runs the layers. Generation is
+Every call adds the same number of tokens to each listed sequence: `forward` checks the input
+once, reserves the tokens in the cache, has the cache build the step's `StepPlan` once, and runs
+`step` (the layers, which only read the plan: nothing in them checks ids, builds tables or
+syncs, so `step` compiles with torch.compile and captures in a CUDA graph). Generation is
 `prefill` once, then `decode_step` per token (or per k + 1 tokens when verifying a draft; roll
 rejected tokens back with `cache.truncate`). Training calls `model(input_ids)` without a
 cache: whole sequences, causal, differentiable.
@@ -22,9 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mla.attention import AttentionMetadata, MLAttention, RMSNorm
+from mla.attention import MLAttention, RMSNorm, check_cache
+from mla.backend import check_backend
 from mla.cache import LatentCache
 from mla.config import MLAConfig
+from mla.formats import PLAIN_DTYPES
+from mla.plan import StepPlan
 from mla.rope import RotaryEmbedding
 
 
@@ -49,25 +54,22 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, cache: LatentCache | None = None, metadata: AttentionMetadata | None = None
-    ) -> torch.Tensor:
-        """x [b, s, hidden] -> [b, s, hidden]; without a cache, x holds whole sequences (positions 0 ... s - 1)."""
-        h = self.input_layernorm(x)
-        if cache is None:
-            attn = self.self_attn(h)
-        else:
-            attn = self.self_attn(h, metadata.positions, cache, metadata.seq_ids, metadata=metadata)
-        x = x + attn
+    def forward(self, x: torch.Tensor, plan: StepPlan | None = None) -> torch.Tensor:
+        """x [b, s, hidden] -> [b, s, hidden]; without a plan, x holds whole sequences (positions 0 ... s - 1)."""
+        x = x + self.self_attn(self.input_layernorm(x), plan=plan)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class MLAModel(nn.Module):
-    """Embedding, decoder layers and final norm: input_ids [b, s] -> hidden states [b, s, hidden]."""
+    """Embedding, decoder layers and final norm: input_ids [b, s] -> hidden states [b, s, hidden].
+
+    backend: "triton", "reference" or None (`mla.backend`'s rule), for the cache writes and
+    attention of every step this model plans.
+    """
 
     def __init__(self, config: MLAConfig, backend: str | None = None):
         super().__init__()
-        self.config = config
+        self.config, self.backend = config, check_backend(backend)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, backend) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -87,31 +89,47 @@ class MLAModel(nn.Module):
             [b, s, hidden_size] final hidden states (after the last norm, what the LM head reads).
             The tokens stay in the cache; if anything fails they are removed again.
         """
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be an integer tensor [b, s], got {shape}")
+        self._check_input_ids(input_ids)
         if cache is None:
             if seq_ids is not None:
                 raise ValueError("seq_ids name cached sequences; pass none without a cache")
-            x = self.embed_tokens(input_ids)
-            for layer in self.layers:
-                x = layer(x)
-            return self.norm(x)
+            return self.step(input_ids, None)
         seq_ids = list(seq_ids)
         if len(seq_ids) != input_ids.shape[0]:
             raise ValueError(f"seq_ids has {len(seq_ids)} ids for a batch of {input_ids.shape[0]}")
+        check_cache(cache, self.config, len(self.layers), input_ids.device)
         lengths = [cache.length(sid) for sid in seq_ids]
         cache.reserve(seq_ids, input_ids.shape[1])
         try:
-            metadata = AttentionMetadata.build(cache, seq_ids, input_ids.shape[1], self.rotary)
-            x = self.embed_tokens(input_ids)
-            for layer in self.layers:
-                x = layer(x, cache, metadata)
-            return self.norm(x)
+            return self.step(input_ids, self.plan(cache, seq_ids, input_ids.shape[1]))
         except BaseException:
             for sid, n in zip(seq_ids, lengths):
                 cache.truncate(sid, n)
             raise
+
+    def plan(self, cache: LatentCache, seq_ids, num_new_tokens: int, **kwargs) -> StepPlan:
+        """`cache.plan` with this model's config, rotary tables and backend (kwargs: `table_width`, `out`)."""
+        return cache.plan(seq_ids, num_new_tokens, self.config, rotary=self.rotary, backend=self.backend, **kwargs)
+
+    def step(self, input_ids: torch.Tensor, plan: StepPlan | None) -> torch.Tensor:
+        """The layers alone: input_ids [b, s] -> final hidden states [b, s, hidden_size], the tokens
+        already reserved and planned (`plan`), or whole sequences without a cache (plan None).
+        Only tensor work: what `torch.compile` compiles and a CUDA graph captures."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, plan)
+        return self.norm(x)
+
+    def _check_input_ids(self, input_ids) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be an integer tensor [b, s], got {shape}")
+        # Reading the ids would synchronise a GPU; there the embedding's own device assert stands.
+        if input_ids.device.type == "cpu" and input_ids.numel():
+            low, high = input_ids.min().item(), input_ids.max().item()
+            if low < 0 or high >= self.config.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
 
 
 class MLAForCausalLM(nn.Module):
@@ -163,6 +181,11 @@ class MLAForCausalLM(nn.Module):
         """An empty cache for this model; dtype and device default to the model's."""
         weight = self.lm_head.weight
         c = self.config
+        if dtype is None and weight.dtype not in PLAIN_DTYPES:
+            raise ValueError(
+                f"the model is {weight.dtype} and a cache holds {PLAIN_DTYPES} or FP8: pass dtype, "
+                "e.g. new_cache(..., dtype=torch.float32)"
+            )
         return LatentCache(
             c.num_hidden_layers, num_pages, page_size, c.kv_lora_rank, c.qk_rope_head_dim,
             dtype=dtype or weight.dtype, device=device or weight.device,

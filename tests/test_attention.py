@@ -160,11 +160,11 @@ def test_matches_transformers(version, dtype, variant, plan):
         assert_matches_hf(f"sequence {i}", out, hf, x)
 
 
-def test_absorbed_weights_made_once_and_follow_weight_changes():
+def test_absorbed_weights_are_views_that_follow_weight_changes():
     first = hf_attention("v3", torch.float32, seed=0)
     ours = MLAttention.from_hf(first)
     w_uk, w_uv = ours.absorbed_weights()
-    assert ours.absorbed_weights()[0] is w_uk and ours.absorbed_weights()[1] is w_uv
+    assert w_uk.data_ptr() == ours.kv_b_proj.weight.data_ptr() and w_uv._base is ours.kv_b_proj.weight
     steps = PLANS["token-by-token"]
     lengths = plan_lengths(steps)
     xs = [torch.randn(n, 64) for n in lengths]
@@ -220,17 +220,25 @@ def test_triton_decode_matches_reference(triton_kernels, nan_empty, cache_dtype)
         assert_close_rel(f"sequence {i}", a, b, TRITON_REL_TOL[cache_dtype])
 
 
-def test_backend_auto_uses_reference_on_cpu(monkeypatch):
-    """With backend=None on CPU tensors, decode never touches mla.kernels."""
-    import mla.attention as attention
+@pytest.mark.parametrize("interpret, backend", [("0", "reference"), ("1", "triton")])
+def test_backend_rule_on_cpu(monkeypatch, triton_kernels, interpret, backend):
+    """backend=None follows mla.backend's rule for writes and attention alike: on CPU tensors the
+    Triton kernels under the interpreter, the references without it."""
+    import mla.kernels
+    import mla.ops
 
     calls = []
-    real = attention.reference_flash_mla
-    monkeypatch.setattr(attention, "reference_flash_mla", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for module, name, kind in [(mla.ops, "reference_decode", "reference"), (mla.kernels, "flash_mla_with_kvcache", "triton"),
+                               (mla.ops.reference_cache, "write_rows", "reference"), (mla.kernels.cache, "launch", "triton")]:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, kind=kind, **k: calls.append(kind) or real(*a, **k))
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
     ours = MLAttention.from_hf(hf_attention("v3", torch.float32))
     cache = new_cache(ours.config, torch.float32, [3, 2])
+    cache.backend = None
     run_plan(ours, [torch.randn(3, 64), torch.randn(2, 64)], [((0, 1), 2), ((0,), 1)], cache)
-    assert len(calls) == 2
+    # two writes; one absorbed decode: the first step starts from an empty cache, which the cost model decompresses
+    assert set(calls) == {backend} and len(calls) == 3
 
 
 def _setup(layer_idx=0, **cache_changes):
@@ -282,7 +290,7 @@ def test_bad_inputs_raise(call, error, match):
     [
         pytest.param(0, {"kv_lora_rank": 40, "rope_dim": 8}, "kv_lora_rank is 40", id="other-kv-lora-rank"),
         pytest.param(0, {"rope_dim": 32}, "rope_dim is 32", id="other-rope-dim"),
-        pytest.param(2, {"num_layers": 2}, "2 layers, this is layer 2", id="too-few-layers"),
+        pytest.param(2, {"num_layers": 2}, "cache has 2 layers, the model needs 3", id="too-few-layers"),
     ],
 )
 def test_cache_for_another_config_raises(layer_idx, cache_changes, match):

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import mla.cache
+import mla.ops
 from mla.cache import CacheFullError, LatentCache
 from mla.kernels import cache as kcache
 from mla.reference import cache as rcache
@@ -320,13 +321,13 @@ def test_write_then_read_back(backend, dtype):
 )
 def test_write_backend_selection(monkeypatch, backend, interpret, expected):
     calls = []
-    monkeypatch.setattr(mla.cache, "write_latent_triton", lambda *a: calls.append("triton"))
-    monkeypatch.setattr(mla.cache, "write_latent_reference", lambda *a: calls.append("reference"))
+    monkeypatch.setattr(kcache, "launch", lambda *a: calls.append("triton"))
+    monkeypatch.setattr(mla.ops.reference_cache, "write_rows", lambda *a: calls.append("reference"))
     if interpret is None:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     else:
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
-    cache = LatentCache(1, 2, 2, 4, 2, backend=backend)
+    cache = LatentCache(1, 2, 2, 4, 2, dtype=torch.float32, backend=backend)
     cache.write(0, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4), torch.zeros(0, 2))
     assert calls == [expected]
 

@@ -24,7 +24,8 @@ import sys
 import pytest
 import torch
 
-import mla.cache
+import mla.ops
+from mla.kernels import quant as kquant
 from mla import LatentCache, MLAConfig, MLAForCausalLM, MLAttention
 from mla.formats import tile_scales
 
@@ -196,8 +197,8 @@ def test_write_backend_selection(monkeypatch):
     """backend=None: the Triton writer on CUDA or under the interpreter, else the reference;
     neither the plain nor the FP8 path imports Triton before a write needs it."""
     calls = []
-    monkeypatch.setattr(mla.cache, "write_latent_fp8_triton", lambda *a: calls.append("triton"))
-    monkeypatch.setattr(mla.cache, "write_latent_fp8_reference", lambda *a: calls.append("reference"))
+    monkeypatch.setattr(kquant, "launch", lambda *a: calls.append("triton"))
+    monkeypatch.setattr(mla.ops.reference_cache, "write_rows", lambda *a: calls.append("reference"))
     empty = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, 128), torch.zeros(0, 8))
     for interpret, want in (("1", "triton"), (None, "reference")):
         if interpret is None:
@@ -309,7 +310,7 @@ def test_module_rejects_fp8_cache_of_another_shape():
     cache = LatentCache(1, 4, 4, 128, MODEL_CONFIG.qk_rope_head_dim, dtype="fp8")
     sid = cache.add_sequence()
     cache.reserve([sid], 2)
-    with pytest.raises(ValueError, match="cache kv_lora_rank is 128, this layer needs 256"):
+    with pytest.raises(ValueError, match="cache kv_lora_rank is 128, the layers need 256"):
         module(torch.randn(1, 2, MODEL_CONFIG.hidden_size), torch.arange(2)[None], cache, [sid])
 
 
@@ -414,13 +415,13 @@ def test_greedy_generation_with_fp8_cache_matches_bf16(generation, record_proper
 def test_match_rate_catches_a_wrong_scale(generation, monkeypatch):
     """The threshold is not trivially met: every tile scale one power of two too high fails it."""
     generate, bf16_tokens = generation
-    write = mla.cache._Fp8Layout.write
+    write = mla.ops.write
 
-    def write_doubled(self, pages, slots, latent, k_pe, backend):
+    def write_doubled(fmt, pages, slots, latent, k_pe, backend):
         # 2x the input: the same codes under a scale one power of two higher
-        write(self, pages, slots, 2 * latent, k_pe, backend)
+        write(fmt, pages, slots, 2 * latent, k_pe, backend)
 
-    monkeypatch.setattr(mla.cache._Fp8Layout, "write", write_doubled)
+    monkeypatch.setattr(mla.ops, "write", write_doubled)
     rate = first_token_match_rate(generate("fp8"), bf16_tokens)
     print(f"\nFP8 with scales 2x too high vs bf16 cache: first token {rate:.1%}")
     assert rate < MIN_FIRST_TOKEN_MATCH

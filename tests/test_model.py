@@ -214,8 +214,12 @@ def test_failed_forward_leaves_cache_as_it_was():
     ids = [cache.add_sequence(), cache.add_sequence()]
     model.prefill(torch.randint(0, VOCAB, (2, 5)), cache, ids)
     free = cache.num_free_pages
-    with pytest.raises(IndexError):
-        model.decode_step(torch.tensor([[1, 2], [3, VOCAB]]), cache, ids)  # token id out of range
+    with pytest.raises(ValueError, match=f"token id {VOCAB}, outside the vocabulary"):
+        model.decode_step(torch.tensor([[1, 2], [3, VOCAB]]), cache, ids)
+    model.model.layers[1].mlp.forward = lambda x: x[:, :, :-1]  # fails after the tokens were reserved
+    with pytest.raises(RuntimeError):
+        model.decode_step(torch.zeros(2, 1, dtype=torch.long), cache, ids)
+    del model.model.layers[1].mlp.forward
     with pytest.raises(CacheFullError):
         model.decode_step(torch.zeros(2, 4, dtype=torch.long), cache, ids)
     assert [cache.length(i) for i in ids] == [5, 5] and cache.num_free_pages == free

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mla.attention import AttentionMetadata, RMSNorm
+from mla.attention import RMSNorm, check_cache
 from mla.cache import LatentCache
 from mla.config import MLAConfig
 from mla.model import DecoderLayer, MLAForCausalLM
@@ -81,12 +81,13 @@ class MultiTokenPredictor(DecoderLayer):
             out = self.shared_head.norm(super().forward(x))
             return head(out), out
         seq_ids = list(seq_ids)
+        check_cache(cache, self.config, 1, hidden.device)
         lengths = [cache.length(s) for s in seq_ids]
         cache.reserve(seq_ids, tokens.shape[1])
         try:
-            metadata = AttentionMetadata.build(cache, seq_ids, tokens.shape[1], self.rotary)
+            plan = cache.plan(seq_ids, tokens.shape[1], self.config, rotary=self.rotary, backend=self.self_attn.backend)
             x = self.eh_proj(torch.cat([self.enorm(embed(tokens)), self.hnorm(hidden)], dim=-1))
-            out = self.shared_head.norm(super().forward(x, cache, metadata))
+            out = self.shared_head.norm(super().forward(x, plan))
         except BaseException:
             for sid, n in zip(seq_ids, lengths):
                 cache.truncate(sid, n)

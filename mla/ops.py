@@ -1,0 +1,117 @@
+"""The Triton kernels as PyTorch custom ops (`torch.ops.mla.*`), and the one dispatch between
+them and their PyTorch references.
+
+Registered as custom ops so that `torch.compile` traces a decode step through them without a
+graph break and CUDA graphs capture them like any other op. Registering loads no Triton: the
+kernels are imported when an op first runs. The ops take arguments that a `StepPlan` (or the
+public functions' checks) has already validated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mla.formats import CacheFormat, Fp8Format, PlainFormat
+from mla.reference import cache as reference_cache
+from mla.reference import flash_mla_with_kvcache as reference_decode
+
+
+@torch.library.custom_op("mla::write_latent", mutates_args=("pages",))
+def write_latent(pages: torch.Tensor, slots: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
+    """`mla.kernels.write_latent` without its checks: pages[s // P, s % P, 0] = [latent | k_pe]."""
+    from mla.kernels import cache
+
+    cache.launch(PlainFormat(latent.shape[1], k_pe.shape[1], pages.dtype), pages, slots, latent, k_pe)
+
+
+@write_latent.register_fake
+def _(pages, slots, latent, k_pe) -> None:
+    return None
+
+
+@torch.library.custom_op("mla::write_latent_fp8", mutates_args=("pages",))
+def write_latent_fp8(pages: torch.Tensor, slots: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
+    """`mla.kernels.write_latent_fp8` without its checks; pages is the uint8 view."""
+    from mla.kernels import quant
+
+    quant.launch(Fp8Format(latent.shape[1], k_pe.shape[1]), pages, slots, latent, k_pe)
+
+
+@write_latent_fp8.register_fake
+def _(pages, slots, latent, k_pe) -> None:
+    return None
+
+
+@torch.library.custom_op("mla::decode", mutates_args=())
+def decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    head_dim_v: int,
+    softmax_scale: float,
+    causal: bool,
+    is_fp8_kvcache: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mla.kernels.flash_mla_with_kvcache` with a schedule: (out [b, s_q, h_q, dv] in q's dtype,
+    lse float32 [b, h_q, s_q])."""
+    from mla.kernels import flash_mla_with_kvcache
+
+    return flash_mla_with_kvcache(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
+        softmax_scale=softmax_scale, causal=causal, is_fp8_kvcache=is_fp8_kvcache,
+    )  # fmt: skip
+
+
+@decode.register_fake
+def _(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, head_dim_v, softmax_scale,
+      causal, is_fp8_kvcache):  # fmt: skip
+    b, s_q, h_q, _ = q.shape
+    return q.new_empty(b, s_q, h_q, head_dim_v), q.new_empty(b, h_q, s_q, dtype=torch.float32)
+
+
+def write(fmt: CacheFormat, pages: torch.Tensor, slots: torch.Tensor, latent, k_pe, backend: str) -> None:
+    """Store rows of format `fmt` at `slots` through `backend`'s writer; arguments already checked
+    (pages in the format's storage dtype). latent and k_pe are converted to the format's store dtype."""
+    latent, k_pe = latent.to(fmt.store_dtype(latent.dtype)), k_pe.to(fmt.store_dtype(k_pe.dtype))
+    if backend == "reference":
+        reference_cache.write_rows(fmt, pages, slots, latent, k_pe)
+    elif fmt.is_fp8:
+        torch.ops.mla.write_latent_fp8(pages, slots, latent, k_pe)
+    else:
+        torch.ops.mla.write_latent(pages, slots, latent, k_pe)
+
+
+def attend(
+    fmt: CacheFormat,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    schedule: tuple[torch.Tensor, torch.Tensor] | None,
+    softmax_scale: float,
+    backend: str,
+) -> torch.Tensor:
+    """Causal decode attention of q [b, s, h, r + dr] over a paged cache of format `fmt` through
+    `backend`: [b, s, h, r] in the dtype the backend computes in.
+
+    q's dtype follows the format: the cache dtype for plain rows; for FP8 rows the reference
+    attends in q's own dtype, the Triton kernel takes a 16-bit q, so a float32 q is rounded to
+    bfloat16 (float32's range; relative error 2^-9, small beside the FP8 cache's 2^-4).
+    """
+    if not fmt.is_fp8:
+        q = q.to(fmt.dtype)
+    elif backend == "triton" and q.dtype not in (torch.bfloat16, torch.float16):
+        q = q.to(torch.bfloat16)
+    if backend == "triton":
+        out, _ = torch.ops.mla.decode(
+            q, k_cache, block_table, cache_seqlens, *schedule, fmt.head_dim_v, softmax_scale, True, fmt.is_fp8
+        )
+        return out
+    out, _ = reference_decode(
+        q, k_cache, block_table, cache_seqlens, fmt.head_dim_v, softmax_scale=softmax_scale, causal=True,
+        is_fp8_kvcache=fmt.is_fp8, compute_dtype=torch.promote_types(q.dtype, torch.float32),
+    )  # fmt: skip
+    return out

@@ -1,0 +1,139 @@
+"""`StepPlan`: what every layer of one forward step reads, built once by `LatentCache.plan`.
+
+A step appends s tokens to each of b sequences. Before any layer runs, the cache turns its
+host bookkeeping into device tables (the new tokens' slots and positions, the block table,
+the lengths), the rotary tables of those positions, the backend (`mla.backend`), the
+attention form (absorbed or decompressed, from `mla.backend.absorbed_is_cheaper`) and, for
+the Triton decode kernel, its split schedule. The layers only read the plan: nothing in a
+layer validates ids, builds tables or synchronises with the device.
+
+On CUDA the four integer tables travel in one pinned host buffer and one asynchronous copy,
+so building a plan never waits for the GPU; a plan refilled in place (`LatentCache.plan(...,
+out=plan)`) keeps its tensors, so a decode step captured in a CUDA graph can be replayed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mla import ops
+from mla.backend import absorbed_is_cheaper
+from mla.reference.cache import gather_pages
+from mla.rope import RotaryEmbedding
+
+
+@dataclass
+class StepPlan:
+    """The shared, read-only state of one forward step (build it with `LatentCache.plan`).
+
+    Attributes:
+        cache: the `LatentCache` the step writes to and attends over.
+        seq_ids: the b sequence ids, in batch order.
+        positions: int64 [b, s], the new tokens' positions: the last s of each sequence.
+        slots: int64 [b * s], their flat cache slots, row-major over (sequence, token).
+        block_table: int32 [b, width] page ids, padded with 0.
+        seqlens: int32 [b] lengths, the new tokens included.
+        max_seqlen: max of seqlens, on the host.
+        cos, sin: float32 [b, s, rope_dim // 2], rotary tables of `positions`.
+        backend: "triton" or "reference", for cache writes and attention alike.
+        absorbed: whether the layers attend in the absorbed form (through `attend`) or decompress
+            the cached latents (through `context`).
+        schedule: (tile_scheduler_metadata, num_splits) of the Triton decode kernel, or None.
+    """
+
+    cache: object
+    seq_ids: tuple[int, ...]
+    positions: torch.Tensor
+    slots: torch.Tensor
+    block_table: torch.Tensor
+    seqlens: torch.Tensor
+    max_seqlen: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    backend: str
+    absorbed: bool
+    schedule: tuple[torch.Tensor, torch.Tensor] | None
+
+    @property
+    def num_new_tokens(self) -> int:
+        return self.positions.shape[1]
+
+    @classmethod
+    def build(cls, cache, seq_ids, positions, slots, table, seqlens, config, rotary, backend, out=None) -> StepPlan:
+        """From host int64 tensors the cache computed: positions [b, s], slots [b * s], table
+        [b, width], seqlens [b]. Called by `LatentCache.plan`, which validated them."""
+        b, s = positions.shape
+        max_seqlen = int(seqlens.max()) if b else 0
+        absorbed = absorbed_is_cheaper(config, s, max_seqlen)
+        if out is not None:
+            out._check_refill(seq_ids, s, table.shape[1], backend, absorbed)
+            table = F.pad(table, (0, out.block_table.shape[1] - table.shape[1]))
+        width = table.shape[1]
+        host = torch.cat([positions.flatten(), slots, table.flatten(), seqlens])
+        if cache.device.type == "cuda":
+            host = host.pin_memory()
+        tables = host.to(cache.device, non_blocking=True)
+        bs = b * s
+        positions, slots = tables[:bs].view(b, s), tables[bs : 2 * bs]
+        table = tables[2 * bs : 2 * bs + b * width].view(b, width).to(torch.int32)
+        seqlens = tables[2 * bs + b * width :].to(torch.int32)
+        cos, sin = (rotary or RotaryEmbedding(config))(positions)
+        schedule = None
+        if backend == "triton" and absorbed:
+            from mla.kernels import get_mla_metadata  # Triton is imported only when it runs
+
+            h_kv = cache.pages[0].shape[2]
+            schedule = get_mla_metadata(seqlens, s * config.num_heads // h_kv, h_kv)
+        plan = cls(cache, tuple(seq_ids), positions, slots, table, seqlens, max_seqlen, cos, sin, backend, absorbed,
+                   schedule)  # fmt: skip
+        return plan if out is None else out._refill(plan)
+
+    def write(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
+        """Store the new tokens' rows of one layer: latent [b * s, r], k_pe [b * s, dr], any float
+        dtype (converted to what the cache stores)."""
+        ops.write(self.cache.format, self.cache.pages[layer], self.slots, latent, k_pe, self.backend)
+
+    def attend(self, layer: int, q: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+        """Absorbed attention of q [b, s, h, r + dr] over one layer's cache, causal in the step:
+        [b, s, h, r] (`mla.ops.attend`)."""
+        cache = self.cache
+        return ops.attend(cache.format, q, cache.pages[layer], self.block_table, self.seqlens, self.schedule,
+                          softmax_scale, self.backend)  # fmt: skip
+
+    def context(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
+        """Every cached row of the batch for the decompressed form: [b, max_seqlen, r + dr] in
+        `dtype` (FP8 rows dequantized exactly first); rows past a sequence's length are zero."""
+        cache = self.cache
+        rows = gather_pages(cache.pages[layer], self.block_table, self.max_seqlen)[:, :, 0]  # [b, L, row_width]
+        values = cache.format.values(rows, dtype)
+        # rows past a sequence's end come from other pages; zero them so they cannot be NaN
+        in_seq = torch.arange(self.max_seqlen, device=values.device)[None, :] < self.seqlens[:, None]
+        return values.masked_fill(~in_seq[..., None], 0.0)
+
+    def _check_refill(self, seq_ids, s: int, width: int, backend: str, absorbed: bool) -> None:
+        if len(seq_ids) != len(self.seq_ids) or s != self.num_new_tokens:
+            raise ValueError(
+                f"out was planned for {len(self.seq_ids)} sequences of {self.num_new_tokens} new tokens, "
+                f"not {len(seq_ids)} of {s}"
+            )
+        if width > self.block_table.shape[1]:
+            raise ValueError(
+                f"out's block table has {self.block_table.shape[1]} columns, this step needs {width}; plan the "
+                "first step with a cache whose sequences were reserved to their final length"
+            )
+        if (backend, absorbed) != (self.backend, self.absorbed):
+            raise ValueError(
+                f"out runs backend {self.backend!r} (absorbed={self.absorbed}), this step {backend!r} (absorbed={absorbed})"
+            )
+
+    def _refill(self, new: StepPlan) -> StepPlan:
+        for name in ("positions", "slots", "block_table", "seqlens", "cos", "sin"):
+            getattr(self, name).copy_(getattr(new, name), non_blocking=True)
+        if self.schedule is not None:
+            for mine, theirs in zip(self.schedule, new.schedule):
+                mine.copy_(theirs, non_blocking=True)
+        self.seq_ids, self.max_seqlen = new.seq_ids, new.max_seqlen
+        return self
