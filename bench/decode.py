@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from mla.formats import CacheFormat, PlainFormat
+
 from .common import format_table, synchronize, time_ms
 
 D, DV = 576, 512  # DeepSeek-V3's latent row (512 latent + 64 rope) and V width
@@ -32,15 +34,12 @@ FULL_SWEEP = {"b": (1, 16, 64, 128), "s_k": (1024, 4096, 16384, 65536), "h_q": (
 QUICK_SWEEP = {"b": (1, 64), "s_k": (4096, 16384), "h_q": (16, 128), "s_q": (1, 2)}
 
 
-def decode_bytes(b: int, s_q: int, h_q: int, s_k: int, d: int, dv: int, h_kv: int, itemsize: int,
-                 cache_row_bytes: int | None = None) -> int:
-    """Bytes that must cross HBM at least once: the cache rows, q, out (+ lse, block table).
-
-    cache_row_bytes: bytes of one cached token per KV head when not d * itemsize (the FP8
-    cache: 656 for d = 576).
-    """
-    cache = b * s_k * h_kv * (d * itemsize if cache_row_bytes is None else cache_row_bytes)
-    return cache + b * s_q * h_q * (d + dv) * itemsize + b * s_q * h_q * 4 + b * math.ceil(s_k / PAGE) * 4
+def decode_bytes(b: int, s_q: int, h_q: int, s_k: int, fmt: CacheFormat, q_itemsize: int, h_kv: int = 1) -> int:
+    """Bytes that must cross HBM at least once: the cache rows (`fmt.bytes_per_token` each, 1152
+    for DeepSeek-V3 in bf16, 656 in FP8), q, out (+ lse, block table)."""
+    cache = b * s_k * h_kv * fmt.bytes_per_token
+    q_out = b * s_q * h_q * (fmt.head_dim + fmt.head_dim_v) * q_itemsize
+    return cache + q_out + b * s_q * h_q * 4 + b * math.ceil(s_k / PAGE) * 4
 
 
 def decode_flops(b: int, s_q: int, h_q: int, s_k: int, d: int, dv: int) -> int:
@@ -134,7 +133,7 @@ def _time_group(b, s_k, heads, device, ceilings, reference_max_work, dtype) -> l
         }
         if b * s_k * h_q <= reference_max_work:
             impls["reference"] = lambda: ref.flash_mla_with_kvcache(q, k_cache, block_table, lens, DV, causal=causal)
-        nbytes = decode_bytes(b, s_q, h_q, s_k, D, DV, 1, q.element_size())
+        nbytes = decode_bytes(b, s_q, h_q, s_k, PlainFormat(DV, D - DV, dtype), q.element_size())
         flops = decode_flops(b, s_q, h_q, s_k, D, DV)
         for impl, fn in impls.items():
             ms = time_ms(fn, device)

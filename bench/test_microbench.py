@@ -19,12 +19,13 @@ from bench.decode import D, DV, decode_bytes, decode_flops, make_decode_inputs
 from mla import LatentCache, MLAConfig, MLAttention
 from mla import reference as ref
 from mla.kernels import flash_mla_with_kvcache, get_mla_metadata, write_latent, write_latent_fp8
-from mla.reference.quant import fp8_bytes_per_token, quantize_latent_fp8
+from mla.formats import Fp8Format, PlainFormat
+from mla.reference.quant import quantize_latent_fp8
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 ROUNDS = 20 if ON_GPU else 3
-FP8_ROW = fp8_bytes_per_token(DV, D - DV)  # 656 bytes per cached token
+FP8 = Fp8Format(DV, D - DV)  # 656 bytes per cached token
 
 
 def _sync():
@@ -83,7 +84,7 @@ def test_decode(benchmark, impl, kv_dtype, b, s_k, h_q, s_q):
         def fn():
             ref.flash_mla_with_kvcache(q, k_cache, block_table, lens, DV, causal=causal, is_fp8_kvcache=fp8)
 
-    nbytes = decode_bytes(b, s_q, h_q, s_k, D, DV, 1, q.element_size(), FP8_ROW if fp8 else None)
+    nbytes = decode_bytes(b, s_q, h_q, s_k, FP8 if fp8 else PlainFormat(DV, D - DV, q.dtype), q.element_size())
     _run(benchmark, fn, nbytes, decode_flops(b, s_q, h_q, s_k, D, DV))
 
 
@@ -103,15 +104,14 @@ def test_cache_write(benchmark, impl, kv_dtype, n):
     benchmark.group = f"cache write n={n}"
     gen = torch.Generator().manual_seed(0)
     page = 64
-    row = FP8_ROW if kv_dtype == "fp8" else D
-    dtype = torch.uint8 if kv_dtype == "fp8" else torch.bfloat16
-    pages = torch.zeros(4 * n // page + 1, page, 1, row, dtype=dtype, device=DEVICE)
+    fmt = FP8 if kv_dtype == "fp8" else PlainFormat(DV, D - DV, torch.bfloat16)
+    pages = fmt.allocate(4 * n // page + 1, page, DEVICE)
     slots = torch.randperm(pages.shape[0] * page, generator=gen)[:n].to(DEVICE)
     latent = torch.randn(n, DV, generator=gen).to(DEVICE, torch.bfloat16)
     k_pe = torch.randn(n, D - DV, generator=gen).to(DEVICE, torch.bfloat16)
     writer = WRITERS[impl, kv_dtype]
     # read the bf16 rows and the slots, write the stored rows
-    nbytes = n * D * 2 + n * 8 + n * row * pages.element_size()
+    nbytes = n * D * 2 + n * 8 + n * fmt.bytes_per_token
     _run(benchmark, lambda: writer(pages, slots, latent, k_pe), nbytes)
 
 
@@ -150,4 +150,4 @@ def test_module_decode_step(benchmark, preset, s_k, dtype, backend):
         cache.truncate(sid, n)
 
     weights = sum(p.numel() * p.element_size() for p in module.parameters())
-    _run(benchmark, step, weights + s_k * cfg.cache_dim * latent.element_size())
+    _run(benchmark, step, weights + s_k * cache.bytes_per_token)
