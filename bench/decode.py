@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from mla.backend import interpreting
 from mla.formats import CacheFormat, PlainFormat
 
 from .common import format_table, synchronize, time_ms
@@ -119,8 +120,9 @@ def kernel_rows(shapes, device: torch.device, ceilings: dict | None = None, refe
 
 
 def _time_group(b, s_k, heads, device, ceilings, reference_max_work, dtype) -> list[dict]:
-    from mla import reference as ref
     from mla.kernels import flash_mla_with_kvcache, get_mla_metadata
+
+    from mla import reference as ref
 
     k_cache, block_table, lens = make_cache(b, s_k, dtype=dtype, device=device)
     rows = []
@@ -164,7 +166,7 @@ def main(argv=None):
     parser.add_argument("--h-q", type=int, nargs="+", default=[16, 128])
     parser.add_argument("--s-q", type=int, nargs="+", default=[1])
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if not torch.cuda.is_available() and not interpreting():
         raise SystemExit("bench.decode times the Triton kernel: it needs a GPU (or TRITON_INTERPRET=1 for a smoke run)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ceilings = measure_ceilings(device) if device.type == "cuda" else None

@@ -10,28 +10,25 @@ shapes (their times say nothing about a GPU, the cases check that the paths run 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-from bench.decode import D, DV, decode_bytes, decode_flops, make_decode_inputs
-from mla import LatentCache, MLAConfig, MLAttention
-from mla import reference as ref
 from mla.kernels import flash_mla_with_kvcache, get_mla_metadata, write_latent, write_latent_fp8
-from mla.formats import Fp8Format, PlainFormat
 from mla.reference.quant import quantize_latent_fp8
 
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+from bench.decode import DV, D, decode_bytes, decode_flops, make_decode_inputs
+from mla import LatentCache, MLAConfig, MLAttention
+from mla import reference as ref
+from mla.backend import interpreting
+from mla.formats import Fp8Format, PlainFormat
+
+ON_GPU = torch.cuda.is_available() and not interpreting()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 ROUNDS = 20 if ON_GPU else 3
 FP8 = Fp8Format(DV, D - DV)  # 656 bytes per cached token
 
-
 def _sync():
     if ON_GPU:
         torch.cuda.synchronize()
-
 
 def _run(benchmark, fn, nbytes: int, flops: int = 0):
     """Time fn (synchronised) and record bytes, FLOPs, GB/s and TFLOP/s of the median round."""
@@ -47,7 +44,6 @@ def _run(benchmark, fn, nbytes: int, flops: int = 0):
         benchmark.extra_info.update(flops=flops, tflops=flops / seconds / 1e12)
     assert benchmark.extra_info["gbps"] > 0
 
-
 DECODE_SHAPES = (
     [
         pytest.param(64, 4096, 16, 1, id="b64-sk4096-h16-sq1"),
@@ -60,7 +56,6 @@ DECODE_SHAPES = (
         pytest.param(2, 128, 16, 2, id="b2-sk128-h16-sq2"),
     ]
 )
-
 
 @pytest.mark.parametrize("kv_dtype", ["bf16", "fp8"])
 @pytest.mark.parametrize("impl", ["triton", "reference"])
@@ -87,13 +82,11 @@ def test_decode(benchmark, impl, kv_dtype, b, s_k, h_q, s_q):
     nbytes = decode_bytes(b, s_q, h_q, s_k, FP8 if fp8 else PlainFormat(DV, D - DV, q.dtype), q.element_size())
     _run(benchmark, fn, nbytes, decode_flops(b, s_q, h_q, s_k, D, DV))
 
-
 WRITE_TOKENS = [pytest.param(n, id=f"n{n}") for n in ((64, 4096) if ON_GPU else (64,))]
 WRITERS = {
     ("triton", "bf16"): write_latent, ("reference", "bf16"): ref.write_latent,
     ("triton", "fp8"): write_latent_fp8, ("reference", "fp8"): ref.write_latent_fp8,
 }  # fmt: skip
-
 
 @pytest.mark.parametrize("kv_dtype", ["bf16", "fp8"])
 @pytest.mark.parametrize("impl", ["triton", "reference"])
@@ -114,13 +107,11 @@ def test_cache_write(benchmark, impl, kv_dtype, n):
     nbytes = n * D * 2 + n * 8 + n * fmt.bytes_per_token
     _run(benchmark, lambda: writer(pages, slots, latent, k_pe), nbytes)
 
-
 MODULE_CASES = (
     [pytest.param("deepseek_v3", 4096, torch.bfloat16, id="deepseek_v3-sk4096-bf16")]
     if ON_GPU
     else [pytest.param("deepseek_v2_lite", 1024, torch.float32, id="deepseek_v2_lite-sk1024-fp32")]
 )
-
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("preset, s_k, dtype", MODULE_CASES)

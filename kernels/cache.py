@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from mla.reference.cache import check_write_args
 
 from mla.backend import require_triton_device
 from mla.formats import PlainFormat
-from mla.reference.cache import check_write_args
 
 # Tokens per program: enough rows to keep a program busy at decode batch sizes while
 # a [BLOCK_T, next_pow2(kv_lora_rank)] tile (16 x 512 for DeepSeek) stays in registers.

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from mla.reference.cache import check_write_args
 
 from mla.backend import require_triton_device
 from mla.formats import FP8_NAN_CODE, MAX_SCALE_EXPONENT, MIN_SCALE_EXPONENT, TOP_SCALE_MAX_CODE, Fp8Format
-from mla.reference.cache import check_write_args
 
 # Tokens per program: a [BLOCK_T, tile] = 16 x 128 fp32 block fits in registers, and small
 # decode batches still spread over n_tokens / 16 x (kv_lora_rank / 128) programs.

@@ -225,6 +225,7 @@ def test_backend_rule_on_cpu(monkeypatch, triton_kernels, interpret, backend):
     """backend=None follows mla.backend's rule for writes and attention alike: on CPU tensors the
     Triton kernels under the interpreter, the references without it."""
     import mla.kernels
+
     import mla.ops
 
     calls = []

@@ -13,13 +13,13 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from mla.kernels import cache as kcache
+from mla.reference import cache as rcache
+from mla.reference import flash_mla_with_kvcache
 
 import mla.cache
 import mla.ops
 from mla.cache import CacheFullError, LatentCache
-from mla.kernels import cache as kcache
-from mla.reference import cache as rcache
-from mla.reference import flash_mla_with_kvcache
 
 from .utils import assert_close
 

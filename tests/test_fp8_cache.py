@@ -23,9 +23,9 @@ import sys
 
 import pytest
 import torch
+from mla.kernels import quant as kquant
 
 import mla.ops
-from mla.kernels import quant as kquant
 from mla import LatentCache, MLAConfig, MLAForCausalLM, MLAttention
 from mla.formats import tile_scales
 

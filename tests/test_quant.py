@@ -16,11 +16,11 @@ from fractions import Fraction
 
 import pytest
 import torch
-
-from mla.formats import FP8_NAN_CODE, Fp8Format
 from mla.kernels import quant as kquant
 from mla.reference import quant as rquant
 from mla.reference.quant import dequantize_cache, dequantize_latent_fp8, fp8_bytes_per_token, quantize_latent_fp8
+
+from mla.formats import FP8_NAN_CODE, Fp8Format
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
