@@ -2,7 +2,8 @@
 # One prepared run on a GPU machine (torch + triton preinstalled, no network, no pip):
 #   [BENCH_COMMIT=<hash>] bash bench/gpu.sh OUT_DIR
 # 1. the kernel tests compiled (real bf16 tensor-core dots, not the interpreter): decode, cache
-#    write, FP8 write and the FP8 cache end to end;
+#    write, FP8 write, the FP8 cache end to end, and the step plan (a decode step that never
+#    synchronises, replayed from a CUDA graph; the custom ops under opcheck; torch.compile);
 # 2. the full report: python -m bench --full, JSON and figure saved into OUT_DIR (the JSON is
 #    rewritten after each section, so a run cut short keeps the sections it finished).
 # Time caps (150 s + 240 s) keep the whole script well inside 8 minutes.
@@ -20,6 +21,6 @@ export PYTHONPATH="$pkg:$PWD" TRITON_INTERPRET=0
 # --continue-on-collection-errors: a test file whose imports are missing there (hypothesis)
 # must not stop the others.
 timeout 150 python -m pytest -q -p no:cacheprovider --continue-on-collection-errors -k "not full_sweep" \
-    tests/test_decode.py tests/test_cache.py tests/test_quant.py tests/test_fp8_cache.py 2>&1 | tail -40 >"$out/tests.txt"
+    tests/test_decode.py tests/test_cache.py tests/test_quant.py tests/test_fp8_cache.py tests/test_plan.py 2>&1 | tail -40 >"$out/tests.txt"
 timeout 240 python -m bench --full --json "$out/report.json" >"$out/report.txt" 2>"$out/progress.txt"
 echo "report exit status $?" >>"$out/report.txt"
