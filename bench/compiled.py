@@ -503,7 +503,7 @@ def format_compiled_table(rows: list[dict]) -> str:
     columns = [
         ("kernel", "kernel", ""), ("config", "config", ""), ("arch", "arch", "d"), ("registers", "registers", "d"),
         ("spill B", "spill_bytes", "d"), ("shared B", "shared_bytes", "d"), ("mma", "mma", ""),
-        ("kv stages", "kv_stages", "d"), ("CTAs/SM", "ctas_per_sm", "d"), ("error", "error", ".60"),
+        ("kv stages", "kv_stages", "d"), ("CTAs/SM", "ctas_per_sm", "d"), ("error", "error", ".80"),
     ]  # fmt: skip
     return format_table(columns, rows)
 
