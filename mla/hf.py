@@ -754,4 +754,3 @@ def unpatch(model: nn.Module) -> nn.Module:
     if isinstance(method, types.MethodType) and method.__func__ is _prepare_cache_for_generation:
         del model.__dict__["_prepare_cache_for_generation"]
     return model
-

@@ -141,13 +141,15 @@ MODELS = [
 # (generate kwargs, batch, pads): greedy over a ragged left-padded batch (three prefill plans);
 # sampling; beam search with more returned sequences than rows (rows forked by page copies);
 # assisted decoding with a patched draft model (4 drafted tokens a round; both caches cropped
-# every round); prompt lookup (3-token candidates). Assisted modes are batch 1 in transformers.
+# every round); prompt lookup (3-token candidates); a chunked prefill whose first chunk is all
+# padding in one row. Assisted modes are batch 1 in transformers.
 MODES = {
     "greedy-ragged": (dict(do_sample=False), 3, [0, 5, 2]),
     "sample": (dict(do_sample=True, top_k=0, temperature=1.5), 2, [0, 3]),
     "beam": (dict(do_sample=False, num_beams=3, num_return_sequences=2), 2, [0, 4]),
     "assisted": (dict(do_sample=False), 1, [0]),
     "prompt-lookup": (dict(do_sample=False, prompt_lookup_num_tokens=3), 1, [0]),
+    "chunked-prefill": (dict(do_sample=False, prefill_chunk_size=5), 2, [0, 7]),
 }
 
 
@@ -180,6 +182,22 @@ def test_generate_matches_unpatched(build, mode, monkeypatch):
     assert isinstance(actual.cache, hf.MLACache) and isinstance(expected.cache, DynamicCache)
     assert calls["expand_kv"] == 0, "the patched model ran transformers' attention"
     assert calls["absorbed"] > 0 and calls["decompressed"] > 0
+
+
+def test_generate_continues_a_returned_cache():
+    """A second generate() on the MLACache the first returned (the old tokens, then new ones):
+    transformers slices the input by get_seq_length() and the rows carry on, as with a DynamicCache."""
+    plain, patched = _pair(_v3, seed=19)
+    ids, mask = _prompt(2, 10, [0, 6], seed=20)
+    more = torch.randint(2, VOCAB, (2, 3), generator=torch.Generator().manual_seed(21))
+    results = []
+    for model in (plain, patched):
+        kwargs = dict(max_new_tokens=4, do_sample=False)
+        first = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **kwargs)
+        ids2 = torch.cat([first.sequences, more], dim=1)
+        mask2 = torch.cat([mask, torch.ones(2, ids2.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
+        results.append(model.generate(ids2, attention_mask=mask2, cache=first.cache, **kwargs))
+    assert torch.equal(results[1], results[0])
 
 
 def test_triton_kernel_decodes(monkeypatch):
@@ -281,7 +299,11 @@ def test_fp8_cache_within_fp8_tolerance_of_bf16(record_property):
     for dtype in (torch.float32, torch.bfloat16, "fp8"):
         hf.patch(patched, backend="reference", cache_dtype=dtype)
         captured = []
-        hooks = [m.register_forward_hook(lambda m, args, out: captured.append(out[0])) for m in _attentions(patched)]
+
+        def capture(module, args, out, captured=captured):
+            captured.append(out[0])
+
+        hooks = [m.register_forward_hook(capture) for m in _attentions(patched)]
         _logits(patched, ids, mask, new_ids, hf.MLACache.for_model(patched, 2, 32))
         for hook in hooks:
             hook.remove()
@@ -368,7 +390,7 @@ def test_output_attentions_follow_transformers():
     weights of every real query over transformers' mask columns (pad columns zero), prefill and
     decode (float32: p * |d score| stays below 1e-6; measured 0.6-3e-7)."""
     for attn in ("sdpa", "eager"):
-        plain, patched = _pair(lambda: _v3(attn), seed=10)
+        plain, patched = _pair(lambda attn=attn: _v3(attn), seed=10)
         ids, mask = _prompt(2, 8, [0, 3], seed=11)
         step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=-1)
         out = []
