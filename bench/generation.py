@@ -1,9 +1,11 @@
 """Section 3: greedy generation with a small transformers DeepseekV3ForCausalLM, as shipped and
-with `mla.hf.patch` (absorbed decode inside transformers' own attention and cache).
+with `mla.hf.patch` (its attention decoding through our paged latent cache, `mla.hf.MLACache`:
+the Triton kernel on CUDA, the PyTorch reference on the CPU).
 
 Per context length L: fill a DynamicCache with L cached tokens per layer, then decode N greedy
-tokens unpatched, crop the cache back to L, patch, decode N tokens again from the same cache.
-Only the decode loops are timed; each starts with one untimed warm-up step.
+tokens unpatched, crop the cache back to L, patch, copy the same L tokens into an MLACache
+(`MLACache.from_dynamic_cache`) and decode N tokens again from it. Only the decode loops are
+timed; each starts with one untimed warm-up step.
 
 The L cached tokens are random latents written straight into the cache (the same tensors a
 prefill leaves there: [1, 1, L, kv_lora_rank] and [1, 1, L, qk_rope_head_dim] per layer),
@@ -96,6 +98,7 @@ def generation_rows(contexts, new_tokens: dict[str, int], device: torch.device, 
             first = torch.randint(cfg.vocab_size, (1, 1), generator=gen).to(device)
         else:
             hf.patch(model)
+            cache = hf.MLACache.from_dynamic_cache(model, cache)
         tokens, seconds = _decode(model, cache, first, new_tokens[impl], device)
         if impl == "unpatched":
             reference = tokens

@@ -2,7 +2,7 @@
 
 Layout and parameter names follow transformers' DeepseekV3ForCausalLM with every layer dense
 (first_k_dense_replace >= num_hidden_layers), so `MLAForCausalLM.from_hf` loads such a
-checkpoint's state dict as it is:
+checkpoint's state dict as it is (MoE checkpoints too: their MoE layers keep transformers' block):
 
     model.embed_tokens -> layers[i]: x += self_attn(input_layernorm(x)); x += mlp(post_attention_layernorm(x))
     -> model.norm -> lm_head
@@ -145,19 +145,26 @@ class MLAForCausalLM(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, backend: str | None = None) -> MLAForCausalLM:
-        """Copy a transformers DeepseekV3ForCausalLM (or DeepseekV2ForCausalLM) whose layers are all dense."""
+        """Copy a transformers DeepseekV3ForCausalLM (or DeepseekV2ForCausalLM), MoE layers included.
+
+        Dense layers get our SwiGLU MLP. The MoE layers (index >= first_k_dense_replace) keep
+        transformers' own MoE block (DeepseekV3MoE / DeepseekV2Moe: router, routed and shared
+        experts), built from the checkpoint's config and holding copies of its tensors in their
+        dtypes (transformers' loader keeps the router in float32): experts are not re-implemented here. Such a model's step has
+        data-dependent expert dispatch, so it is not captured whole by torch.compile or a CUDA graph.
+        """
         hf_config = hf_model.config
         config = MLAConfig.from_hf(hf_config)
-        if hf_config.first_k_dense_replace < hf_config.num_hidden_layers:
-            raise ValueError(
-                f"only dense models load: first_k_dense_replace={hf_config.first_k_dense_replace} < "
-                f"num_hidden_layers={hf_config.num_hidden_layers} means MoE layers"
-            )
         if hf_config.hidden_act != "silu" or getattr(hf_config, "mlp_bias", False):
             raise ValueError(f"the MLP must be SwiGLU without bias, got hidden_act={hf_config.hidden_act!r}")
         model = cls(config, backend)
         weight = hf_model.lm_head.weight
         model.to(device=weight.device, dtype=weight.dtype)
+        for layer, hf_layer in zip(model.model.layers, hf_model.model.layers):
+            if layer.self_attn.layer_idx >= hf_config.first_k_dense_replace:
+                # a fresh transformers MoE block holding copies of the checkpoint's tensors, dtypes kept
+                layer.mlp = type(hf_layer.mlp)(hf_config)
+                layer.mlp.load_state_dict({k: v.clone() for k, v in hf_layer.mlp.state_dict().items()}, assign=True)
         model.load_state_dict(hf_model.state_dict())
         return model
 
