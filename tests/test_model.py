@@ -248,10 +248,3 @@ def test_bad_inputs_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call(model, cache, ids)
     assert [cache.length(i) for i in ids] == [0, 0]
-
-
-def test_from_hf_rejects_moe_layers():
-    hf = hf_model(first_k_dense_replace=1, n_routed_experts=4, moe_intermediate_size=16, n_group=1, topk_group=1,
-                  num_experts_per_tok=2)  # fmt: skip
-    with pytest.raises(ValueError, match="first_k_dense_replace=1"):
-        MLAForCausalLM.from_hf(hf)
