@@ -214,17 +214,12 @@ class MLAttention(nn.Module):
     def _attend_decompressed(self, q_nope, q_pe, plan: StepPlan) -> torch.Tensor:
         """[b, s, h, nope], [b, s, h, dr] -> [b, s, h, v]: decompress the gathered cache, masked SDPA."""
         cfg = self.config
-        s = q_nope.shape[1]
         latent, k_pe = plan.context(self.layer_idx, q_nope.dtype).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], -1)
         k, v = self._decompress(latent, k_pe)  # [b, L, h, qk], [b, L, h, v]
         q = torch.cat([q_nope, q_pe], dim=-1)  # [b, s, h, qk]
-        # query i of sequence n is position seqlens[n] - s + i and sees keys j <= that position
-        i = torch.arange(s, device=q.device)
-        j = torch.arange(latent.shape[1], device=q.device)
-        visible = j[None, None, :] <= (plan.seqlens[:, None, None] - s + i[None, :, None])  # [b, s, L]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=visible[:, None], scale=self.softmax_scale,
+            attn_mask=plan.visible()[:, None], scale=self.softmax_scale,
         )  # fmt: skip  # [b, h, s, v]
         return out.transpose(1, 2)
 

@@ -155,17 +155,7 @@ class LatentCache:
         cannot cover the whole request.
         """
         ids = self._check_ids(seq_ids, distinct=True)
-        if isinstance(n, torch.Tensor) and n.dim() == 1:
-            n = n.tolist()
-        if isinstance(n, Sequence):
-            if len(n) != len(ids):
-                raise ValueError(f"n has {len(n)} counts for {len(ids)} sequences")
-            counts = [_as_int("n", c) for c in n]
-        else:
-            counts = [_as_int("n", n)] * len(ids)
-        for sid, count in zip(ids, counts):
-            if count < 0:
-                raise ValueError(f"n must be >= 0, got {count} for sequence {sid}")
+        counts = self._counts(n, ids, "n")
         new_pages = [self._pages_for(self._lengths[s] + c) - len(self._seq_pages[s]) for s, c in zip(ids, counts)]
         if sum(new_pages) > len(self._free):
             raise CacheFullError(
@@ -203,7 +193,7 @@ class LatentCache:
     def plan(
         self,
         seq_ids: Iterable[int],
-        num_new_tokens: int,
+        num_new_tokens: int | Sequence[int],
         config,
         rotary=None,
         backend: str | None = None,
@@ -213,8 +203,11 @@ class LatentCache:
         """The tables of one forward step that adds `num_new_tokens` (already reserved) to each sequence.
 
         Args:
-            seq_ids: b distinct sequence ids, each holding at least num_new_tokens tokens.
-            num_new_tokens: s, the new tokens per sequence: the last s of each.
+            seq_ids: b distinct sequence ids, each holding at least its new tokens.
+            num_new_tokens: s, the new tokens of every sequence (the last s of each); or one count
+                per sequence (ragged: n_i >= 0, some > 0): the step has s = max n_i columns, row
+                i's new tokens are its first n_i columns and the rest is padding, written nowhere
+                and seen by no one.
             config: the `mla.MLAConfig` of the layers that read the plan.
             rotary: the layers' `mla.rope.RotaryEmbedding` (made from config when None).
             backend: "triton", "reference" or None (this cache's backend, else the rule of `mla.backend`).
@@ -227,21 +220,26 @@ class LatentCache:
             `mla.plan.StepPlan`. The ids are validated here and nowhere after.
         """
         ids = self._check_ids(seq_ids, distinct=True)
-        n = _as_int("num_new_tokens", num_new_tokens)
+        counts = self._counts(num_new_tokens, ids, "num_new_tokens")
         lengths = [self._lengths[s] for s in ids]
-        short = [(sid, length) for sid, length in zip(ids, lengths) if length < n]
-        if n < 1 or short:
+        short = [(sid, length) for sid, length, n in zip(ids, lengths, counts) if length < n]
+        if not any(counts) or short:
             raise ValueError(
-                f"a step adds num_new_tokens >= 1 tokens that are already reserved; got {n}, and sequences "
-                f"(id, length) {short} hold fewer: call cache.reserve(seq_ids, num_new_tokens) first"
+                f"a step adds num_new_tokens >= 1 tokens that are already reserved; got {num_new_tokens}, and "
+                f"sequences (id, length) {short} hold fewer: call cache.reserve(seq_ids, num_new_tokens) first"
             )
         table = self._host_table(ids).long()  # [b, width]
         table = F.pad(table, (0, max(0, _as_int("table_width", table_width) - table.shape[1])))
         seqlens = torch.tensor(lengths, dtype=torch.int64)
-        positions = seqlens[:, None] - n + torch.arange(n)  # [b, s]
-        slots = table.gather(1, positions // self.page_size) * self.page_size + positions % self.page_size
+        n = torch.tensor(counts, dtype=torch.int64)
+        positions = seqlens[:, None] - n[:, None] + torch.arange(max(counts))  # [b, s]; padding past each n_i
+        new = positions < seqlens[:, None]
+        slots = table.gather(1, positions.clamp(max=seqlens[:, None] - 1).clamp_min(0) // self.page_size)
+        slots = torch.where(new, slots * self.page_size + positions % self.page_size, -1)
         backend = resolve_backend(backend if backend is not None else self.backend, self.device)
-        return StepPlan.build(self, ids, positions, slots.flatten(), table, seqlens, config, rotary, backend, out)
+        num_new = None if len(set(counts)) <= 1 else n
+        return StepPlan.build(self, ids, positions, slots.flatten(), table, seqlens, num_new, config, rotary, backend,
+                              out)  # fmt: skip
 
     def slot_mapping(self, seq_ids: Iterable[int], positions) -> torch.Tensor:
         """Flat slots (page * page_size + offset) of token positions, in the order given.
@@ -333,6 +331,22 @@ class LatentCache:
         """int32 [b, max(1, max pages)] on the CPU."""
         width = max([1] + [len(self._seq_pages[s]) for s in ids])
         return self._table[[self._rows[s] for s in ids], :width]
+
+    @staticmethod
+    def _counts(n, ids: list[int], name: str) -> list[int]:
+        """One int for every sequence, or one per sequence (a sequence or 1-D tensor) -> ints >= 0."""
+        if isinstance(n, torch.Tensor) and n.dim() == 1:
+            n = n.tolist()
+        if isinstance(n, Sequence):
+            if len(n) != len(ids):
+                raise ValueError(f"{name} has {len(n)} counts for {len(ids)} sequences")
+            counts = [_as_int(name, c) for c in n]
+        else:
+            counts = [_as_int(name, n)] * len(ids)
+        for sid, count in zip(ids, counts):
+            if count < 0:
+                raise ValueError(f"{name} must be >= 0, got {count} for sequence {sid}")
+        return counts
 
     def _pages_for(self, length: int) -> int:
         return -(-length // self.page_size)

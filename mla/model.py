@@ -75,7 +75,9 @@ class MLAModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
 
-    def forward(self, input_ids: torch.Tensor, cache: LatentCache | None = None, seq_ids=None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, cache: LatentCache | None = None, seq_ids=None, num_new_tokens=None
+    ) -> torch.Tensor:
         """Append s tokens to each sequence and run them through the layers.
 
         Args:
@@ -84,24 +86,32 @@ class MLAModel(nn.Module):
                 whole sequences (positions 0 ... s - 1), run causally without storing anything,
                 with gradients (training).
             seq_ids: b distinct ids of sequences in `cache` (None without a cache).
+            num_new_tokens: None (every row adds s tokens), or b counts n_i <= s: row i adds only
+                its first n_i tokens (a ragged step, e.g. speculative verification of drafts of
+                different lengths); its other columns are padding, stored nowhere.
 
         Returns:
-            [b, s, hidden_size] final hidden states (after the last norm, what the LM head reads).
-            The tokens stay in the cache; if anything fails they are removed again.
+            [b, s, hidden_size] final hidden states (after the last norm, what the LM head reads);
+            padding columns hold no meaning. The tokens stay in the cache; if anything fails
+            they are removed again.
         """
         self._check_input_ids(input_ids)
         if cache is None:
-            if seq_ids is not None:
-                raise ValueError("seq_ids name cached sequences; pass none without a cache")
+            if seq_ids is not None or num_new_tokens is not None:
+                raise ValueError("seq_ids and num_new_tokens describe cached sequences; pass neither without a cache")
             return self.step(input_ids, None)
         seq_ids = list(seq_ids)
         if len(seq_ids) != input_ids.shape[0]:
             raise ValueError(f"seq_ids has {len(seq_ids)} ids for a batch of {input_ids.shape[0]}")
         check_cache(cache, self.config, len(self.layers), input_ids.device)
+        counts = input_ids.shape[1] if num_new_tokens is None else num_new_tokens
         lengths = [cache.length(sid) for sid in seq_ids]
-        cache.reserve(seq_ids, input_ids.shape[1])
+        cache.reserve(seq_ids, counts)
         try:
-            return self.step(input_ids, self.plan(cache, seq_ids, input_ids.shape[1]))
+            plan = self.plan(cache, seq_ids, counts)
+            if plan.num_new_tokens != input_ids.shape[1]:
+                raise ValueError(f"input_ids has {input_ids.shape[1]} columns for at most {plan.num_new_tokens} new tokens")
+            return self.step(input_ids, plan)
         except BaseException:
             for sid, n in zip(seq_ids, lengths):
                 cache.truncate(sid, n)
@@ -169,7 +179,12 @@ class MLAForCausalLM(nn.Module):
         return model
 
     def forward(
-        self, input_ids: torch.Tensor, cache: LatentCache | None = None, seq_ids=None, return_hidden: bool = False
+        self,
+        input_ids: torch.Tensor,
+        cache: LatentCache | None = None,
+        seq_ids=None,
+        return_hidden: bool = False,
+        num_new_tokens=None,
     ):
         """Append input_ids [b, s] to the sequences; logits [b, s, vocab] of every new token.
 
@@ -179,8 +194,9 @@ class MLAForCausalLM(nn.Module):
 
         With `return_hidden`, returns (logits, hidden [b, s, hidden_size]); the hidden states
         are those the LM head reads (e.g. the input of a multi-token-prediction module).
+        num_new_tokens: per-row counts for a ragged step (`MLAModel.forward`).
         """
-        hidden = self.model(input_ids, cache, seq_ids)
+        hidden = self.model(input_ids, cache, seq_ids, num_new_tokens)
         logits = self.lm_head(hidden)
         return (logits, hidden) if return_hidden else logits
 
@@ -231,9 +247,10 @@ class MLAForCausalLM(nn.Module):
         return torch.stack(logits)
 
     @torch.no_grad()
-    def decode_step(self, input_ids: torch.Tensor, cache: LatentCache, seq_ids) -> torch.Tensor:
-        """Append input_ids [b, n] (n >= 1; n = k + 1 to verify a k-token draft) -> logits [b, n, vocab]."""
-        return self(input_ids, cache, seq_ids)
+    def decode_step(self, input_ids: torch.Tensor, cache: LatentCache, seq_ids, num_new_tokens=None) -> torch.Tensor:
+        """Append input_ids [b, n] (n >= 1; n = k + 1 to verify a k-token draft; per-row counts in
+        num_new_tokens for drafts of different lengths) -> logits [b, n, vocab]."""
+        return self(input_ids, cache, seq_ids, num_new_tokens=num_new_tokens)
 
     @torch.no_grad()
     def generate_greedy(

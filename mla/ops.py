@@ -54,29 +54,35 @@ def decode(
     softmax_scale: float,
     causal: bool,
     is_fp8_kvcache: bool,
+    seqlens_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`mla.kernels.flash_mla_with_kvcache` with a schedule: (out [b, s_q, h_q, dv] in q's dtype,
-    lse float32 [b, h_q, s_q])."""
+    """`mla.kernels.flash_mla_with_kvcache` with a schedule (and ragged query lengths when
+    seqlens_q is given): (out [b, s_q, h_q, dv] in q's dtype, lse float32 [b, h_q, s_q])."""
     from mla.kernels import flash_mla_with_kvcache
 
     return flash_mla_with_kvcache(
         q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
-        softmax_scale=softmax_scale, causal=causal, is_fp8_kvcache=is_fp8_kvcache,
+        softmax_scale=softmax_scale, causal=causal, is_fp8_kvcache=is_fp8_kvcache, seqlens_q=seqlens_q,
     )  # fmt: skip
 
 
 @decode.register_fake
 def _(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, head_dim_v, softmax_scale,
-      causal, is_fp8_kvcache):  # fmt: skip
+      causal, is_fp8_kvcache, seqlens_q=None):  # fmt: skip
     b, s_q, h_q, _ = q.shape
     return q.new_empty(b, s_q, h_q, head_dim_v), q.new_empty(b, h_q, s_q, dtype=torch.float32)
 
 
-def write(fmt: CacheFormat, pages: torch.Tensor, slots: torch.Tensor, latent, k_pe, backend: str) -> None:
+def write(fmt: CacheFormat, pages: torch.Tensor, slots: torch.Tensor, latent, k_pe, backend: str,
+          padded: bool = False) -> None:  # fmt: skip
     """Store rows of format `fmt` at `slots` through `backend`'s writer; arguments already checked
-    (pages in the format's storage dtype). latent and k_pe are converted to the format's store dtype."""
+    (pages in the format's storage dtype). latent and k_pe are converted to the format's store
+    dtype. `padded`: slots of -1 mark rows to skip (the Triton writers skip any out-of-range slot)."""
     latent, k_pe = latent.to(fmt.store_dtype(latent.dtype)), k_pe.to(fmt.store_dtype(k_pe.dtype))
     if backend == "reference":
+        if padded:
+            keep = slots >= 0
+            slots, latent, k_pe = slots[keep], latent[keep], k_pe[keep]
         reference_cache.write_rows(fmt, pages, slots, latent, k_pe)
     elif fmt.is_fp8:
         torch.ops.mla.write_latent_fp8(pages, slots, latent, k_pe)
@@ -90,12 +96,14 @@ def attend(
     k_cache: torch.Tensor,
     block_table: torch.Tensor,
     cache_seqlens: torch.Tensor,
+    seqlens_q: torch.Tensor | None,
     schedule: tuple[torch.Tensor, torch.Tensor] | None,
     softmax_scale: float,
     backend: str,
 ) -> torch.Tensor:
     """Causal decode attention of q [b, s, h, r + dr] over a paged cache of format `fmt` through
-    `backend`: [b, s, h, r] in the dtype the backend computes in.
+    `backend`: [b, s, h, r] in the dtype the backend computes in. seqlens_q: int32 [b] queries
+    per row (the first seqlens_q[i] columns; the rest padding, output 0), or None: all s.
 
     q's dtype follows the format: the cache dtype for plain rows; for FP8 rows the reference
     attends in q's own dtype, the Triton kernel takes a 16-bit q, so a float32 q is rounded to
@@ -107,11 +115,11 @@ def attend(
         q = q.to(torch.bfloat16)
     if backend == "triton":
         out, _ = torch.ops.mla.decode(
-            q, k_cache, block_table, cache_seqlens, *schedule, fmt.head_dim_v, softmax_scale, True, fmt.is_fp8
+            q, k_cache, block_table, cache_seqlens, *schedule, fmt.head_dim_v, softmax_scale, True, fmt.is_fp8, seqlens_q
         )
         return out
     out, _ = reference_decode(
         q, k_cache, block_table, cache_seqlens, fmt.head_dim_v, softmax_scale=softmax_scale, causal=True,
-        is_fp8_kvcache=fmt.is_fp8, compute_dtype=torch.promote_types(q.dtype, torch.float32),
+        is_fp8_kvcache=fmt.is_fp8, seqlens_q=seqlens_q, compute_dtype=torch.promote_types(q.dtype, torch.float32),
     )  # fmt: skip
     return out

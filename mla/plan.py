@@ -1,6 +1,7 @@
 """`StepPlan`: what every layer of one forward step reads, built once by `LatentCache.plan`.
 
-A step appends s tokens to each of b sequences. Before any layer runs, the cache turns its
+A step appends s tokens to each of b sequences (or n_i <= s to sequence i: a ragged step, where
+row i's new tokens are its first n_i columns and the rest is padding that is written nowhere). Before any layer runs, the cache turns its
 host bookkeeping into device tables (the new tokens' slots and positions, the block table,
 the lengths), the rotary tables of those positions, the backend (`mla.backend`), the
 attention form (absorbed or decompressed, from `mla.backend.absorbed_is_cheaper`) and, for
@@ -32,10 +33,12 @@ class StepPlan:
     Attributes:
         cache: the `LatentCache` the step writes to and attends over.
         seq_ids: the b sequence ids, in batch order.
-        positions: int64 [b, s], the new tokens' positions: the last s of each sequence.
-        slots: int64 [b * s], their flat cache slots, row-major over (sequence, token).
+        positions: int64 [b, s], the new tokens' positions: the last s (n_i) of each sequence.
+        slots: int64 [b * s], their flat cache slots, row-major over (sequence, token); -1 for
+            padding columns, which the writers skip.
         block_table: int32 [b, width] page ids, padded with 0.
         seqlens: int32 [b] lengths, the new tokens included.
+        num_new: int32 [b], each row's new tokens n_i, when they differ (ragged); else None.
         max_seqlen: max of seqlens, on the host.
         cos, sin: float32 [b, s, rope_dim // 2], rotary tables of `positions`.
         backend: "triton" or "reference", for cache writes and attention alike.
@@ -50,6 +53,7 @@ class StepPlan:
     slots: torch.Tensor
     block_table: torch.Tensor
     seqlens: torch.Tensor
+    num_new: torch.Tensor | None
     max_seqlen: int
     cos: torch.Tensor
     sin: torch.Tensor
@@ -59,27 +63,40 @@ class StepPlan:
 
     @property
     def num_new_tokens(self) -> int:
+        """s: the step's columns (the most new tokens of any row)."""
         return self.positions.shape[1]
 
+    def visible(self) -> torch.Tensor:
+        """bool [b, s, max_seqlen]: which cached positions each column's query sees. Column i of
+        row r (n_r new tokens, length L_r) sees j <= L_r - n_r + i; padding columns see positions
+        past the row's end, which `context` zeroes, so they stay finite."""
+        n = self.num_new[:, None, None] if self.num_new is not None else self.num_new_tokens
+        i = torch.arange(self.num_new_tokens, device=self.seqlens.device)
+        j = torch.arange(self.max_seqlen, device=self.seqlens.device)
+        return j[None, None, :] <= (self.seqlens[:, None, None] - n + i[None, :, None])
+
     @classmethod
-    def build(cls, cache, seq_ids, positions, slots, table, seqlens, config, rotary, backend, out=None) -> StepPlan:
+    def build(cls, cache, seq_ids, positions, slots, table, seqlens, num_new, config, rotary, backend,
+              out=None) -> StepPlan:  # fmt: skip
         """From host int64 tensors the cache computed: positions [b, s], slots [b * s], table
-        [b, width], seqlens [b]. Called by `LatentCache.plan`, which validated them."""
+        [b, width], seqlens [b], num_new [b] or None. Called by `LatentCache.plan`, which
+        validated them."""
         b, s = positions.shape
         max_seqlen = int(seqlens.max()) if b else 0
         absorbed = absorbed_is_cheaper(config, s, max_seqlen)
         if out is not None:
-            out._check_refill(seq_ids, s, table.shape[1], backend, absorbed)
+            out._check_refill(seq_ids, s, table.shape[1], num_new is not None, backend, absorbed)
             table = F.pad(table, (0, out.block_table.shape[1] - table.shape[1]))
         width = table.shape[1]
-        host = torch.cat([positions.flatten(), slots, table.flatten(), seqlens])
+        parts = [positions.flatten(), slots, table.flatten(), seqlens] + ([] if num_new is None else [num_new])
+        host = torch.cat(parts)
         if cache.device.type == "cuda":
             host = host.pin_memory()
-        tables = host.to(cache.device, non_blocking=True)
-        bs = b * s
-        positions, slots = tables[:bs].view(b, s), tables[bs : 2 * bs]
-        table = tables[2 * bs : 2 * bs + b * width].view(b, width).to(torch.int32)
-        seqlens = tables[2 * bs + b * width :].to(torch.int32)
+        positions, slots, table, seqlens, *num_new = host.to(cache.device, non_blocking=True).split(
+            [t.numel() for t in parts]
+        )
+        positions, table = positions.view(b, s), table.view(b, width).to(torch.int32)
+        seqlens, num_new = seqlens.to(torch.int32), num_new[0].to(torch.int32) if num_new else None
         cos, sin = (rotary or RotaryEmbedding(config))(positions)
         schedule = None
         if backend == "triton" and absorbed:
@@ -87,21 +104,22 @@ class StepPlan:
 
             h_kv = cache.pages[0].shape[2]
             schedule = get_mla_metadata(seqlens, s * config.num_heads // h_kv, h_kv)
-        plan = cls(cache, tuple(seq_ids), positions, slots, table, seqlens, max_seqlen, cos, sin, backend, absorbed,
-                   schedule)  # fmt: skip
+        plan = cls(cache, tuple(seq_ids), positions, slots, table, seqlens, num_new, max_seqlen, cos, sin, backend,
+                   absorbed, schedule)  # fmt: skip
         return plan if out is None else out._refill(plan)
 
     def write(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
         """Store the new tokens' rows of one layer: latent [b * s, r], k_pe [b * s, dr], any float
         dtype (converted to what the cache stores)."""
-        ops.write(self.cache.format, self.cache.pages[layer], self.slots, latent, k_pe, self.backend)
+        ops.write(self.cache.format, self.cache.pages[layer], self.slots, latent, k_pe, self.backend,
+                  padded=self.num_new is not None)  # fmt: skip
 
     def attend(self, layer: int, q: torch.Tensor, softmax_scale: float) -> torch.Tensor:
         """Absorbed attention of q [b, s, h, r + dr] over one layer's cache, causal in the step:
         [b, s, h, r] (`mla.ops.attend`)."""
         cache = self.cache
-        return ops.attend(cache.format, q, cache.pages[layer], self.block_table, self.seqlens, self.schedule,
-                          softmax_scale, self.backend)  # fmt: skip
+        return ops.attend(cache.format, q, cache.pages[layer], self.block_table, self.seqlens, self.num_new,
+                          self.schedule, softmax_scale, self.backend)  # fmt: skip
 
     def context(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
         """Every cached row of the batch for the decompressed form: [b, max_seqlen, r + dr] in
@@ -113,11 +131,12 @@ class StepPlan:
         in_seq = torch.arange(self.max_seqlen, device=values.device)[None, :] < self.seqlens[:, None]
         return values.masked_fill(~in_seq[..., None], 0.0)
 
-    def _check_refill(self, seq_ids, s: int, width: int, backend: str, absorbed: bool) -> None:
-        if len(seq_ids) != len(self.seq_ids) or s != self.num_new_tokens:
+    def _check_refill(self, seq_ids, s: int, width: int, ragged: bool, backend: str, absorbed: bool) -> None:
+        if len(seq_ids) != len(self.seq_ids) or s != self.num_new_tokens or ragged != (self.num_new is not None):
             raise ValueError(
-                f"out was planned for {len(self.seq_ids)} sequences of {self.num_new_tokens} new tokens, "
-                f"not {len(seq_ids)} of {s}"
+                f"out was planned for {len(self.seq_ids)} sequences of {self.num_new_tokens} new tokens "
+                f"({'ragged' if self.num_new is not None else 'uniform'}), not {len(seq_ids)} of {s} "
+                f"({'ragged' if ragged else 'uniform'})"
             )
         if width > self.block_table.shape[1]:
             raise ValueError(
@@ -130,8 +149,9 @@ class StepPlan:
             )
 
     def _refill(self, new: StepPlan) -> StepPlan:
-        for name in ("positions", "slots", "block_table", "seqlens", "cos", "sin"):
-            getattr(self, name).copy_(getattr(new, name), non_blocking=True)
+        for name in ("positions", "slots", "block_table", "seqlens", "num_new", "cos", "sin"):
+            if getattr(self, name) is not None:
+                getattr(self, name).copy_(getattr(new, name), non_blocking=True)
         if self.schedule is not None:
             for mine, theirs in zip(self.schedule, new.schedule):
                 mine.copy_(theirs, non_blocking=True)
