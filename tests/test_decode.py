@@ -55,13 +55,14 @@ def make_inputs(b, s_q, h_q, h_kv, d, page, lens, dtype, seed=0):
     return [t.to(DEVICE) for t in (q, k_cache, block_table, cache_seqlens)]
 
 
-def check_against_reference(q, k_cache, block_table, cache_seqlens, dv, num_sm=None, **kw):
+def check_against_reference(q, k_cache, block_table, cache_seqlens, dv, num_sm=None, min_splits=0, **kw):
     """Kernel error vs a float64 reference must be at most ~2x the error of the same reference
     run in the input dtype (PyTorch's own low-precision error), plus a small floor.
 
     kw: the call's keyword arguments (causal, is_fp8_kvcache, indices, attn_sink, extra cache,
     topk lengths, seqlens_q). Dense calls plan with the old get_mla_metadata form, the others
-    with a FlashMLASchedMeta; num_sm sizes the split schedule. Returns the kernel's (out, lse).
+    with a FlashMLASchedMeta; num_sm sizes the split schedule, and with min_splits = 2 some row
+    must get two non-empty splits (the split + combine path ran). Returns the kernel's (out, lse).
     """
     s_q, h_q, h_kv = q.shape[1], q.shape[2], k_cache.shape[2]
     if kw.get("indices") is None and kw.get("extra_k_cache") is None:
@@ -70,6 +71,8 @@ def check_against_reference(q, k_cache, block_table, cache_seqlens, dv, num_sm=N
         meta, splits = get_mla_metadata(num_sm=num_sm)
     out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, dv, meta, splits, **kw)
     assert out.dtype == q.dtype and lse.dtype == torch.float32
+    cu_splits = splits if splits is not None else meta.num_splits
+    assert (cu_splits[1:] - cu_splits[:-1]).max().item() >= min_splits, "the schedule did not split as intended"
 
     assert_like_reference(out, lse, q, k_cache, block_table, cache_seqlens, dv, **kw)
     return out, lse
