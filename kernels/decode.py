@@ -75,14 +75,11 @@ def _num_sms(device: torch.device) -> int:
 
 
 @triton.jit
-def _slot_rows(i_slot, m_n, num_slots, page_size, stride_kn, stride_kp, o_head):
-    """Slots (page * page_size + offset, int64 [BLOCK_N]) -> offsets of their rows (elements;
-    bytes for FP8) and the mask of keys to read. A slot outside [0, num_slots) is skipped like
-    -1, so nothing outside the cache is ever read, whatever unchecked inputs hold."""
-    m_key = m_n & (i_slot >= 0) & (i_slot < num_slots)
-    i_safe = tl.where(m_key, i_slot, 0)
-    o_row = (i_safe // page_size) * stride_kn + (i_safe % page_size) * stride_kp + o_head
-    return o_row, m_key
+def _row_offsets(i_page, i_off, m_key, stride_kn, stride_kp, o_head):
+    """Offsets (elements; bytes for FP8) of the rows at (page, offset in page) [BLOCK_N]; keys
+    outside m_key point at page 0 and are never loaded."""
+    i_page = tl.where(m_key, i_page, 0)
+    return i_page.to(tl.int64) * stride_kn + i_off.to(tl.int64) * stride_kp + o_head
 
 
 @triton.jit
@@ -186,7 +183,7 @@ def _mla_decode_kernel(
     lse_ptr,  # SPLIT: fp32 [b, num_splits, s_q, h_q] (log2 domain); else [b, h_q, s_q] (natural log)
     max_ptr,  # not SPLIT: fp32 max scaled logit per row, lse's layout (None: not written)
     s_q, group, m_tiles, h_kv,
-    page_size, num_slots, table_width, topk,
+    page_size, num_blocks, num_slots, table_width, topk,
     x_page_size, x_num_slots, x_topk,
     dv, d_rope, scale_offset, rope_offset, fp8_tile, scale_log2,
     stride_qb, stride_qs, stride_qh, stride_qd,
@@ -283,13 +280,17 @@ def _mla_decode_kernel(
         m_n = o_n < tl.minimum(n_end, n_main)
         if SPARSE:
             p_i = indices_ptr + i_b * stride_ib + i_t0 * stride_it + i_g * stride_ig
-            i_slot = tl.load(p_i + o_n * stride_in, mask=m_n, other=-1).to(tl.int64)
-            o_row, m_key = _slot_rows(i_slot, m_n, num_slots, page_size, stride_kn, stride_kp, i_g * stride_kh)
+            i_slot = tl.load(p_i + o_n * stride_in, mask=m_n, other=-1)
+            # a slot outside the cache is skipped like -1: nothing outside it is ever read,
+            # whatever unchecked (GPU) indices hold
+            m_key = m_n & (i_slot >= 0) & (i_slot < num_slots)
+            i_slot = tl.where(m_key, i_slot, 0)
+            o_row = _row_offsets(i_slot // page_size, i_slot % page_size, m_key, stride_kn, stride_kp, i_g * stride_kh)
             visible = m_key[None, :] & m_q[:, None]
         else:
             i_blk = tl.load(block_table_ptr + i_b * stride_tb + (o_n // page_size) * stride_tn, mask=m_n, other=-1)
-            i_slot = i_blk.to(tl.int64) * page_size + o_n % page_size
-            o_row, m_key = _slot_rows(i_slot, m_n, num_slots, page_size, stride_kn, stride_kp, i_g * stride_kh)
+            m_key = m_n & (i_blk >= 0) & (i_blk < num_blocks)
+            o_row = _row_offsets(i_blk, o_n % page_size, m_key, stride_kn, stride_kp, i_g * stride_kh)
             visible = m_key[None, :] & (o_n[None, :] <= last[:, None]) & m_q[:, None]
         b_m, b_l, b_acc = _attend_block(
             b_qv, b_qr, k_ptr, k_scale_ptr, k_rope_ptr, o_row, m_key, visible, b_m, b_l, b_acc,
@@ -304,8 +305,10 @@ def _mla_decode_kernel(
         for n0 in range(tl.maximum(n_start, n_main), tl.minimum(n_end, n_main + n_x), BLOCK_N):
             o_n = n0 - n_main + tl.arange(0, BLOCK_N)
             m_n = o_n < tl.minimum(n_end - n_main, n_x)
-            i_slot = tl.load(p_j + o_n * stride_jn, mask=m_n, other=-1).to(tl.int64)
-            o_row, m_key = _slot_rows(i_slot, m_n, x_num_slots, x_page_size, stride_xn, stride_xp, i_g * stride_xh)
+            i_slot = tl.load(p_j + o_n * stride_jn, mask=m_n, other=-1)
+            m_key = m_n & (i_slot >= 0) & (i_slot < x_num_slots)
+            i_slot = tl.where(m_key, i_slot, 0)
+            o_row = _row_offsets(i_slot // x_page_size, i_slot % x_page_size, m_key, stride_xn, stride_xp, i_g * stride_xh)
             b_m, b_l, b_acc = _attend_block(
                 b_qv, b_qr, x_ptr, x_scale_ptr, x_rope_ptr, o_row, m_key, m_key[None, :] & m_q[:, None], b_m, b_l,
                 b_acc, o_dv, m_dv, o_dr, m_dr, stride_xd, scale_offset, rope_offset, fp8_tile,
@@ -630,7 +633,7 @@ def flash_mla_with_kvcache(
         indices, topk_length, extra_indices_in_kvcache, extra_topk_length,
         seqlens_q, attn_sink if n_split == 1 else None, bounds, o_stage, lse_stage, None,
         s_q, group, m_tiles, h_kv,
-        call.page_size, call.num_slots, 0 if sparse else block_table.shape[1], call.topk or 0,
+        call.page_size, k_cache.shape[0], call.num_slots, 0 if sparse else block_table.shape[1], call.topk or 0,
         call.extra_page_size or 1, call.extra_num_slots or 0, call.extra_topk or 0,
         dv, d - dv, *_row_layout(fmt), call.scale * math.log2(math.e),
         *q.stride(), *k_strides, *x_strides, *table_args, *index_args, *x_index_args, *bounds.stride(),
@@ -709,7 +712,7 @@ def flash_mla_sparse_fwd(
         q, kv, kv, kv, None, None, None, None, None, indices, topk_length, None, None, None,
         attn_sink, bounds, out, lse, max_logits,
         1, group, m_tiles, h_kv,
-        max(call.s_kv, 1), call.s_kv, 0, topk, 1, 0, 0,
+        max(call.s_kv, 1), 1, call.s_kv, 0, topk, 1, 0, 0,
         dv, d - dv, 0, dv, 1, call.scale * math.log2(math.e),
         q.stride(0), 0, q.stride(1), q.stride(2), 0, kv.stride(0), kv.stride(1), kv.stride(2), 0, 0, 0, 0, 0, 0,
         indices.stride(0), 0, indices.stride(1), indices.stride(2), 0, 0, 0, *bounds.stride(),

@@ -224,3 +224,26 @@ def test_sparse_prefill_is_sparse_decode_over_one_page(nan_empty):
     slots = torch.where((indices >= 0) & (indices < kv.shape[0]), indices, -1)[:, 0, None]  # [s_q, 1, topk]
     out_d, lse_d = flash_mla_with_kvcache(q[:, None], kv[None], None, None, dv, softmax_scale=scale, indices=slots, **kw)
     assert torch.equal(out, out_d[:, 0]) and torch.equal(lse, lse_d[:, :, 0])
+
+
+def test_unchecked_out_of_range_entries_are_skipped(monkeypatch, nan_empty):
+    """Where value checks do not run (CUDA without MLA_DEBUG, torch.compile), slots and page
+    ids outside the cache are skipped like -1 by both implementations: never read."""
+    from mla.reference import contract
+
+    monkeypatch.setattr(contract, "reads_values", lambda device: False)
+    args, kw = sparse_call(3, 2, 2, 4, 1, 80, 64, "fp32", 32, 16, [32, 20])
+    num_slots = args[1].shape[0] * args[1].shape[1]
+    wild = kw["indices"].clone()
+    wild[..., 0], wild[..., 3], wild[..., 6] = num_slots, 10**9, -5
+    skipped = torch.where((wild < 0) | (wild >= num_slots), -1, wild)
+    for impl in (flash_mla_with_kvcache, ref.flash_mla_with_kvcache):
+        out, lse = impl(*args, **(kw | dict(indices=wild)))
+        expected = impl(*args, **(kw | dict(indices=skipped)))
+        assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
+    q, k_cache, block_table, lens = make_inputs(2, 1, 4, 1, 80, 16, [40, 20], torch.float32, seed=6)
+    block_table[0, 1] = 10**6  # tokens 16..31 of row 0 are skipped
+    out, lse = flash_mla_with_kvcache(q, k_cache, block_table, lens, 64)
+    out_ref, lse_ref = ref.flash_mla_with_kvcache(q, k_cache, block_table, lens, 64, compute_dtype=torch.float64)
+    assert_close("out", out, out_ref, atol=1e-5)
+    assert_close("lse", lse, lse_ref, atol=1e-5)
