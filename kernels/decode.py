@@ -83,6 +83,26 @@ def _row_offsets(i_page, i_off, m_key, stride_kn, stride_kp, o_head):
 
 
 @triton.jit
+def _table_rows(p_table, o_n, m_n, stride_tn, num_blocks, page_size, stride_kn, stride_kp, o_head):
+    """Rows of cache positions o_n [BLOCK_N] of one sequence, through its block table row:
+    (offsets, mask of keys to read). Page ids outside the cache are skipped, never read."""
+    i_blk = tl.load(p_table + (o_n // page_size) * stride_tn, mask=m_n, other=-1)
+    m_key = m_n & (i_blk >= 0) & (i_blk < num_blocks)
+    return _row_offsets(i_blk, o_n % page_size, m_key, stride_kn, stride_kp, o_head), m_key
+
+
+@triton.jit
+def _list_rows(p_list, o_n, m_n, stride_ln, num_slots, page_size, stride_kn, stride_kp, o_head):
+    """Rows of slot-list entries o_n [BLOCK_N] (slot = page * page_size + offset): (offsets,
+    mask of keys to read). -1 and any slot outside the cache are skipped, so nothing outside
+    it is ever read, whatever unchecked (GPU) indices hold."""
+    i_slot = tl.load(p_list + o_n * stride_ln, mask=m_n, other=-1)
+    m_key = m_n & (i_slot >= 0) & (i_slot < num_slots)
+    i_slot = tl.where(m_key, i_slot, 0)
+    return _row_offsets(i_slot // page_size, i_slot % page_size, m_key, stride_kn, stride_kp, o_head), m_key
+
+
+@triton.jit
 def _load_latent(k_ptr, k_scale_ptr, o_row, m_key, o_dv, m_dv, stride_kd, scale_offset, fp8_tile, IS_FP8: tl.constexpr):
     """The first dv channels (the latent, also V) of the rows at o_row: [BLOCK_N, BLOCK_DV].
     FP8: code * tile scale in float32; code times a power of two is exact in bf16 too."""
@@ -272,6 +292,7 @@ def _mla_decode_kernel(
         if UPCAST:
             b_qr = b_qr.to(tl.float32)
 
+    o_kh = i_g * stride_kh
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -280,17 +301,11 @@ def _mla_decode_kernel(
         m_n = o_n < tl.minimum(n_end, n_main)
         if SPARSE:
             p_i = indices_ptr + i_b * stride_ib + i_t0 * stride_it + i_g * stride_ig
-            i_slot = tl.load(p_i + o_n * stride_in, mask=m_n, other=-1)
-            # a slot outside the cache is skipped like -1: nothing outside it is ever read,
-            # whatever unchecked (GPU) indices hold
-            m_key = m_n & (i_slot >= 0) & (i_slot < num_slots)
-            i_slot = tl.where(m_key, i_slot, 0)
-            o_row = _row_offsets(i_slot // page_size, i_slot % page_size, m_key, stride_kn, stride_kp, i_g * stride_kh)
+            o_row, m_key = _list_rows(p_i, o_n, m_n, stride_in, num_slots, page_size, stride_kn, stride_kp, o_kh)
             visible = m_key[None, :] & m_q[:, None]
         else:
-            i_blk = tl.load(block_table_ptr + i_b * stride_tb + (o_n // page_size) * stride_tn, mask=m_n, other=-1)
-            m_key = m_n & (i_blk >= 0) & (i_blk < num_blocks)
-            o_row = _row_offsets(i_blk, o_n % page_size, m_key, stride_kn, stride_kp, i_g * stride_kh)
+            p_t = block_table_ptr + i_b * stride_tb
+            o_row, m_key = _table_rows(p_t, o_n, m_n, stride_tn, num_blocks, page_size, stride_kn, stride_kp, o_kh)
             visible = m_key[None, :] & (o_n[None, :] <= last[:, None]) & m_q[:, None]
         b_m, b_l, b_acc = _attend_block(
             b_qv, b_qr, k_ptr, k_scale_ptr, k_rope_ptr, o_row, m_key, visible, b_m, b_l, b_acc,
@@ -305,10 +320,9 @@ def _mla_decode_kernel(
         for n0 in range(tl.maximum(n_start, n_main), tl.minimum(n_end, n_main + n_x), BLOCK_N):
             o_n = n0 - n_main + tl.arange(0, BLOCK_N)
             m_n = o_n < tl.minimum(n_end - n_main, n_x)
-            i_slot = tl.load(p_j + o_n * stride_jn, mask=m_n, other=-1)
-            m_key = m_n & (i_slot >= 0) & (i_slot < x_num_slots)
-            i_slot = tl.where(m_key, i_slot, 0)
-            o_row = _row_offsets(i_slot // x_page_size, i_slot % x_page_size, m_key, stride_xn, stride_xp, i_g * stride_xh)
+            o_row, m_key = _list_rows(
+                p_j, o_n, m_n, stride_jn, x_num_slots, x_page_size, stride_xn, stride_xp, i_g * stride_xh
+            )
             b_m, b_l, b_acc = _attend_block(
                 b_qv, b_qr, x_ptr, x_scale_ptr, x_rope_ptr, o_row, m_key, m_key[None, :] & m_q[:, None], b_m, b_l,
                 b_acc, o_dv, m_dv, o_dr, m_dr, stride_xd, scale_offset, rope_offset, fp8_tile,
@@ -330,11 +344,14 @@ def _mla_decode_kernel(
         m_store = m_m
         if WRITE_MAX:
             tl.store(max_ptr + i_b * stride_lb + i_tok * stride_ls + i_head * stride_lh, b_m * LN2, mask=m_store)
-    tl.store(p_o[:, None] + o_dv[None, :] * stride_od, b_o.to(o_ptr.dtype.element_ty), mask=m_store[:, None] & m_dv[None, :])
+    m_o = m_store[:, None] & m_dv[None, :]
+    tl.store(p_o[:, None] + o_dv[None, :] * stride_od, b_o.to(o_ptr.dtype.element_ty), mask=m_o)
     tl.store(p_lse, b_lse, mask=m_store)
 
 
-@triton.heuristics({"RAGGED": lambda a: a["seqlens_q_ptr"] is not None, "HAS_SINK": lambda a: a["sink_ptr"] is not None})
+@triton.heuristics(
+    {"RAGGED": lambda a: a["seqlens_q_ptr"] is not None, "HAS_SINK": lambda a: a["sink_ptr"] is not None}
+)
 @triton.jit
 def _mla_combine_kernel(
     o_part_ptr,  # fp32 [b, num_splits, s_q, h_q, dv]
@@ -579,7 +596,7 @@ def flash_mla_with_kvcache(
         q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache,
         indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length, seqlens_q,
     )  # fmt: skip
-    check_schedule(call, is_fp8_kvcache, q.device, tile_scheduler_metadata, num_splits)
+    check_schedule(call, q.device, tile_scheduler_metadata, num_splits)
     require_triton_device(q.device, "mla.reference.flash_mla_with_kvcache")
     b, s_q, h_q, d = q.shape
     h_kv, dv = call.h_kv, head_dim_v

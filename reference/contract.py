@@ -89,7 +89,6 @@ class DecodeCall:
     s_q: int
     h_q: int
     h_kv: int
-    d: int
     dv: int
     page_size: int
     num_slots: int
@@ -99,7 +98,6 @@ class DecodeCall:
     extra_page_size: int | None
     extra_num_slots: int | None
     extra_topk: int | None
-    ragged: bool
 
     @property
     def sparse(self) -> bool:
@@ -113,10 +111,11 @@ class DecodeCall:
     def per_token(self) -> bool:
         return self.sparse or self.has_extra
 
-    def config(self, is_fp8: bool) -> FlashMLASchedMeta.Config:
+    def config(self) -> FlashMLASchedMeta.Config:
+        """What a FlashMLASchedMeta records of this call."""
         return FlashMLASchedMeta.Config(
             b=self.b, s_q=self.s_q, h_q=self.h_q, page_block_size=self.page_size, h_k=self.h_kv, causal=self.causal,
-            is_fp8_kvcache=is_fp8, topk=self.topk, extra_page_block_size=self.extra_page_size,
+            is_fp8_kvcache=self.fmt.is_fp8, topk=self.topk, extra_page_block_size=self.extra_page_size,
             extra_topk=self.extra_topk,
         )  # fmt: skip
 
@@ -127,10 +126,7 @@ class PrefillCall:
 
     s_q: int
     s_kv: int
-    h_q: int
     h_kv: int
-    d: int
-    dv: int
     topk: int
     scale: float
 
@@ -195,13 +191,16 @@ def _cache_format(k_cache, head_dim_v, d: int, is_fp8: bool) -> CacheFormat:
     try:
         return decode_format(k_cache, head_dim_v, d, is_fp8)
     except ValueError as e:
-        raise ValueError(f"head_dim_v={head_dim_v} with d={d} is not a valid {'FP8 ' if is_fp8 else ''}cache row: {e}") from None
+        kind = "FP8 " if is_fp8 else ""
+        raise ValueError(f"head_dim_v={head_dim_v} with d={d} is not a valid {kind}cache row: {e}") from None
 
 
 def _check_pages(fmt: CacheFormat, pages: torch.Tensor, name: str, h_kv: int | None) -> None:
     """pages [num_blocks, page_block_size, h_kv, row] of `fmt` (h_kv: the one k_cache has, if known)."""
     if pages.dim() != 4:
-        raise ValueError(f"{name} must be [num_blocks, page_block_size, h_kv, {fmt.row_width}], got shape {tuple(pages.shape)}")
+        raise ValueError(
+            f"{name} must be [num_blocks, page_block_size, h_kv, {fmt.row_width}], got shape {tuple(pages.shape)}"
+        )
     storage = fmt.check_pages(pages, name)
     if pages.shape[1] < 1 or pages.shape[2] < 1:
         raise ValueError(f"{name} needs page_block_size >= 1 and h_kv >= 1, got shape {tuple(pages.shape)}")
@@ -244,7 +243,7 @@ def check_decode(
     _tensor("q", q)
     _tensor("k_cache", k_cache)
     if q.dim() != 4:
-        hint = "; packed [total_q, h_q, d] queries are not accepted: pad them to [b, max_s_q, h_q, d] and pass seqlens_q"
+        hint = "; packed [total_q, h_q, d] queries are not accepted: pad to [b, max_s_q, h_q, d] and pass seqlens_q"
         raise ValueError(f"q must be [b, s_q, h_q, d], got shape {tuple(q.shape)}{hint if q.dim() == 3 else ''}")
     if q.dtype not in q_dtypes:
         # one message for both implementations, whichever rejected q
@@ -258,7 +257,9 @@ def check_decode(
         if k_cache.dtype in (torch.uint8, torch.float8_e4m3fn):
             raise TypeError(f"k_cache is {k_cache.dtype} but is_fp8_kvcache=False: FP8 caches need is_fp8_kvcache=True")
         if k_cache.dtype != q.dtype:
-            raise TypeError(f"k_cache dtype {k_cache.dtype} must match q dtype {q.dtype} (FP8 caches need is_fp8_kvcache=True)")
+            raise TypeError(
+                f"k_cache dtype {k_cache.dtype} must match q dtype {q.dtype} (FP8 caches need is_fp8_kvcache=True)"
+            )
     fmt = _cache_format(k_cache, head_dim_v, d, is_fp8_kvcache)
     _check_pages(fmt, k_cache, "k_cache", None)
     num_blocks, page_size, h_kv = k_cache.shape[:3]
@@ -323,9 +324,9 @@ def check_decode(
                 extra_num_slots,
             )  # fmt: skip
     return DecodeCall(
-        fmt=fmt, b=b, s_q=s_q, h_q=h_q, h_kv=h_kv, d=d, dv=head_dim_v, page_size=page_size,
+        fmt=fmt, b=b, s_q=s_q, h_q=h_q, h_kv=h_kv, dv=head_dim_v, page_size=page_size,
         num_slots=num_blocks * page_size, scale=scale, causal=causal, topk=topk, extra_page_size=extra_page_size,
-        extra_num_slots=extra_num_slots, extra_topk=extra_topk, ragged=seqlens_q is not None,
+        extra_num_slots=extra_num_slots, extra_topk=extra_topk,
     )  # fmt: skip
 
 
@@ -359,7 +360,8 @@ def _check_index_values(name, indices, length_name, topk_length, n_q: torch.Tens
             i = _first(bad)[0]
             raise ValueError(f"{length_name}[{i}] = {limit[i].item()} is outside [0, topk = {topk}]")
     table = indices.cpu()
-    read = (torch.arange(s_q)[None, :, None] < n_q[:, None, None]) & (torch.arange(topk)[None, None, :] < limit[:, None, None])
+    is_query = torch.arange(s_q)[None, :, None] < n_q[:, None, None]
+    read = is_query & (torch.arange(topk)[None, None, :] < limit[:, None, None])
     bad = read & ((table < -1) | (table >= num_slots))
     if bad.any():
         i, j, k = _first(bad)
@@ -369,7 +371,7 @@ def _check_index_values(name, indices, length_name, topk_length, n_q: torch.Tens
         )
 
 
-def check_schedule(call: DecodeCall, is_fp8: bool, device: torch.device, tile_scheduler_metadata, num_splits) -> None:
+def check_schedule(call: DecodeCall, device: torch.device, tile_scheduler_metadata, num_splits) -> None:
     """Validate the schedule argument of a decode call: None, a `FlashMLASchedMeta` (whose
     configuration the first call records and later calls must match), or the old form's two
     int32 tensors from `get_mla_metadata(cache_seqlens, ...)` (dense calls only)."""
@@ -377,7 +379,7 @@ def check_schedule(call: DecodeCall, is_fp8: bool, device: torch.device, tile_sc
     if isinstance(meta, FlashMLASchedMeta):
         if num_splits is not None:
             raise ValueError("num_splits must be None with a FlashMLASchedMeta schedule (get_mla_metadata())")
-        config = call.config(is_fp8)
+        config = call.config()
         if not meta.have_initialized:
             meta.config, meta.have_initialized = config, True
             return
@@ -395,8 +397,8 @@ def check_schedule(call: DecodeCall, is_fp8: bool, device: torch.device, tile_sc
         return
     if not isinstance(meta, torch.Tensor):
         raise TypeError(
-            f"tile_scheduler_metadata must be a FlashMLASchedMeta, the tensor from get_mla_metadata(cache_seqlens, ...) "
-            f"or None, got {describe(meta)}"
+            "tile_scheduler_metadata must be a FlashMLASchedMeta, the tensor from "
+            f"get_mla_metadata(cache_seqlens, ...) or None, got {describe(meta)}"
         )
     if num_splits is None:
         raise ValueError("pass both tile_scheduler_metadata and num_splits from get_mla_metadata, or neither")
@@ -408,7 +410,8 @@ def check_schedule(call: DecodeCall, is_fp8: bool, device: torch.device, tile_sc
     b = call.b
     if meta.dtype != torch.int32 or meta.dim() != 2 or meta.shape[0] != b or meta.shape[1] < 2 or meta.device != device:
         raise ValueError(f"tile_scheduler_metadata must be int32 [b={b}, splits + 1] on {device}, got {describe(meta)}")
-    if not isinstance(num_splits, torch.Tensor) or num_splits.dtype != torch.int32 or tuple(num_splits.shape) != (b + 1,) or num_splits.device != device:  # noqa: E501
+    splits_ok = isinstance(num_splits, torch.Tensor) and num_splits.dtype == torch.int32
+    if not splits_ok or tuple(num_splits.shape) != (b + 1,) or num_splits.device != device:
         raise ValueError(f"num_splits must be int32 [b + 1 = {b + 1}] on {device}, got {describe(num_splits)}")
 
 
@@ -452,4 +455,4 @@ def check_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length) 
         if bad.any():
             i = _first(bad)[0]
             raise ValueError(f"topk_length[{i}] = {limit[i].item()} is outside [0, topk = {topk}]")
-    return PrefillCall(s_q=s_q, s_kv=s_kv, h_q=h_q, h_kv=h_kv, d=d, dv=d_v, topk=topk, scale=scale)
+    return PrefillCall(s_q=s_q, s_kv=s_kv, h_kv=h_kv, topk=topk, scale=scale)

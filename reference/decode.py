@@ -25,45 +25,56 @@ def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLASchedMeta, None]:
     return FlashMLASchedMeta(num_sm=kwargs.get("num_sm")), None
 
 
-def _slot_keys(pages, fmt, slots, limit, dtype, compute_dtype):
-    """Rows at flat slots [..., topk] of pages [num_blocks, page, h_kv, row], the first `limit`
-    entries of each list (limit broadcasts against slots[..., 0]).
+def _row_values(fmt, rows, read, dtype, compute_dtype):
+    """Gathered rows [..., h_kv, row] (a fresh copy) -> (latent [..., h_kv, r], k_pe [..., h_kv,
+    dr]) in compute_dtype, read through the format (dequantized to q's dtype, as the kernel
+    does). Rows not read are zeroed first: they may hold NaN, and 0 * NaN in the output
+    product would leak it."""
+    rows.masked_fill_(~read[..., None, None], 0)
+    latent, k_pe = fmt.unpack(rows, dtype)
+    return latent.to(compute_dtype), k_pe.to(compute_dtype)
 
-    Returns (keys [..., topk, h_kv, d] in compute_dtype, zero where not read; read [..., topk]:
-    the entry is below its limit and names a slot of the cache)."""
+
+def _slot_rows(pages, slots, limit):
+    """Rows at flat slots [..., topk] of pages [num_blocks, page, h_kv, row], the first `limit`
+    entries of each list (limit broadcasts against slots[..., :1]).
+
+    Returns (rows [..., topk, h_kv, row], read [..., topk]: the entry is below its limit and
+    names a slot of the cache; other entries gather slot 0)."""
     num_slots = pages.shape[0] * pages.shape[1]
     position = torch.arange(slots.shape[-1], device=slots.device)
-    read = (slots >= 0) & (slots < num_slots) & (position < limit[..., None])
-    rows = pages.flatten(0, 1)[torch.where(read, slots, 0).long()]  # [..., topk, h_kv, row]
-    keys = fmt.values(rows, dtype).to(compute_dtype)
-    # zeroed, not just masked: 0 * NaN in the output product would leak an unread slot's NaN
-    return torch.where(read[..., None, None], keys, 0), read
+    read = (slots >= 0) & (slots < num_slots) & (position < limit)
+    return pages.flatten(0, 1)[torch.where(read, slots, 0).long()], read
 
 
-def _attend(q, parts, visible_parts, dv, scale, sink):
+def _attend(q, dv, parts, visible_parts, scale, sink):
     """Softmax attention of grouped queries over several key sets in one softmax.
 
-    q: [..., h_kv, group, s, d]; parts: keys [..., n, h_kv, d] (shared by the s queries) or
-    [..., s, n, h_kv, d] (one set per query); visible_parts: bool [..., s, n] per part; sink:
-    None or float32 broadcastable to [..., h_kv, group, s]. Returns out [..., h_kv, group, s, dv]
-    (0 where nothing is visible), lse [..., h_kv, group, s] (+inf there) and the largest
-    scaled score (-inf there).
+    q: [..., h_kv, group, s, d]; parts: (latent, k_pe) pairs of keys, [..., n, h_kv, dv] and
+    [..., n, h_kv, d - dv] (shared by the s queries) or [..., s, n, h_kv, *] (one set per
+    query); the latent is also V. visible_parts: bool [..., s, n] per part; sink: None or
+    float32 broadcastable to [..., h_kv, group, s]. Returns out [..., h_kv, group, s, dv] (0
+    where nothing is visible), lse [..., h_kv, group, s] (+inf there) and the largest scaled
+    score (-inf there).
     """
+    q_lat, q_pe = q[..., :dv], q[..., dv:]
     scores = []
-    for keys, visible in zip(parts, visible_parts):
-        pattern = "...grsd,...ngd->...grsn" if keys.dim() == q.dim() - 1 else "...grsd,...sngd->...grsn"
-        s = torch.einsum(pattern, q, keys) * scale
-        scores.append(s.masked_fill(~visible[..., None, None, :, :], -math.inf))
+    for (latent, k_pe), visible in zip(parts, visible_parts):
+        keys = "...ngd" if latent.dim() == q.dim() - 1 else "...sngd"
+        s = torch.einsum(f"...grsd,{keys}->...grsn", q_lat, latent)
+        if k_pe.shape[-1]:
+            s = s + torch.einsum(f"...grsd,{keys}->...grsn", q_pe, k_pe)
+        scores.append((s * scale).masked_fill(~visible[..., None, None, :, :], -math.inf))
     scores = torch.cat(scores, dim=-1)
     visible = torch.cat(visible_parts, dim=-1)[..., None, None, :, :]
     seen = visible.any(dim=-1)  # [..., 1, 1, s]
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.where(visible, torch.exp(scores - lse[..., None]), 0)
     out, start = 0, 0
-    for keys in parts:
-        n = keys.shape[-3]
-        pattern = "...grsn,...ngd->...grsd" if keys.dim() == q.dim() - 1 else "...grsn,...sngd->...grsd"
-        out = out + torch.einsum(pattern, probs[..., start : start + n], keys[..., :dv])
+    for latent, _ in parts:
+        n = latent.shape[-3]
+        keys = "...ngd" if latent.dim() == q.dim() - 1 else "...sngd"
+        out = out + torch.einsum(f"...grsn,{keys}->...grsd", probs[..., start : start + n], latent)
         start += n
     if sink is not None:
         out = out * (1 / (1 + torch.exp(sink.to(lse.dtype) - lse)))[..., None]
@@ -112,7 +123,7 @@ def flash_mla_with_kvcache(
         indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length, seqlens_q,
         REFERENCE_Q_DTYPES,
     )  # fmt: skip
-    check_schedule(call, is_fp8_kvcache, q.device, tile_scheduler_metadata, num_splits)
+    check_schedule(call, q.device, tile_scheduler_metadata, num_splits)
     fmt, dtype = call.fmt, q.dtype
     b, s_q = call.b, call.s_q
     device = q.device
@@ -124,8 +135,8 @@ def flash_mla_with_kvcache(
     parts, visible = [], []
     if call.sparse:
         limit = topk_length if topk_length is not None else torch.full((b,), call.topk, device=device)
-        keys, read = _slot_keys(k_cache.view(fmt.storage_dtype), fmt, indices, limit[:, None], dtype, compute_dtype)
-        parts.append(keys)  # [b, s_q, topk, h_kv, d]
+        rows, read = _slot_rows(k_cache.view(fmt.storage_dtype), indices, limit[:, None, None])
+        parts.append(_row_values(fmt, rows, read, dtype, compute_dtype))  # [b, s_q, topk, h_kv, *]
         visible.append(read & is_query[..., None])
     else:
         page = call.page_size
@@ -137,19 +148,18 @@ def flash_mla_with_kvcache(
         table_ok &= block_table < k_cache.shape[0]
         rows = gather_pages(k_cache.view(fmt.storage_dtype), torch.where(table_ok, block_table, 0), width * page)
         read = (position < lengths[:, None]) & table_ok[:, position // page]  # [b, n]
-        keys = fmt.values(rows, dtype).to(compute_dtype)
-        parts.append(torch.where(read[..., None, None], keys, 0))  # [b, n, h_kv, d]
+        parts.append(_row_values(fmt, rows, read, dtype, compute_dtype))  # [b, n, h_kv, *]
         last = lengths[:, None] - n_q[:, None] + query if causal else lengths[:, None].expand(b, s_q) - 1
         visible.append(read[:, None, :] & (position <= last[..., None]) & is_query[..., None])
     if call.has_extra:
         limit = extra_topk_length if extra_topk_length is not None else torch.full((b,), call.extra_topk, device=device)
         pages = extra_k_cache.view(fmt.storage_dtype)
-        keys, read = _slot_keys(pages, fmt, extra_indices_in_kvcache, limit[:, None], dtype, compute_dtype)
-        parts.append(keys)
+        rows, read = _slot_rows(pages, extra_indices_in_kvcache, limit[:, None, None])
+        parts.append(_row_values(fmt, rows, read, dtype, compute_dtype))
         visible.append(read & is_query[..., None])
 
     sink = None if attn_sink is None else attn_sink.view(call.h_kv, -1, 1)
-    out, lse, _ = _attend(qg, parts, visible, call.dv, call.scale, sink)
+    out, lse, _ = _attend(qg, call.dv, parts, visible, call.scale, sink)
     return rearrange(out, "b g r s d -> b s (g r) d").to(dtype), rearrange(lse, "b g r s -> b (g r) s").float()
 
 
@@ -173,14 +183,15 @@ def flash_mla_sparse_fwd(
     position = torch.arange(topk, device=q.device)
     read = (indices >= 0) & (indices < call.s_kv) & (position < limit[:, None, None])  # [s_q, h_kv, topk]
     heads = torch.arange(h_kv, device=q.device)[None, :, None]
-    keys = kv[torch.where(read, indices, 0).long(), heads].to(compute_dtype)  # [s_q, h_kv, topk, d]
-    keys = torch.where(read[..., None], keys, 0)
+    keys = kv[torch.where(read, indices, 0).long(), heads]  # [s_q, h_kv, topk, d], a fresh copy
+    keys = keys.masked_fill_(~read[..., None], 0).to(compute_dtype)  # unread rows may hold NaN
     # each (token, kv head) is one query over its own key list: batch dims (t, g), one latent
     # head and one query inside
     qg = rearrange(q.to(compute_dtype), "t (g r) d -> t g 1 r 1 d", g=h_kv)
     keys = rearrange(keys, "t g n d -> t g 1 n 1 d")
     sink = None if attn_sink is None else attn_sink.view(h_kv, 1, -1, 1)
-    out, lse, max_logits = _attend(qg, [keys], [read[:, :, None, :]], d_v, call.scale, sink)
+    parts = [(keys[..., :d_v], keys[..., d_v:])]
+    out, lse, max_logits = _attend(qg, d_v, parts, [read[:, :, None, :]], call.scale, sink)
     rows = "t g 1 r 1 -> t (g r)"
     return (
         rearrange(out, "t g 1 r 1 d -> t (g r) d").to(q.dtype),
