@@ -5,6 +5,7 @@ any page."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -89,6 +90,35 @@ def test_sparse_decode_matches_reference(nan_empty, b, s_q, h_q, h_kv, d, dv, dt
     args, kw = sparse_call(h_q + topk, b, s_q, h_q, h_kv, d, dv, dtype, topk, page, lengths, extra, sink)
     out, lse = check_against_reference(*args, num_sm=num_sm, min_splits=2 if num_sm else 0, **kw)
     assert not out.isnan().any(), "an unselected (NaN) slot reached the output"
+
+
+def sparse_sweep():
+    """The cartesian product of heads, head dims, dtypes, extra cache and sink; the other axes
+    (page size, topk lengths, split schedule, s_q) cycle. The FP8 format needs rope channels,
+    so FP8 skips 512/512."""
+    cases = []
+    axes = itertools.product([1, 3, 16, 64, 128], [(576, 512), (512, 512), (80, 64)], ["bf16", "fp16", "fp32", "fp8"],
+                             [False, True], [False, True])  # fmt: skip
+    for n, (h_q, (d, dv), dtype, extra, sink) in enumerate(axes):
+        if dtype == "fp8" and d == dv:
+            continue
+        split = n % 2 == 1
+        topk = 300 if split else 48
+        lengths = [None, [topk, topk // 3], [0, topk]][n % 3]
+        page = [1, 16, 64][n % 3]
+        x = (4, 40, [40, 0]) if extra else None
+        case_id = f"h{h_q}-d{d}v{dv}-{dtype}{'-extra' if extra else ''}{'-sink' if sink else ''}{'-split' if split else ''}"
+        cases.append(pytest.param(2, 1 + n % 2, h_q, 1, d, dv, dtype, topk, page, lengths, x, sink, 1000 if split else None,
+                                  id=case_id))  # fmt: skip
+    return cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("b,s_q,h_q,h_kv,d,dv,dtype,topk,page,lengths,extra,sink,num_sm", sparse_sweep())
+def test_sparse_decode_full_sweep(nan_empty, b, s_q, h_q, h_kv, d, dv, dtype, topk, page, lengths, extra, sink, num_sm):
+    args, kw = sparse_call(h_q + topk + d, b, s_q, h_q, h_kv, d, dv, dtype, topk, page, lengths, extra, sink)
+    out, lse = check_against_reference(*args, num_sm=num_sm, min_splits=2 if num_sm else 0, **kw)
+    assert not out.isnan().any()
 
 
 def test_sparse_decode_sweep_cases():
