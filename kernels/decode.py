@@ -724,7 +724,10 @@ def flash_mla_sparse_fwd(
     block_m = _block_m(group)
     m_tiles = triton.cdiv(group, block_m)
     # each query token is a "row" of one query over a one-page cache holding all of kv
-    bounds = torch.tensor([0, topk], dtype=torch.int32, device=q.device).expand(s_q, 2)
+    # (made on the device: a host tensor would be a blocking copy)
+    bounds = torch.full((1, 2), topk, dtype=torch.int32, device=q.device)
+    bounds[:, 0] = 0
+    bounds = bounds.expand(s_q, 2)
     _mla_decode_kernel[(s_q, h_kv * m_tiles, 1)](
         q, kv, kv, kv, None, None, None, None, None, indices, topk_length, None, None, None,
         attn_sink, bounds, out, lse, max_logits,
