@@ -1,7 +1,14 @@
 """Triton kernels. Each file has a twin of the same name in `mla.reference`."""
 
 from .cache import write_latent
-from .decode import flash_mla_with_kvcache, get_mla_metadata
+from .decode import FlashMLASchedMeta, flash_mla_sparse_fwd, flash_mla_with_kvcache, get_mla_metadata
 from .quant import write_latent_fp8
 
-__all__ = ["flash_mla_with_kvcache", "get_mla_metadata", "write_latent", "write_latent_fp8"]
+__all__ = [
+    "FlashMLASchedMeta",
+    "flash_mla_sparse_fwd",
+    "flash_mla_with_kvcache",
+    "get_mla_metadata",
+    "write_latent",
+    "write_latent_fp8",
+]

@@ -1,18 +1,29 @@
-"""Fused MLA decode over a paged latent cache (absorbed form, flash-decoding).
+"""Fused MLA attention over a paged latent cache (absorbed form, flash-decoding): dense, sparse
+(top-k slot lists), a second ("extra") cache in the same softmax, attention sinks, ragged
+query lengths, FP8 or plain rows.
 
-In the absorbed form MLA decode is multi-query attention over the latent cache: every
-query head of a latent head reads the same [kv_lora_rank + rope] row per token, and the
-first head_dim_v channels of that row double as V. So one program holds all query rows
-that share a latent head (s_q x h_q/h_kv rows, tiled by BLOCK_M) and reads each cache
-tile once for all of them, for both QK^T and PV.
+In the absorbed form MLA decode is multi-query attention over the latent cache: every query
+head of a latent head reads the same [kv_lora_rank + rope] row per token, and the first
+head_dim_v channels of that row double as V. So one program holds query rows that share a
+latent head and reads each block of key rows once for all of them, for both QK^T and PV:
+  - dense calls: all s_q x h_q/h_kv rows of a sequence (tiled by BLOCK_M) share the same
+    keys, positions [0, cache_seqlens) through the block table, causal per row;
+  - per-token calls (sparse indices or an extra cache): each query token has its own slot
+    list, so a program holds the h_q/h_kv rows of one token.
+A program walks its key list in blocks: gather the block's slots (block table or indices),
+load the rows (`_load_latent`, `_load_rope`: plain or FP8 dequantised on load), update the
+online softmax (`_online_softmax`). The extra cache is a second walk into the same state.
 
-The sequence is cut into splits (flash-decoding) so a small batch with a long context
-still fills the GPU: stage 1 writes a normalised partial output and its log-sum-exp per
-split, stage 2 merges them. Split boundaries are computed on the device by
-`get_mla_metadata` with no host synchronisation, so a decode step can be captured in a
-CUDA graph; only the split count (a grid dimension) is decided on the host, from shapes.
+The key list is cut into splits (flash-decoding) so a small batch with a long context still
+fills the GPU: stage 1 writes a normalised partial output and its log-sum-exp per split,
+stage 2 (`_mla_combine_kernel`) merges them and applies the sink. Split boundaries are
+computed on the device (`get_mla_metadata`, or on first use of a `FlashMLASchedMeta`) with no
+host synchronisation, so a decode step can be captured in a CUDA graph; only the split count
+(a grid dimension) is decided on the host, from shapes.
 
-Twin: `mla.reference.decode` (same signature, plain PyTorch).
+Argument checks: `mla.reference.contract`, shared with the twin `mla.reference.decode`.
+Byte layout of FP8 rows: `mla.formats.Fp8Format`, whose offsets and tile reach the kernel as
+arguments.
 """
 
 from __future__ import annotations
@@ -24,28 +35,37 @@ import torch
 import triton
 import triton.language as tl
 
-from mla.formats import Fp8Format
+from mla.backend import interpreting, require_triton_device
+from mla.reference.contract import (
+    DecodeCall,
+    FlashMLASchedMeta,
+    check_decode,
+    check_schedule,
+    check_sparse_prefill,
+    describe,
+)
 
-# Split boundaries are multiples of SPLIT_ALIGN tokens, so tiles stay aligned, and a
-# split gets at least MIN_SPLIT_TOKENS: below that its fixed cost (load Q, write a fp32
-# partial of head_dim_v per row) outweighs the cache it reads.
+# Split boundaries are multiples of SPLIT_ALIGN keys, so tiles stay aligned, and a split gets
+# at least MIN_SPLIT_TOKENS: below that its fixed cost (load Q, write a fp32 partial of
+# head_dim_v per row) outweighs the cache it reads.
 SPLIT_ALIGN = 64
 MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 64
-DEBUG = os.environ.get("MLA_DEBUG", "0") == "1"
 
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+LN2 = tl.constexpr(math.log(2.0))
+RCP_LN2 = tl.constexpr(1.0 / math.log(2.0))
 
 
 def _block_m(rows: int) -> int:
     # tl.dot needs at least 16 rows. The interpreter is fastest with few, large tiles; on
     # the GPU a 32 x 512 fp32 accumulator is what 4 warps hold without spilling.
-    cap = 64 if _interpreting() else 32
+    cap = 64 if interpreting() else 32
     return min(cap, max(16, triton.next_power_of_2(rows)))
+
+
+def _block_d(channels: int) -> int:
+    # tl.dot needs K >= 16; masked loads fill the padding with zeros
+    return max(16, triton.next_power_of_2(max(channels, 1)))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -55,27 +75,143 @@ def _num_sms(device: torch.device) -> int:
 
 
 @triton.jit
+def _row_offsets(i_page, i_off, m_key, stride_kn, stride_kp, o_head):
+    """Offsets (elements; bytes for FP8) of the rows at (page, offset in page) [BLOCK_N]; keys
+    outside m_key point at page 0 and are never loaded."""
+    i_page = tl.where(m_key, i_page, 0)
+    return i_page.to(tl.int64) * stride_kn + i_off.to(tl.int64) * stride_kp + o_head
+
+
+@triton.jit
+def _table_rows(p_table, o_n, m_n, stride_tn, num_blocks, page_size, stride_kn, stride_kp, o_head):
+    """Rows of cache positions o_n [BLOCK_N] of one sequence, through its block table row:
+    (offsets, mask of keys to read). Page ids outside the cache are skipped, never read."""
+    i_blk = tl.load(p_table + (o_n // page_size) * stride_tn, mask=m_n, other=-1)
+    m_key = m_n & (i_blk >= 0) & (i_blk < num_blocks)
+    return _row_offsets(i_blk, o_n % page_size, m_key, stride_kn, stride_kp, o_head), m_key
+
+
+@triton.jit
+def _list_rows(p_list, o_n, m_n, stride_ln, num_slots, page_size, stride_kn, stride_kp, o_head):
+    """Rows of slot-list entries o_n [BLOCK_N] (slot = page * page_size + offset): (offsets,
+    mask of keys to read). -1 and any slot outside the cache are skipped, so nothing outside
+    it is ever read, whatever unchecked (GPU) indices hold."""
+    i_slot = tl.load(p_list + o_n * stride_ln, mask=m_n, other=-1)
+    m_key = m_n & (i_slot >= 0) & (i_slot < num_slots)
+    i_slot = tl.where(m_key, i_slot, 0)
+    return _row_offsets(i_slot // page_size, i_slot % page_size, m_key, stride_kn, stride_kp, o_head), m_key
+
+
+@triton.jit
+def _load_latent(k_ptr, k_scale_ptr, o_row, m_key, o_dv, m_dv, stride_kd, scale_offset, fp8_tile, IS_FP8: tl.constexpr):
+    """The first dv channels (the latent, also V) of the rows at o_row: [BLOCK_N, BLOCK_DV].
+    FP8: code * tile scale in float32; code times a power of two is exact in bf16 too."""
+    m = m_key[:, None] & m_dv[None, :]
+    if IS_FP8:
+        b_code = tl.load(k_ptr + o_row[:, None] + o_dv[None, :], mask=m, other=0.0)
+        # the scale of channel c is float32 number c // tile at byte scale_offset of the row
+        p_sc = k_scale_ptr + (o_row[:, None] + scale_offset + 4 * (o_dv // fp8_tile)[None, :]) // 4
+        b_kv = b_code.to(tl.float32) * tl.load(p_sc, mask=m, other=0.0)
+    else:
+        b_kv = tl.load(k_ptr + o_row[:, None] + o_dv[None, :] * stride_kd, mask=m, other=0.0)
+    return b_kv
+
+
+@triton.jit
+def _load_rope(k_ptr, k_rope_ptr, o_row, m_key, o_dr, m_dr, stride_kd, rope_offset, IS_FP8: tl.constexpr):
+    """The rope channels of the rows at o_row: [BLOCK_N, BLOCK_DR]. FP8: bfloat16 at byte
+    rope_offset of the row; plain: channels rope_offset + [0, d_rope)."""
+    m = m_key[:, None] & m_dr[None, :]
+    if IS_FP8:
+        b_kr = tl.load(k_rope_ptr + ((o_row + rope_offset) // 2)[:, None] + o_dr[None, :], mask=m, other=0.0)
+    else:
+        b_kr = tl.load(k_ptr + o_row[:, None] + (rope_offset + o_dr)[None, :] * stride_kd, mask=m, other=0.0)
+    return b_kr
+
+
+@triton.jit
+def _online_softmax(b_s, visible, b_kv, b_m, b_l, b_acc, scale_log2, DOT_PRECISION: tl.constexpr):
+    """Fold a block of raw scores [BLOCK_M, BLOCK_N] into the running max m, sum l (base 2)
+    and output acc [BLOCK_M, BLOCK_DV]."""
+    b_s = tl.where(visible, b_s * scale_log2, float("-inf"))
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    # a row that has seen nothing yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
+    b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    b_alpha = tl.exp2(b_m - b_shift)
+    b_p = tl.exp2(b_s - b_shift[:, None])
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_kv.dtype), b_kv, input_precision=DOT_PRECISION)
+    return b_m_new, b_l, b_acc
+
+
+@triton.jit
+def _attend_block(
+    b_qv, b_qr, k_ptr, k_scale_ptr, k_rope_ptr, o_row, m_key, visible, b_m, b_l, b_acc,
+    o_dv, m_dv, o_dr, m_dr, stride_kd, scale_offset, rope_offset, fp8_tile, scale_log2,
+    IS_FP8: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One block of keys: load (in q's compute dtype), score, fold into the softmax state."""
+    b_kv = _load_latent(k_ptr, k_scale_ptr, o_row, m_key, o_dv, m_dv, stride_kd, scale_offset, fp8_tile, IS_FP8)
+    b_kv = b_kv.to(b_qv.dtype)  # [BLOCK_N, BLOCK_DV]
+    b_s = tl.dot(b_qv, tl.trans(b_kv), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    if HAS_ROPE:
+        b_kr = _load_rope(k_ptr, k_rope_ptr, o_row, m_key, o_dr, m_dr, stride_kd, rope_offset, IS_FP8)
+        b_s += tl.dot(b_qr, tl.trans(b_kr.to(b_qr.dtype)), input_precision=DOT_PRECISION)
+    return _online_softmax(b_s, visible, b_kv, b_m, b_l, b_acc, scale_log2, DOT_PRECISION)
+
+
+@triton.jit
+def _sink_scale(sink_ptr, i_head, b_lse, seen, m_row):
+    """exp(lse) / (exp(lse) + exp(sink)) per row (lse natural): +inf sink -> 0, -inf -> 1;
+    0 for rows that saw nothing, whatever the sink."""
+    b_sink = tl.load(sink_ptr + i_head, mask=m_row, other=float("-inf"))
+    # lse is +inf where nothing was seen; 0 there keeps inf - inf (NaN) out of the arithmetic
+    b_lse = tl.where(seen, b_lse, 0.0)
+    return tl.where(seen, 1.0 / (1.0 + tl.exp2((b_sink - b_lse) * RCP_LN2)), 0.0)
+
+
+@triton.heuristics(
+    {
+        "SPARSE": lambda a: a["indices_ptr"] is not None,
+        "HAS_TOPK_LENGTH": lambda a: a["topk_length_ptr"] is not None,
+        "HAS_EXTRA": lambda a: a["x_indices_ptr"] is not None,
+        "HAS_X_TOPK_LENGTH": lambda a: a["x_topk_length_ptr"] is not None,
+        "RAGGED": lambda a: a["seqlens_q_ptr"] is not None,
+        "HAS_SINK": lambda a: a["sink_ptr"] is not None,
+        "WRITE_MAX": lambda a: a["max_ptr"] is not None,
+    }
+)
+@triton.jit
 def _mla_decode_kernel(
     q_ptr,  # [b, s_q, h_q, d]
-    k_ptr,  # [num_blocks, page_size, h_kv, d]; FP8: the same bytes as float8_e4m3fn [..., fp8 bytes]
-    k_scale_ptr,  # FP8 only: the cache's bytes as float32 (tile scales)
-    k_rope_ptr,  # FP8 only: the cache's bytes as bfloat16 (k_pe)
-    block_table_ptr,  # int32 [b, max_blocks]
-    seqlens_ptr,  # int32 [b]
-    bounds_ptr,  # int32 [b, num_splits + 1]: split s covers [bounds[s], bounds[s+1])
+    k_ptr,  # [num_blocks, page_size, h_kv, d]; FP8: the bytes as float8_e4m3fn [..., row bytes]
+    k_scale_ptr,  # FP8: the same bytes as float32 (tile scales)
+    k_rope_ptr,  # FP8: the same bytes as bfloat16 (k_pe)
+    x_ptr,  # extra cache, the same three views (None without)
+    x_scale_ptr,
+    x_rope_ptr,
+    block_table_ptr,  # dense: int32 [b, table_width]
+    seqlens_ptr,  # dense: int32 [b]
+    indices_ptr,  # sparse: int32 [b, s_q, (h_kv,) topk] slots of k_cache, -1 = skip
+    topk_length_ptr,  # int32 [b]: entries used per row (None: all topk)
+    x_indices_ptr,  # extra: int32 [b, s_q, x_topk] slots of the extra cache
+    x_topk_length_ptr,  # int32 [b]
+    seqlens_q_ptr,  # ragged: int32 [b], query tokens per row (None: all s_q)
+    sink_ptr,  # float32 [h_q]; applied here when not SPLIT, else by the combine kernel
+    bounds_ptr,  # int32 [b, num_splits + 1]: split s covers key list [bounds[s], bounds[s+1])
     o_ptr,  # SPLIT: fp32 [b, num_splits, s_q, h_q, dv]; else [b, s_q, h_q, dv]
     lse_ptr,  # SPLIT: fp32 [b, num_splits, s_q, h_q] (log2 domain); else [b, h_q, s_q] (natural log)
-    s_q,
-    group,
-    m_tiles,
-    page_size,
-    dv,
-    d_rope,
-    fp8_tile,
-    scale_log2,
+    max_ptr,  # not SPLIT: fp32 max scaled logit per row, lse's layout (None: not written)
+    s_q, group, m_tiles, h_kv,
+    page_size, num_blocks, num_slots, table_width, topk,
+    x_page_size, x_num_slots, x_topk,
+    dv, d_rope, scale_offset, rope_offset, fp8_tile, scale_log2,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kn, stride_kp, stride_kh, stride_kd,
+    stride_xn, stride_xp, stride_xh, stride_xd,
     stride_tb, stride_tn,
+    stride_ib, stride_it, stride_ig, stride_in,
+    stride_jb, stride_jt, stride_jn,
     stride_bb, stride_bs,
     stride_ob, stride_osp, stride_os, stride_oh, stride_od,
     stride_lb, stride_lsp, stride_ls, stride_lh,
@@ -85,113 +221,144 @@ def _mla_decode_kernel(
     IS_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_ROPE: tl.constexpr,
+    PER_TOKEN: tl.constexpr,
+    SPARSE: tl.constexpr,
+    HAS_TOPK_LENGTH: tl.constexpr,
+    HAS_EXTRA: tl.constexpr,
+    HAS_X_TOPK_LENGTH: tl.constexpr,
+    RAGGED: tl.constexpr,
+    HAS_SINK: tl.constexpr,
+    WRITE_MAX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_DR: tl.constexpr,
-):
-    """Stage 1. Row r of tile (b, g, m) is query token r // group of head g * group + r % group:
-        s = (q . k) * scale over the split's visible positions, online softmax in base 2,
-        o = softmax(s) @ k[:, :dv]."""
+):  # fmt: skip
+    """Stage 1. Row r of a tile is query token t0 + r // group of head g * group + r % group:
+        s = (q . k) * scale over the split's part of the row's key list (main list, then the
+        extra list), online softmax in base 2, o = softmax(s) @ k[:, :dv]."""
     i_b = tl.program_id(0).to(tl.int64)
-    i_gm = tl.program_id(1)
+    i_x = tl.program_id(1)
     i_sp = tl.program_id(2).to(tl.int64)
-    i_g = i_gm // m_tiles
+    if PER_TOKEN:
+        i_t0 = i_x // (h_kv * m_tiles)
+        i_gm = i_x % (h_kv * m_tiles)
+        n_rows = group
+    else:
+        i_t0 = i_x * 0
+        i_gm = i_x
+        n_rows = s_q * group
+    i_g = (i_gm // m_tiles).to(tl.int64)
     i_m = i_gm % m_tiles
 
-    seqlen = tl.load(seqlens_ptr + i_b)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < n_rows
+    i_tok = (i_t0 + o_m // group).to(tl.int64)
+    i_head = (i_g * group + o_m % group).to(tl.int64)
+    n_q = s_q
+    if RAGGED:
+        n_q = tl.load(seqlens_q_ptr + i_b)
+    m_q = m_m & (i_tok < n_q)
+    has_q = i_t0 + (i_m * BLOCK_M) // group < n_q  # the tile's first row is a query: else skip
+
+    # the row's key list: main part [0, n_main), then the extra part [n_main, n_all)
+    if SPARSE:
+        n_main = topk
+        if HAS_TOPK_LENGTH:
+            n_main = tl.minimum(tl.maximum(tl.load(topk_length_ptr + i_b), 0), topk)
+    else:
+        seqlen = tl.load(seqlens_ptr + i_b)
+        n_main = tl.maximum(tl.minimum(seqlen, table_width * page_size), 0)
+        # the s_q (or seqlens_q) queries are the last tokens of the cache
+        if CAUSAL:
+            last = seqlen - n_q + i_tok
+        else:
+            last = i_tok * 0 + seqlen - 1
     n_start = tl.load(bounds_ptr + i_b * stride_bb + i_sp * stride_bs)
     n_end = tl.load(bounds_ptr + i_b * stride_bb + (i_sp + 1) * stride_bs)
-
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < s_q * group
-    i_tok = (o_m // group).to(tl.int64)
-    i_head = (i_g * group + o_m % group).to(tl.int64)
-    # last visible position per row: the s_q queries are the last s_q tokens of the cache
-    if CAUSAL:
-        last = seqlen - s_q + i_tok
-    else:
-        last = i_tok * 0 + seqlen - 1
+    n_end = tl.where(has_q, n_end, n_start)
 
     o_dv = tl.arange(0, BLOCK_DV)
     m_dv = o_dv < dv
     o_dr = tl.arange(0, BLOCK_DR)
     m_dr = o_dr < d_rope
     p_q = q_ptr + i_b * stride_qb + i_tok * stride_qs + i_head * stride_qh  # [BLOCK_M]
-    b_qv = tl.load(p_q[:, None] + o_dv[None, :] * stride_qd, mask=m_m[:, None] & m_dv[None, :], other=0.0)
+    b_qv = tl.load(p_q[:, None] + o_dv[None, :] * stride_qd, mask=m_q[:, None] & m_dv[None, :], other=0.0)
     if UPCAST:
         b_qv = b_qv.to(tl.float32)
+    b_qr = b_qv
     if HAS_ROPE:
-        b_qr = tl.load(p_q[:, None] + (dv + o_dr)[None, :] * stride_qd, mask=m_m[:, None] & m_dr[None, :], other=0.0)
+        b_qr = tl.load(p_q[:, None] + (dv + o_dr)[None, :] * stride_qd, mask=m_q[:, None] & m_dr[None, :], other=0.0)
         if UPCAST:
             b_qr = b_qr.to(tl.float32)
 
+    o_kh = i_g * stride_kh
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for n0 in range(n_start, n_end, BLOCK_N):
+    for n0 in range(n_start, tl.minimum(n_end, n_main), BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
-        m_n = o_n < n_end
-        # positions past n_end are never loaded, so unused page slots and table entries,
-        # whatever they hold, never reach the arithmetic
-        i_blk = tl.load(block_table_ptr + i_b * stride_tb + (o_n // page_size) * stride_tn, mask=m_n, other=0)
-        # offset of each token's row: elements of k_cache, or bytes for FP8
-        o_row = i_blk.to(tl.int64) * stride_kn + (o_n % page_size).to(tl.int64) * stride_kp + i_g * stride_kh
-        m_kv = m_n[:, None] & m_dv[None, :]
-        if IS_FP8:
-            # code * power-of-two tile scale is exact in bf16, so the dot sees the stored value
-            b_code = tl.load(k_ptr + o_row[:, None] + o_dv[None, :], mask=m_kv, other=0.0)
-            b_sc = tl.load(k_scale_ptr + (o_row[:, None] + dv + 4 * (o_dv // fp8_tile)[None, :]) // 4, mask=m_kv, other=0.0)
-            b_kv = b_code.to(tl.float32) * b_sc
-            if not UPCAST:
-                b_kv = b_kv.to(q_ptr.dtype.element_ty)
+        m_n = o_n < tl.minimum(n_end, n_main)
+        if SPARSE:
+            p_i = indices_ptr + i_b * stride_ib + i_t0 * stride_it + i_g * stride_ig
+            o_row, m_key = _list_rows(p_i, o_n, m_n, stride_in, num_slots, page_size, stride_kn, stride_kp, o_kh)
+            visible = m_key[None, :] & m_q[:, None]
         else:
-            b_kv = tl.load(k_ptr + o_row[:, None] + o_dv[None, :] * stride_kd, mask=m_kv, other=0.0)
-            if UPCAST:
-                b_kv = b_kv.to(tl.float32)
-        b_s = tl.dot(b_qv, tl.trans(b_kv), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        if HAS_ROPE:
-            m_kr = m_n[:, None] & m_dr[None, :]
-            if IS_FP8:
-                p_kr = k_rope_ptr + (o_row + dv + 4 * (dv // fp8_tile)) // 2
-                b_kr = tl.load(p_kr[:, None] + o_dr[None, :], mask=m_kr, other=0.0)
-                b_kr = b_kr.to(tl.float32) if UPCAST else b_kr.to(q_ptr.dtype.element_ty)
-            else:
-                b_kr = tl.load(k_ptr + o_row[:, None] + (dv + o_dr)[None, :] * stride_kd, mask=m_kr, other=0.0)
-                if UPCAST:
-                    b_kr = b_kr.to(tl.float32)
-            b_s += tl.dot(b_qr, tl.trans(b_kr), input_precision=DOT_PRECISION)
-        visible = m_n[None, :] & (o_n[None, :] <= last[:, None])
-        b_s = tl.where(visible, b_s * scale_log2, float("-inf"))
+            p_t = block_table_ptr + i_b * stride_tb
+            o_row, m_key = _table_rows(p_t, o_n, m_n, stride_tn, num_blocks, page_size, stride_kn, stride_kp, o_kh)
+            visible = m_key[None, :] & (o_n[None, :] <= last[:, None]) & m_q[:, None]
+        b_m, b_l, b_acc = _attend_block(
+            b_qv, b_qr, k_ptr, k_scale_ptr, k_rope_ptr, o_row, m_key, visible, b_m, b_l, b_acc,
+            o_dv, m_dv, o_dr, m_dr, stride_kd, scale_offset, rope_offset, fp8_tile, scale_log2,
+            IS_FP8, HAS_ROPE, DOT_PRECISION,
+        )  # fmt: skip
+    if HAS_EXTRA:
+        n_x = x_topk
+        if HAS_X_TOPK_LENGTH:
+            n_x = tl.minimum(tl.maximum(tl.load(x_topk_length_ptr + i_b), 0), x_topk)
+        p_j = x_indices_ptr + i_b * stride_jb + i_t0 * stride_jt
+        for n0 in range(tl.maximum(n_start, n_main), tl.minimum(n_end, n_main + n_x), BLOCK_N):
+            o_n = n0 - n_main + tl.arange(0, BLOCK_N)
+            m_n = o_n < tl.minimum(n_end - n_main, n_x)
+            o_row, m_key = _list_rows(
+                p_j, o_n, m_n, stride_jn, x_num_slots, x_page_size, stride_xn, stride_xp, i_g * stride_xh
+            )
+            b_m, b_l, b_acc = _attend_block(
+                b_qv, b_qr, x_ptr, x_scale_ptr, x_rope_ptr, o_row, m_key, m_key[None, :] & m_q[:, None], b_m, b_l,
+                b_acc, o_dv, m_dv, o_dr, m_dr, stride_xd, scale_offset, rope_offset, fp8_tile,
+                scale_log2, IS_FP8, HAS_ROPE, DOT_PRECISION,
+            )  # fmt: skip
 
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        # a row that has seen nothing yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
-        b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_alpha = tl.exp2(b_m - b_shift)
-        b_p = tl.exp2(b_s - b_shift[:, None])
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_kv.dtype), b_kv, input_precision=DOT_PRECISION)
-        b_m = b_m_new
-
-    seen = b_l > 0
+    # l != 0 (not l > 0): a NaN key that was selected must reach the output
+    seen = b_l != 0
     b_o = b_acc / tl.where(seen, b_l, 1.0)[:, None]
     p_o = o_ptr + i_b * stride_ob + i_sp * stride_osp + i_tok * stride_os + i_head * stride_oh  # [BLOCK_M]
     p_lse = lse_ptr + i_b * stride_lb + i_sp * stride_lsp + i_tok * stride_ls + i_head * stride_lh
     if SPLIT:
         b_lse = tl.where(seen, b_m + tl.log2(tl.where(seen, b_l, 1.0)), float("-inf"))
-        m_store = m_m & (n_start < n_end)
+        m_store = m_q & (n_start < n_end)
     else:
-        b_lse = tl.where(seen, (b_m + tl.log2(tl.where(seen, b_l, 1.0))) * 0.6931471805599453, float("inf"))
+        b_lse = tl.where(seen, (b_m + tl.log2(tl.where(seen, b_l, 1.0))) * LN2, float("inf"))
+        if HAS_SINK:
+            b_o = b_o * _sink_scale(sink_ptr, i_head, b_lse, seen, m_m)[:, None]
         m_store = m_m
-    tl.store(p_o[:, None] + o_dv[None, :] * stride_od, b_o.to(o_ptr.dtype.element_ty), mask=m_store[:, None] & m_dv[None, :])
+        if WRITE_MAX:
+            tl.store(max_ptr + i_b * stride_lb + i_tok * stride_ls + i_head * stride_lh, b_m * LN2, mask=m_store)
+    m_o = m_store[:, None] & m_dv[None, :]
+    tl.store(p_o[:, None] + o_dv[None, :] * stride_od, b_o.to(o_ptr.dtype.element_ty), mask=m_o)
     tl.store(p_lse, b_lse, mask=m_store)
 
 
+@triton.heuristics(
+    {"RAGGED": lambda a: a["seqlens_q_ptr"] is not None, "HAS_SINK": lambda a: a["sink_ptr"] is not None}
+)
 @triton.jit
 def _mla_combine_kernel(
     o_part_ptr,  # fp32 [b, num_splits, s_q, h_q, dv]
     lse_part_ptr,  # fp32 [b, num_splits, s_q, h_q], log2 domain
-    cu_splits_ptr,  # int32 [b + 1]: non-empty splits of sequence b are the first cu[b+1] - cu[b]
+    cu_splits_ptr,  # int32 [b + 1]: non-empty splits of row b are its first cu[b+1] - cu[b]
+    seqlens_q_ptr,  # ragged: int32 [b]; tokens past a row's count have no partials
+    sink_ptr,  # float32 [h_q] or None
     o_ptr,  # [b, s_q, h_q, dv]
     lse_ptr,  # fp32 [b, h_q, s_q], natural log
     h_q,
@@ -200,14 +367,19 @@ def _mla_combine_kernel(
     stride_qb, stride_qsp, stride_qs, stride_qh,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_lb, stride_lh, stride_ls,
+    RAGGED: tl.constexpr,
+    HAS_SINK: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_DV: tl.constexpr,
-):
-    """Stage 2: o = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse); lse = log(sum_s w_s) + max."""
+):  # fmt: skip
+    """Stage 2: o = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse); lse = log(sum_s w_s) + max;
+    then the sink scale."""
     i_b = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
     i_hb = tl.program_id(2)
     n_splits = tl.load(cu_splits_ptr + i_b + 1) - tl.load(cu_splits_ptr + i_b)
+    if RAGGED:
+        n_splits = tl.where(i_s < tl.load(seqlens_q_ptr + i_b), n_splits, 0)
 
     o_h = (i_hb * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     m_h = o_h < h_q
@@ -232,58 +404,42 @@ def _mla_combine_kernel(
         b_l = b_l * b_alpha + b_w
         b_m = b_m_new
 
-    seen = b_l > 0
+    seen = b_l != 0
     b_o = b_acc / tl.where(seen, b_l, 1.0)[:, None]
-    b_lse = tl.where(seen, (b_m + tl.log2(tl.where(seen, b_l, 1.0))) * 0.6931471805599453, float("inf"))
+    b_lse = tl.where(seen, (b_m + tl.log2(tl.where(seen, b_l, 1.0))) * LN2, float("inf"))
+    if HAS_SINK:
+        b_o = b_o * _sink_scale(sink_ptr, o_h, b_lse, seen, m_h)[:, None]
     p_o = o_ptr + i_b * stride_ob + i_s * stride_os
     tl.store(p_o + o_h[:, None] * stride_oh + o_dv[None, :] * stride_od, b_o.to(o_ptr.dtype.element_ty), mask=m_hd)
     tl.store(lse_ptr + i_b * stride_lb + o_h * stride_lh + i_s * stride_ls, b_lse, mask=m_h)
 
 
-def get_mla_metadata(
-    cache_seqlens: torch.Tensor,
-    num_q_tokens_per_head_k: int,
-    num_heads_k: int,
-    num_sm: int | None = None,
+def _plan(
+    lengths: torch.Tensor, programs: int, num_sm: int | None, max_keys: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plan the split-KV schedule of `flash_mla_with_kvcache`, on the device, without syncing.
+    """Split each row's key list [0, lengths[i]) (int64 [b], on the device) into at most
+    max_splits aligned pieces, with device ops only; max_splits comes from shapes: enough
+    programs (`programs` per split) to fill num_sm processors, and no more than a list of
+    max_keys keys (a bound known from shapes, e.g. topk) can fill.
 
-    Args:
-        cache_seqlens: int32 [b], tokens in the cache per sequence.
-        num_q_tokens_per_head_k: s_q * h_q // h_kv, query rows that share one latent head.
-        num_heads_k: h_kv.
-        num_sm: processors to fill; defaults to the GPU's SM count (CPU cores under the
-            interpreter). The split count is the only host decision and uses shapes alone.
-
-    Returns:
-        tile_scheduler_metadata: int32 [b, num_splits + 1]; split s of sequence i covers cache
-            positions [meta[i, s], meta[i, s + 1]). Splits are sized from the batch's total
-            length, so long sequences get more of them than short ones.
-        num_splits: int32 [b + 1], prefix sums of the non-empty splits per sequence.
+    Returns (bounds int32 [b, max_splits + 1], cu_splits int32 [b + 1]) as `get_mla_metadata`.
     """
-    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or cache_seqlens.dim() != 1:
-        raise TypeError(f"cache_seqlens must be an int32 tensor [b], got {_describe(cache_seqlens)}")
-    if num_q_tokens_per_head_k < 1 or num_heads_k < 1:
-        raise ValueError(
-            f"num_q_tokens_per_head_k and num_heads_k must be >= 1, got {num_q_tokens_per_head_k}, {num_heads_k}"
-        )
-    device = cache_seqlens.device
-    batch = cache_seqlens.numel()
-    m_tiles = triton.cdiv(num_q_tokens_per_head_k, _block_m(num_q_tokens_per_head_k))
-    programs = max(1, batch * num_heads_k * m_tiles)
-    max_splits = max(1, min(MAX_SPLITS, triton.cdiv(num_sm or _num_sms(device), programs)))
-
-    lengths = cache_seqlens.to(torch.int64).clamp_min(0)
+    device = lengths.device
+    batch = lengths.numel()
+    max_splits = max(1, min(MAX_SPLITS, triton.cdiv(num_sm or _num_sms(device), max(1, programs))))
+    if max_keys is not None:
+        # a split holds at least MIN_SPLIT_TOKENS keys (below), so more would stay empty
+        max_splits = max(1, min(max_splits, triton.cdiv(max_keys, MIN_SPLIT_TOKENS)))
+    lengths = lengths.clamp_min(0)
     if max_splits == 1:
         bounds = torch.stack([torch.zeros_like(lengths), lengths], dim=1)
         n_splits = (lengths > 0).to(torch.int64)
     else:
-        # spread the whole batch's tokens over batch * max_splits programs, then give each
-        # sequence as many of those chunks as it needs (at most max_splits)
+        # spread the whole batch's keys over batch * max_splits programs, then give each row
+        # as many of those chunks as it needs (at most max_splits)
         target = torch.clamp(_cdiv(lengths.sum(), batch * max_splits), min=MIN_SPLIT_TOKENS)
         want = torch.clamp(_cdiv(lengths, target), 1, max_splits)
-        chunk = _cdiv(_cdiv(lengths, want), SPLIT_ALIGN) * SPLIT_ALIGN
-        chunk = torch.clamp(chunk, min=SPLIT_ALIGN)
+        chunk = torch.clamp(_cdiv(_cdiv(lengths, want), SPLIT_ALIGN) * SPLIT_ALIGN, min=SPLIT_ALIGN)
         starts = torch.arange(max_splits + 1, device=device, dtype=torch.int64)[None, :] * chunk[:, None]
         bounds = torch.minimum(starts, lengths[:, None])
         n_splits = _cdiv(lengths, chunk)
@@ -296,197 +452,303 @@ def _cdiv(a, b):
     return (a + b - 1) // b
 
 
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
-    return repr(type(x).__name__)
-
-
-def _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, is_fp8_kvcache) -> None:
-    for name, t in (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {_describe(t)}")
-    if q.dim() != 4:
-        raise ValueError(f"q must be [b, s_q, h_q, d], got shape {tuple(q.shape)}")
-    if k_cache.dim() != 4:
-        raise ValueError(f"k_cache must be [num_blocks, page_block_size, h_kv, d], got shape {tuple(k_cache.shape)}")
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"q must be bfloat16, float16 or float32, got {q.dtype}")
-    if is_fp8_kvcache:
-        if q.dtype == torch.float32:
-            raise TypeError("an FP8 k_cache takes a bfloat16 or float16 q, got float32")
-        if k_cache.dtype not in (torch.uint8, torch.float8_e4m3fn):
-            raise TypeError(f"with is_fp8_kvcache, k_cache must be uint8 or float8_e4m3fn bytes, got {k_cache.dtype}")
-    elif k_cache.dtype != q.dtype:
-        raise TypeError(f"k_cache dtype {k_cache.dtype} must match q dtype {q.dtype} (FP8 caches need is_fp8_kvcache=True)")
-    if block_table.dtype != torch.int32 or block_table.dim() != 2:
-        raise TypeError(f"block_table must be an int32 tensor [b, max_blocks], got {_describe(block_table)}")
-    if cache_seqlens.dtype != torch.int32 or cache_seqlens.dim() != 1:
-        raise TypeError(f"cache_seqlens must be an int32 tensor [b], got {_describe(cache_seqlens)}")
-    for name, t in (("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    b, s_q, h_q, d = q.shape
-    num_blocks, page_size, h_kv, d_k = k_cache.shape
-    if is_fp8_kvcache:
-        _check_fp8_cache(k_cache, head_dim_v, d)
-    elif d_k != d:
-        raise ValueError(f"k_cache head dim {d_k} must equal q head dim {d}")
-    if block_table.shape[0] != b or cache_seqlens.shape[0] != b:
+def _dense_schedule(
+    cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int, num_sm: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or cache_seqlens.dim() != 1:
+        raise TypeError(f"cache_seqlens must be an int32 tensor [b], got {describe(cache_seqlens)}")
+    if num_q_tokens_per_head_k < 1 or num_heads_k < 1:
         raise ValueError(
-            f"batch mismatch: q has {b}, block_table {block_table.shape[0]}, cache_seqlens {cache_seqlens.shape[0]}"
+            f"num_q_tokens_per_head_k and num_heads_k must be >= 1, got {num_q_tokens_per_head_k}, {num_heads_k}"
         )
-    if h_kv < 1 or h_q % h_kv != 0:
-        raise ValueError(f"h_q ({h_q}) must be a multiple of the cache's h_kv ({h_kv})")
-    if not isinstance(head_dim_v, int) or not 16 <= head_dim_v <= d:
-        raise ValueError(f"head_dim_v must be an int with 16 <= head_dim_v <= d ({d}), got {head_dim_v!r}")
-    if s_q < 1 or page_size < 1:
-        raise ValueError(f"s_q and page_block_size must be >= 1, got s_q={s_q}, page_block_size={page_size}")
-    if not isinstance(causal, bool) or not isinstance(is_fp8_kvcache, bool):
-        raise TypeError(f"causal and is_fp8_kvcache must be bools, got {causal!r}, {is_fp8_kvcache!r}")
-    # Value checks read the tensors on the host. On CPU that is free and required: the
-    # interpreter dies on an out-of-bounds access. On the GPU it would sync, so debug only.
-    if q.device.type == "cpu" or DEBUG:
-        lengths = cache_seqlens.cpu()
-        if (lengths < 0).any():
-            raise ValueError(f"cache_seqlens must be >= 0, got {lengths.tolist()}")
-        pages_needed = (lengths + page_size - 1) // page_size
-        if pages_needed.numel() and pages_needed.max().item() > block_table.shape[1]:
-            raise ValueError(
-                f"block_table has {block_table.shape[1]} columns but the longest sequence "
-                f"({lengths.max().item()} tokens, page size {page_size}) needs {pages_needed.max().item()}"
-            )
-        table = block_table.cpu()
-        used = torch.arange(table.shape[1])[None, :] < pages_needed[:, None]
-        bad = used & ((table < 0) | (table >= num_blocks))
-        if bad.any():
-            i, j = torch.nonzero(bad)[0].tolist()
-            raise ValueError(f"block_table[{i}, {j}] = {table[i, j].item()} is outside [0, {num_blocks})")
+    m_tiles = triton.cdiv(num_q_tokens_per_head_k, _block_m(num_q_tokens_per_head_k))
+    return _plan(cache_seqlens.to(torch.int64), cache_seqlens.numel() * num_heads_k * m_tiles, num_sm)
 
 
-def _check_fp8_cache(k_cache: torch.Tensor, head_dim_v: int, d: int) -> None:
-    if not isinstance(head_dim_v, int) or not 16 <= head_dim_v < d:
-        raise ValueError(f"head_dim_v must be an int with 16 <= head_dim_v < d ({d}) for an FP8 cache, got {head_dim_v!r}")
-    width = Fp8Format(head_dim_v, d - head_dim_v).bytes_per_token
-    if k_cache.shape[-1] != width:
-        raise ValueError(
-            f"FP8 k_cache rows must be {width} bytes for kv_lora_rank={head_dim_v}, rope={d - head_dim_v} "
-            f"(latent bytes, float32 tile scales, bfloat16 k_pe), got {k_cache.shape[-1]}"
-        )
-    # the kernel reads scales and k_pe through float32 / bfloat16 views of the same bytes
-    if k_cache.stride(-1) != 1 or any(st % 4 for st in k_cache.stride()[:-1]) or head_dim_v % 4:
-        raise ValueError(
-            f"FP8 k_cache needs a contiguous last dim, other strides multiple of 4 bytes and kv_lora_rank % 4 == 0, "
-            f"got strides {k_cache.stride()} and kv_lora_rank {head_dim_v}"
-        )
+def get_mla_metadata(*args, **kwargs):
+    """Plan the split-KV schedule of `flash_mla_with_kvcache`; both FlashMLA call forms.
+
+    New form, `get_mla_metadata(num_sm=None)` (FlashMLA's current interface):
+        returns `(FlashMLASchedMeta(), None)`. The first `flash_mla_with_kvcache` call that
+        receives it records its configuration and plans the schedule from that call's lengths,
+        on the device; later calls reuse it (same configuration and length values, as in FlashMLA;
+        a different configuration raises ValueError naming the field). Works for every call:
+        dense, sparse, extra cache, ragged.
+
+    Old form, `get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm=None)`
+    (dense calls only):
+        cache_seqlens: int32 [b], tokens in the cache per sequence.
+        num_q_tokens_per_head_k: s_q * h_q // h_kv, query rows that share one latent head.
+        num_heads_k: h_kv.
+        returns (tile_scheduler_metadata int32 [b, num_splits + 1]: split s of sequence i
+        covers cache positions [meta[i, s], meta[i, s + 1]); num_splits int32 [b + 1]: prefix
+        sums of the non-empty splits per sequence). Splits are sized from the batch's total
+        length, so long sequences get more of them than short ones.
+
+    num_sm: processors to fill; defaults to the GPU's SM count (CPU cores under the
+    interpreter). The split count is the only host decision and uses shapes alone.
+    """
+    if not args and "cache_seqlens" not in kwargs:
+        unknown = sorted(set(kwargs) - {"num_sm"})
+        if unknown:
+            raise TypeError(f"get_mla_metadata() takes only num_sm in its new form, got {unknown}")
+        return FlashMLASchedMeta(num_sm=kwargs.get("num_sm")), None
+    return _dense_schedule(*args, **kwargs)
+
+
+def _key_lengths(call: DecodeCall, cache_seqlens, topk_length, extra_topk_length, device) -> torch.Tensor:
+    """int64 [b]: each row's key list, main part (cache length or used indices) plus extra part."""
+    def used(length, topk):
+        if length is None:
+            return torch.full((call.b,), topk, dtype=torch.int64, device=device)
+        return length.to(torch.int64).clamp(0, topk)
+
+    lengths = used(topk_length, call.topk) if call.sparse else cache_seqlens.to(torch.int64).clamp_min(0)
+    if call.has_extra:
+        lengths = lengths + used(extra_topk_length, call.extra_topk)
+    return lengths
+
+
+def _fp8_views(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """One FP8 cache as the kernel reads it: codes, float32 scales and bfloat16 k_pe views of
+    the same bytes, and the byte strides of the rows."""
+    raw = cache.view(torch.uint8)
+    return raw.view(torch.float8_e4m3fn), raw.view(torch.float32), raw.view(torch.bfloat16), raw.stride()
+
+
+def _row_layout(fmt) -> tuple[int, int, int]:
+    """(scale_offset, rope_offset, tile) of a row as the kernel indexes it: FP8 byte offsets
+    and scale tile from the format; plain rows: rope channels start at channel kv_lora_rank."""
+    if fmt.is_fp8:
+        return fmt.scale_offset, fmt.rope_offset, fmt.tile
+    return 0, fmt.kv_lora_rank, 1
+
+
+def _cache_args(cache: torch.Tensor | None, is_fp8: bool):
+    """(pointer views x3, strides x4) of a cache for the kernel; zeros without a cache."""
+    if cache is None:
+        return (None, None, None), (0, 0, 0, 0)
+    if is_fp8:
+        main, scale, rope, strides = _fp8_views(cache)
+        return (main, scale, rope), strides
+    return (cache, cache, cache), cache.stride()
 
 
 def flash_mla_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None,
+    cache_seqlens: torch.Tensor | None,
     head_dim_v: int,
-    tile_scheduler_metadata: torch.Tensor | None = None,
+    tile_scheduler_metadata: FlashMLASchedMeta | torch.Tensor | None = None,
     num_splits: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     causal: bool = False,
     is_fp8_kvcache: bool = False,
+    indices: torch.Tensor | None = None,
+    attn_sink: torch.Tensor | None = None,
+    extra_k_cache: torch.Tensor | None = None,
+    extra_indices_in_kvcache: torch.Tensor | None = None,
+    topk_length: torch.Tensor | None = None,
+    extra_topk_length: torch.Tensor | None = None,
+    *,
+    seqlens_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q over a paged latent cache (FlashMLA's contract, any page size and head dim).
+    """Attention of q over a paged latent cache: FlashMLA's interface, any page size and head dim.
 
     Args:
-        q: [b, s_q, h_q, d], bfloat16 / float16 / float32.
-        k_cache: [num_blocks, page_block_size, h_kv, d], q's dtype; the first head_dim_v
+        q: [b, s_q, h_q, d], bfloat16 / float16 / float32 (absorbed query: latent part, then rope).
+        k_cache: [num_blocks, page_block_size, h_kv, d] in q's dtype; the first head_dim_v
             channels of each row are also V. h_kv = 1 is MLA; h_q must be a multiple of h_kv.
+            FP8 (is_fp8_kvcache): uint8 / float8_e4m3fn [..., bytes] in `mla.formats.Fp8Format`'s
+            layout (656 bytes for 512 + 64), dequantized to q's dtype on load.
         block_table: int32 [b, max_blocks], page ids of each sequence in order; entries past a
-            sequence's last page are never read.
-        cache_seqlens: int32 [b], tokens in the cache per sequence (the s_q queries included).
-        head_dim_v: channels of V, 16 <= head_dim_v <= d.
-        tile_scheduler_metadata, num_splits: from `get_mla_metadata`; computed here when None.
+            sequence's last page are never read. Ignored (may be None) with indices.
+        cache_seqlens: int32 [b], tokens in the cache per sequence (the queries included).
+            Ignored (may be None) with indices.
+        head_dim_v: channels of V, 1 <= head_dim_v <= d (FP8: the format's rules).
+        tile_scheduler_metadata, num_splits: `get_mla_metadata()`'s (FlashMLASchedMeta, None),
+            the old form's two tensors (dense calls), or None (planned here, on the device).
         softmax_scale: defaults to d ** -0.5.
-        causal: query token i sees cache positions j <= seqlen - s_q + i.
-        is_fp8_kvcache: k_cache is uint8 / float8_e4m3fn [num_blocks, page_block_size, h_kv,
-            bytes] in the FP8 layout of `mla.reference.quant` (latent codes, float32 scale per
-            tile, bfloat16 k_pe; 656 bytes for 512 + 64); q is bfloat16 or float16 and
-            head_dim_v is the latent width. Dequantized on load; the math is the same.
+        causal: dense only: query token i of a row with n queries and L cached tokens sees
+            positions j <= L - n + i (n = s_q, or seqlens_q[row]).
+        is_fp8_kvcache: k_cache (and extra_k_cache) hold FP8 rows, dequantised on load.
+        indices: int32 [b, s_q, topk]: sparse attention: the slots (page * page_block_size +
+            offset, any page) each query token attends; -1 skips an entry; a slot listed twice
+            counts twice. causal must be False.
+        attn_sink: float32 [h_q]: out *= exp(lse) / (exp(lse) + exp(attn_sink[h])); lse unchanged.
+        extra_k_cache: [num_blocks', page_block_size', h_kv, d], k_cache's format, attended in
+            the same softmax through extra_indices_in_kvcache (int32 [b, s_q, extra_topk], slots
+            of extra_k_cache, -1 skips).
+        topk_length, extra_topk_length: int32 [b]: only the first topk_length[i] entries of row
+            i's indices (extra indices) are used.
+        seqlens_q: int32 [b], keyword only: ragged query lengths. Row i's queries are
+            q[i, :seqlens_q[i]] (0 allowed); the rest of q is padding, never read, and its
+            output is 0 with lse +inf. Packed [total_q, ...] queries are not accepted.
 
     Returns:
-        out: [b, s_q, h_q, head_dim_v] in q's dtype; zero for rows that see no key.
-        lse: float32 [b, h_q, s_q], natural log; +inf for rows that see no key.
+        out: [b, s_q, h_q, head_dim_v] in q's dtype; 0 for rows that see no key (with or
+            without a sink).
+        lse: float32 [b, h_q, s_q], natural log of the sum of exp(scaled scores); +inf for
+            rows that see no key.
     """
-    if q.device.type != "cuda" and not _interpreting():
-        raise RuntimeError(
-            f"the Triton decode kernel needs a GPU (q is on {q.device}); on the CPU use "
-            "mla.reference.flash_mla_with_kvcache, or set TRITON_INTERPRET=1 before importing mla.kernels"
-        )
-    _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, is_fp8_kvcache)
+    call = check_decode(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache,
+        indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length, seqlens_q,
+    )  # fmt: skip
+    check_schedule(call, q.device, tile_scheduler_metadata, num_splits)
+    require_triton_device(q.device, "mla.reference.flash_mla_with_kvcache")
     b, s_q, h_q, d = q.shape
-    page_size, h_kv = k_cache.shape[1], k_cache.shape[2]
+    h_kv, dv = call.h_kv, head_dim_v
     group = h_q // h_kv
-    rows = s_q * group
-    if (tile_scheduler_metadata is None) != (num_splits is None):
-        raise ValueError("pass both tile_scheduler_metadata and num_splits from get_mla_metadata, or neither")
-    if tile_scheduler_metadata is None:
-        tile_scheduler_metadata, num_splits = get_mla_metadata(cache_seqlens, rows, h_kv)
-    meta = tile_scheduler_metadata
-    if meta.dtype != torch.int32 or meta.dim() != 2 or meta.shape[0] != b or meta.shape[1] < 2 or meta.device != q.device:
-        raise ValueError(f"tile_scheduler_metadata must be int32 [b={b}, splits + 1] on {q.device}, got {_describe(meta)}")
-    if num_splits.dtype != torch.int32 or tuple(num_splits.shape) != (b + 1,) or num_splits.device != q.device:
-        raise ValueError(f"num_splits must be int32 [b + 1 = {b + 1}] on {q.device}, got {_describe(num_splits)}")
-    scale = d**-0.5 if softmax_scale is None else float(softmax_scale)
-    n_split = meta.shape[1] - 1
-
-    interpret = _interpreting()
-    # the interpreter truncates fp32 -> bf16 stores; write fp32 and let torch round
-    out_dtype = torch.float32 if interpret and q.dtype == torch.bfloat16 else q.dtype
-    out = torch.empty(b, s_q, h_q, head_dim_v, dtype=out_dtype, device=q.device)
-    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
-
+    rows = group if call.per_token else s_q * group
     block_m = _block_m(rows)
     m_tiles = triton.cdiv(rows, block_m)
-    block_dv = triton.next_power_of_2(head_dim_v)
-    d_rope = d - head_dim_v
-    block_dr = max(16, triton.next_power_of_2(max(d_rope, 1)))
-    if is_fp8_kvcache:
-        fp8_tile = Fp8Format(head_dim_v, d_rope).tile
-        raw = k_cache.view(torch.uint8)
-        k_main, k_scale, k_rope = raw.view(torch.float8_e4m3fn), raw.view(torch.float32), raw.view(torch.bfloat16)
-        k_strides = (*raw.stride()[:3], 1)
+    tiles = (s_q if call.per_token else 1) * h_kv * m_tiles
+
+    meta = tile_scheduler_metadata
+    if meta is None or isinstance(meta, FlashMLASchedMeta) and meta.tile_scheduler_metadata is None:
+        lengths = _key_lengths(call, cache_seqlens, topk_length, extra_topk_length, q.device)
+        # slot lists have a static length; dense plans match the old get_mla_metadata form's
+        max_keys = (call.topk or 0) + (call.extra_topk or 0) if call.per_token else None
+        plan = _plan(lengths, b * tiles, None if meta is None else meta.num_sm, max_keys)
+        if meta is not None:
+            meta.tile_scheduler_metadata, meta.num_splits = plan
+        bounds, cu_splits = plan
+    elif isinstance(meta, FlashMLASchedMeta):
+        bounds, cu_splits = meta.tile_scheduler_metadata, meta.num_splits
     else:
-        fp8_tile, k_main, k_scale, k_rope, k_strides = 1, k_cache, k_cache, k_cache, k_cache.stride()
+        bounds, cu_splits = meta, num_splits
+    n_split = bounds.shape[1] - 1
+
+    interpret = interpreting()
+    # the interpreter truncates fp32 -> bf16 stores; write fp32 and let torch round
+    out_dtype = torch.float32 if interpret and q.dtype == torch.bfloat16 else q.dtype
+    out = torch.empty(b, s_q, h_q, dv, dtype=out_dtype, device=q.device)
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
+    if b == 0:
+        return out.to(q.dtype), lse
     if n_split == 1:
         o_stage, lse_stage = out, lse
         o_strides = (out.stride(0), 0, out.stride(1), out.stride(2), out.stride(3))
         lse_strides = (lse.stride(0), 0, lse.stride(2), lse.stride(1))
     else:
-        o_stage = torch.empty(b, n_split, s_q, h_q, head_dim_v, dtype=torch.float32, device=q.device)
+        o_stage = torch.empty(b, n_split, s_q, h_q, dv, dtype=torch.float32, device=q.device)
         lse_stage = torch.empty(b, n_split, s_q, h_q, dtype=torch.float32, device=q.device)
         o_strides, lse_strides = o_stage.stride(), lse_stage.stride()
-    _mla_decode_kernel[(b, h_kv * m_tiles, n_split)](
-        q, k_main, k_scale, k_rope, block_table, cache_seqlens, meta, o_stage, lse_stage,
-        s_q, group, m_tiles, page_size, head_dim_v, d_rope, fp8_tile, scale * math.log2(math.e),
-        *q.stride(), *k_strides, *block_table.stride(), *meta.stride(), *o_strides, *lse_strides,
+
+    fmt = call.fmt
+    k_views, k_strides = _cache_args(k_cache, fmt.is_fp8)
+    x_views, x_strides = _cache_args(extra_k_cache, fmt.is_fp8)
+    sparse, extra = call.sparse, call.has_extra
+    table_args = (0, 0) if sparse else block_table.stride()
+    index_args = (*indices.stride()[:2], 0, indices.stride(2)) if sparse else (0, 0, 0, 0)
+    x_index_args = extra_indices_in_kvcache.stride() if extra else (0, 0, 0)
+    _mla_decode_kernel[(b, tiles, n_split)](
+        q, *k_views, *x_views,
+        None if sparse else block_table, None if sparse else cache_seqlens,
+        indices, topk_length, extra_indices_in_kvcache, extra_topk_length,
+        seqlens_q, attn_sink if n_split == 1 else None, bounds, o_stage, lse_stage, None,
+        s_q, group, m_tiles, h_kv,
+        call.page_size, k_cache.shape[0], call.num_slots, 0 if sparse else block_table.shape[1], call.topk or 0,
+        call.extra_page_size or 1, call.extra_num_slots or 0, call.extra_topk or 0,
+        dv, d - dv, *_row_layout(fmt), call.scale * math.log2(math.e),
+        *q.stride(), *k_strides, *x_strides, *table_args, *index_args, *x_index_args, *bounds.stride(),
+        *o_strides, *lse_strides,
         CAUSAL=causal,
         SPLIT=n_split > 1,
         UPCAST=interpret,
-        IS_FP8=is_fp8_kvcache,
+        IS_FP8=fmt.is_fp8,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HAS_ROPE=d_rope > 0,
+        HAS_ROPE=d > dv,
+        PER_TOKEN=call.per_token,
         BLOCK_M=block_m,
         BLOCK_N=64 if interpret else 32,
-        BLOCK_DV=block_dv,
-        BLOCK_DR=block_dr,
+        BLOCK_DV=_block_d(dv),
+        BLOCK_DR=_block_d(d - dv),
         num_warps=4,
         num_stages=2,
-    )
+    )  # fmt: skip
     if n_split > 1:
         block_h = min(16, triton.next_power_of_2(h_q))
         _mla_combine_kernel[(b, s_q, triton.cdiv(h_q, block_h))](
-            o_stage, lse_stage, num_splits, out, lse, h_q, head_dim_v,
+            o_stage, lse_stage, cu_splits, seqlens_q, attn_sink, out, lse, h_q, dv,
             *o_stage.stride(), *lse_stage.stride(), *out.stride(), *lse.stride(),
             BLOCK_H=block_h,
-            BLOCK_DV=block_dv,
+            BLOCK_DV=_block_d(dv),
             num_warps=4,
-        )
+        )  # fmt: skip
     return out.to(q.dtype), lse
+
+
+def flash_mla_sparse_fwd(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int = 512,
+    attn_sink: torch.Tensor | None = None,
+    topk_length: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse attention over one flat KV array (FlashMLA's sparse prefill), any head dims.
+
+    Args:
+        q: [s_q, h_q, d], bfloat16 / float16 / float32.
+        kv: [s_kv, h_kv, d] in q's dtype; the first d_v channels are also V; h_q % h_kv == 0.
+        indices: int32 [s_q, h_kv, topk]: the kv rows query token t attends through kv head g;
+            entries < 0 or >= s_kv are skipped; a row listed twice counts twice.
+        sm_scale: softmax scale.
+        d_v: channels of V, 1 <= d_v <= d.
+        attn_sink: float32 [h_q]: out *= exp(lse) / (exp(lse) + exp(attn_sink[h])).
+        topk_length: int32 [s_q]: token t uses only indices[t, :, :topk_length[t]].
+
+    Returns:
+        out: [s_q, h_q, d_v] in q's dtype; 0 for a token that sees no valid index.
+        max_logits: float32 [s_q, h_q], the largest scaled score (sm_scale * q . k); -inf when
+            nothing is seen.
+        lse: float32 [s_q, h_q], natural log-sum-exp of the scaled scores (without the sink);
+            +inf when nothing is seen.
+    """
+    call = check_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+    require_triton_device(q.device, "mla.reference.flash_mla_sparse_fwd")
+    s_q, h_q, d = q.shape
+    h_kv, dv, topk = call.h_kv, d_v, call.topk
+    interpret = interpreting()
+    out_dtype = torch.float32 if interpret and q.dtype == torch.bfloat16 else q.dtype
+    out = torch.empty(s_q, h_q, dv, dtype=out_dtype, device=q.device)
+    lse = torch.empty(s_q, h_q, dtype=torch.float32, device=q.device)
+    max_logits = torch.empty(s_q, h_q, dtype=torch.float32, device=q.device)
+    if s_q == 0:
+        return out.to(q.dtype), max_logits, lse
+    group = h_q // h_kv
+    block_m = _block_m(group)
+    m_tiles = triton.cdiv(group, block_m)
+    # each query token is a "row" of one query over a one-page cache holding all of kv
+    # (made on the device: a host tensor would be a blocking copy)
+    bounds = torch.full((1, 2), topk, dtype=torch.int32, device=q.device)
+    bounds[:, 0] = 0
+    bounds = bounds.expand(s_q, 2)
+    _mla_decode_kernel[(s_q, h_kv * m_tiles, 1)](
+        q, kv, kv, kv, None, None, None, None, None, indices, topk_length, None, None, None,
+        attn_sink, bounds, out, lse, max_logits,
+        1, group, m_tiles, h_kv,
+        max(call.s_kv, 1), 1, call.s_kv, 0, topk, 1, 0, 0,
+        dv, d - dv, 0, dv, 1, call.scale * math.log2(math.e),
+        q.stride(0), 0, q.stride(1), q.stride(2), 0, kv.stride(0), kv.stride(1), kv.stride(2), 0, 0, 0, 0, 0, 0,
+        indices.stride(0), 0, indices.stride(1), indices.stride(2), 0, 0, 0, *bounds.stride(),
+        out.stride(0), 0, 0, out.stride(1), out.stride(2), lse.stride(0), 0, 0, lse.stride(1),
+        CAUSAL=False,
+        SPLIT=False,
+        UPCAST=interpret,
+        IS_FP8=False,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_ROPE=d > dv,
+        PER_TOKEN=True,
+        BLOCK_M=block_m,
+        BLOCK_N=64 if interpret else 32,
+        BLOCK_DV=_block_d(dv),
+        BLOCK_DR=_block_d(d - dv),
+        num_warps=4,
+        num_stages=2,
+    )  # fmt: skip
+    return out.to(q.dtype), max_logits, lse

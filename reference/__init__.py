@@ -4,12 +4,16 @@ Files mirror `mla.kernels` by name and functions keep the kernels' signatures.
 """
 
 from .cache import write_latent
-from .decode import flash_mla_with_kvcache
+from .contract import FlashMLASchedMeta
+from .decode import flash_mla_sparse_fwd, flash_mla_with_kvcache, get_mla_metadata
 from .mla import absorb_query, mla_absorbed, mla_naive, split_kv_b
 from .quant import dequantize_cache, dequantize_latent_fp8, fp8_bytes_per_token, quantize_latent_fp8, write_latent_fp8
 
 __all__ = [
+    "FlashMLASchedMeta",
     "flash_mla_with_kvcache",
+    "flash_mla_sparse_fwd",
+    "get_mla_metadata",
     "write_latent",
     "write_latent_fp8",
     "quantize_latent_fp8",

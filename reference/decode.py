@@ -1,8 +1,11 @@
-"""Plain PyTorch reference for the paged MLA decode kernel (`mla.kernels.decode`).
+"""Plain PyTorch reference for the MLA decode kernels (`mla.kernels.decode`).
 
-Same signature and semantics as `mla.kernels.flash_mla_with_kvcache`, written for
-clarity, not speed: gather each sequence's cache from its pages, attend in float32,
-cast back. Runs on any device and dtype.
+Same signatures and semantics as `mla.kernels.flash_mla_with_kvcache` and
+`mla.kernels.flash_mla_sparse_fwd`, written for clarity, not speed: gather every key a query
+may see into one padded tensor (static shapes: the block table's width, topk), mask, softmax
+in `compute_dtype`, cast back. No per-row Python loop and no host synchronisation, so it
+runs on any device and torch.compile traces it without graph breaks. The arguments are
+checked by `mla.reference.contract`, as the kernels' are.
 """
 
 from __future__ import annotations
@@ -12,87 +15,186 @@ import math
 import torch
 from einops import rearrange
 
-from .quant import dequantize_latent_fp8
+from .cache import gather_pages
+from .contract import REFERENCE_Q_DTYPES, FlashMLASchedMeta, check_decode, check_schedule, check_sparse_prefill
 
 
-def gather_pages(k_cache: torch.Tensor, block_table: torch.Tensor, seqlen: int, batch_idx: int) -> torch.Tensor:
-    """The first `seqlen` tokens of sequence `batch_idx`: [seqlen, h_kv, d]."""
-    page = k_cache.shape[1]
-    n_pages = -(-seqlen // page)
-    blocks = block_table[batch_idx, :n_pages].long()
-    return k_cache[blocks].flatten(0, 1)[:seqlen]
+def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLASchedMeta, None]:
+    """`(FlashMLASchedMeta(), None)` for any arguments: the reference plans no schedule, and
+    accepts this object (or the kernel's old-form tensors, or None) in either call form."""
+    return FlashMLASchedMeta(num_sm=kwargs.get("num_sm")), None
 
 
-def causal_limits(seqlen: int, s_q: int, causal: bool, device=None) -> torch.Tensor:
-    """Last visible cache position (inclusive) for each of the s_q query tokens: [s_q].
+def _row_values(fmt, rows, read, dtype, compute_dtype):
+    """Gathered rows [..., h_kv, row] (a fresh copy) -> (latent [..., h_kv, r], k_pe [..., h_kv,
+    dr]) in compute_dtype, read through the format (dequantized to q's dtype, as the kernel
+    does). Rows not read are zeroed first: they may hold NaN, and 0 * NaN in the output
+    product would leak it."""
+    rows.masked_fill_(~read[..., None, None], 0)
+    latent, k_pe = fmt.unpack(rows, dtype)
+    return latent.to(compute_dtype), k_pe.to(compute_dtype)
 
-    The query tokens are the last s_q tokens already written to the cache, so with
-    `causal`, token i sees positions j <= seqlen - s_q + i; without it, all of them.
+
+def _slot_rows(pages, slots, limit):
+    """Rows at flat slots [..., topk] of pages [num_blocks, page, h_kv, row], the first `limit`
+    entries of each list (limit broadcasts against slots[..., :1]).
+
+    Returns (rows [..., topk, h_kv, row], read [..., topk]: the entry is below its limit and
+    names a slot of the cache; other entries gather slot 0)."""
+    num_slots = pages.shape[0] * pages.shape[1]
+    position = torch.arange(slots.shape[-1], device=slots.device)
+    read = (slots >= 0) & (slots < num_slots) & (position < limit)
+    return pages.flatten(0, 1)[torch.where(read, slots, 0).long()], read
+
+
+def _attend(q, dv, parts, visible_parts, scale, sink):
+    """Softmax attention of grouped queries over several key sets in one softmax.
+
+    q: [..., h_kv, group, s, d]; parts: (latent, k_pe) pairs of keys, [..., n, h_kv, dv] and
+    [..., n, h_kv, d - dv] (shared by the s queries) or [..., s, n, h_kv, *] (one set per
+    query); the latent is also V. visible_parts: bool [..., s, n] per part; sink: None or
+    float32 broadcastable to [..., h_kv, group, s]. Returns out [..., h_kv, group, s, dv] (0
+    where nothing is visible), lse [..., h_kv, group, s] (+inf there) and the largest scaled
+    score (-inf there).
     """
-    i = torch.arange(s_q, device=device)
-    return seqlen - s_q + i if causal else torch.full((s_q,), seqlen - 1, device=device)
+    q_lat, q_pe = q[..., :dv], q[..., dv:]
+    scores = []
+    for (latent, k_pe), visible in zip(parts, visible_parts):
+        keys = "...ngd" if latent.dim() == q.dim() - 1 else "...sngd"
+        s = torch.einsum(f"...grsd,{keys}->...grsn", q_lat, latent)
+        if k_pe.shape[-1]:
+            s = s + torch.einsum(f"...grsd,{keys}->...grsn", q_pe, k_pe)
+        scores.append((s * scale).masked_fill(~visible[..., None, None, :, :], -math.inf))
+    scores = torch.cat(scores, dim=-1)
+    visible = torch.cat(visible_parts, dim=-1)[..., None, None, :, :]
+    seen = visible.any(dim=-1)  # [..., 1, 1, s]
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.where(visible, torch.exp(scores - lse[..., None]), 0)
+    out, start = 0, 0
+    for latent, _ in parts:
+        n = latent.shape[-3]
+        keys = "...ngd" if latent.dim() == q.dim() - 1 else "...sngd"
+        out = out + torch.einsum(f"...grsn,{keys}->...grsd", probs[..., start : start + n], latent)
+        start += n
+    if sink is not None:
+        out = out * (1 / (1 + torch.exp(sink.to(lse.dtype) - lse)))[..., None]
+    out = torch.where(seen[..., None], out, 0)
+    return out, torch.where(seen, lse, math.inf), scores.amax(dim=-1)
 
 
 def flash_mla_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None,
+    cache_seqlens: torch.Tensor | None,
     head_dim_v: int,
     tile_scheduler_metadata=None,
     num_splits=None,
     softmax_scale: float | None = None,
     causal: bool = False,
     is_fp8_kvcache: bool = False,
+    indices: torch.Tensor | None = None,
+    attn_sink: torch.Tensor | None = None,
+    extra_k_cache: torch.Tensor | None = None,
+    extra_indices_in_kvcache: torch.Tensor | None = None,
+    topk_length: torch.Tensor | None = None,
+    extra_topk_length: torch.Tensor | None = None,
+    *,
+    seqlens_q: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q over a paged latent cache.
+    """Attention of q over a paged latent cache; arguments, returns and semantics as
+    `mla.kernels.flash_mla_with_kvcache` (its docstring is the full contract), plus:
 
     Args:
-        q: [b, s_q, h_q, d] queries (absorbed: latent part then rope part).
-        k_cache: [num_blocks, page_block_size, h_kv, d]; the first `head_dim_v` channels are also V.
-        block_table: int32 [b, max_blocks], page ids of each sequence in order.
-        cache_seqlens: int32 [b], tokens in the cache per sequence (the s_q queries included).
-        head_dim_v: channels of V.
-        tile_scheduler_metadata, num_splits: accepted for signature parity with the kernel; unused.
-        softmax_scale: defaults to d ** -0.5.
-        causal: query token i sees cache positions j <= seqlen - s_q + i.
-        is_fp8_kvcache: k_cache holds FP8 bytes (`mla.reference.quant` layout, head_dim_v is the
-            latent width); it is dequantized to q's dtype first, then attended as usual.
+        q: as the kernel's, or float64 (then over an FP8 cache: a float64 plain cache is not a
+            cache format); every other argument is checked exactly as the kernel checks it.
+        tile_scheduler_metadata, num_splits: validated as the kernel does (a FlashMLASchedMeta
+            records and checks the call's configuration), otherwise unused.
         compute_dtype: dtype the math runs in (not in the kernel's signature). Tests run it in
             q's own dtype to measure PyTorch's low-precision error, or in float64.
 
-    Returns:
-        out: [b, s_q, h_q, head_dim_v] in q's dtype; zero for rows that see no key.
-        lse: float32 [b, h_q, s_q], natural-log sum of exp of the scaled scores; +inf for
-        rows that see no key.
+    Memory: a dense call gathers [b, max_blocks * page_block_size, h_kv, d] keys in
+    compute_dtype (the whole block table's width: static shapes, no sync); a sparse call
+    [b, s_q, topk, h_kv, d]. Fine for tests and small models, not for long contexts.
     """
-    b, s_q, h_q, d = q.shape
-    if (k_cache.dtype in (torch.uint8, torch.float8_e4m3fn)) != is_fp8_kvcache:
-        raise TypeError(f"k_cache is {k_cache.dtype} but is_fp8_kvcache={is_fp8_kvcache}: FP8 caches are uint8/float8 bytes")
-    if is_fp8_kvcache:
-        kv, k_pe = dequantize_latent_fp8(k_cache, head_dim_v, d - head_dim_v)
-        k_cache = torch.cat([kv.to(q.dtype), k_pe.to(q.dtype)], dim=-1)
-    h_kv = k_cache.shape[2]
-    scale = d**-0.5 if softmax_scale is None else softmax_scale
-    out = torch.zeros(b, s_q, h_q, head_dim_v, dtype=compute_dtype, device=q.device)
-    lse = torch.full((b, h_q, s_q), math.inf, dtype=compute_dtype, device=q.device)
-    lengths = cache_seqlens.tolist()
-    for i in range(b):
-        seqlen = lengths[i]
-        if seqlen <= 0:
-            continue
-        kv = gather_pages(k_cache, block_table, seqlen, i).to(compute_dtype)  # [seqlen, h_kv, d]
-        # query head h = g * group + r reads latent head g; grouping keeps the cache unrepeated
-        qg = rearrange(q[i].to(compute_dtype), "s (g r) d -> g r s d", g=h_kv)
-        scores = torch.einsum("grsd,ngd->grsn", qg, kv) * scale  # [h_kv, group, s_q, seqlen]
-        limits = causal_limits(seqlen, s_q, causal, q.device)
-        visible = torch.arange(seqlen, device=q.device)[None, :] <= limits[:, None]  # [s_q, seqlen]
-        scores = scores.masked_fill(~visible, -math.inf)
-        seen = visible.any(dim=1)  # [s_q]
-        row_lse = torch.logsumexp(scores, dim=-1)  # [h_kv, group, s_q]
-        probs = torch.exp(scores - row_lse[..., None]).nan_to_num(0.0)
-        o = torch.einsum("grsn,ngd->sgrd", probs, kv[..., :head_dim_v]).flatten(1, 2)  # [s_q, h_q, dv]
-        out[i] = torch.where(seen[:, None, None], o, 0.0)
-        lse[i] = torch.where(seen[None, :], row_lse.flatten(0, 1), math.inf)
-    return out.to(q.dtype), lse.float()
+    call = check_decode(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache,
+        indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length, seqlens_q,
+        REFERENCE_Q_DTYPES,
+    )  # fmt: skip
+    check_schedule(call, q.device, tile_scheduler_metadata, num_splits)
+    fmt, dtype = call.fmt, q.dtype
+    b, s_q = call.b, call.s_q
+    device = q.device
+    query = torch.arange(s_q, device=device)
+    n_q = seqlens_q.long() if seqlens_q is not None else torch.full((b,), s_q, device=device)
+    is_query = query[None, :] < n_q[:, None]  # [b, s_q]
+    qg = rearrange(q.to(compute_dtype), "b s (g r) d -> b g r s d", g=call.h_kv)
+
+    parts, visible = [], []
+    if call.sparse:
+        limit = topk_length if topk_length is not None else torch.full((b,), call.topk, device=device)
+        rows, read = _slot_rows(k_cache.view(fmt.storage_dtype), indices, limit[:, None, None])
+        parts.append(_row_values(fmt, rows, read, dtype, compute_dtype))  # [b, s_q, topk, h_kv, *]
+        visible.append(read & is_query[..., None])
+    else:
+        page = call.page_size
+        width = block_table.shape[1]
+        lengths = cache_seqlens.long()
+        position = torch.arange(width * page, device=device)
+        # table entries past a sequence's pages may hold anything: read page 0 instead
+        table_ok = (torch.arange(width, device=device) * page < lengths[:, None]) & (block_table >= 0)
+        table_ok &= block_table < k_cache.shape[0]
+        rows = gather_pages(k_cache.view(fmt.storage_dtype), torch.where(table_ok, block_table, 0), width * page)
+        read = (position < lengths[:, None]) & table_ok[:, position // page]  # [b, n]
+        parts.append(_row_values(fmt, rows, read, dtype, compute_dtype))  # [b, n, h_kv, *]
+        last = lengths[:, None] - n_q[:, None] + query if causal else lengths[:, None].expand(b, s_q) - 1
+        visible.append(read[:, None, :] & (position <= last[..., None]) & is_query[..., None])
+    if call.has_extra:
+        limit = extra_topk_length if extra_topk_length is not None else torch.full((b,), call.extra_topk, device=device)
+        pages = extra_k_cache.view(fmt.storage_dtype)
+        rows, read = _slot_rows(pages, extra_indices_in_kvcache, limit[:, None, None])
+        parts.append(_row_values(fmt, rows, read, dtype, compute_dtype))
+        visible.append(read & is_query[..., None])
+
+    sink = None if attn_sink is None else attn_sink.view(call.h_kv, -1, 1)
+    out, lse, _ = _attend(qg, call.dv, parts, visible, call.scale, sink)
+    return rearrange(out, "b g r s d -> b s (g r) d").to(dtype), rearrange(lse, "b g r s -> b (g r) s").float()
+
+
+def flash_mla_sparse_fwd(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int = 512,
+    attn_sink: torch.Tensor | None = None,
+    topk_length: torch.Tensor | None = None,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse attention over one flat KV array; arguments, returns and semantics as
+    `mla.kernels.flash_mla_sparse_fwd`, plus `compute_dtype` (the dtype the math runs in).
+    Memory: gathers [s_q, h_kv, topk, d] keys in compute_dtype."""
+    call = check_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+    s_q, h_kv, topk = call.s_q, call.h_kv, call.topk
+    limit = topk_length.long() if topk_length is not None else torch.full((s_q,), topk, device=q.device)
+    position = torch.arange(topk, device=q.device)
+    read = (indices >= 0) & (indices < call.s_kv) & (position < limit[:, None, None])  # [s_q, h_kv, topk]
+    heads = torch.arange(h_kv, device=q.device)[None, :, None]
+    keys = kv[torch.where(read, indices, 0).long(), heads]  # [s_q, h_kv, topk, d], a fresh copy
+    keys = keys.masked_fill_(~read[..., None], 0).to(compute_dtype)  # unread rows may hold NaN
+    # each (token, kv head) is one query over its own key list: batch dims (t, g), one latent
+    # head and one query inside
+    qg = rearrange(q.to(compute_dtype), "t (g r) d -> t g 1 r 1 d", g=h_kv)
+    keys = rearrange(keys, "t g n d -> t g 1 n 1 d")
+    sink = None if attn_sink is None else attn_sink.view(h_kv, 1, -1, 1)
+    parts = [(keys[..., :d_v], keys[..., d_v:])]
+    out, lse, max_logits = _attend(qg, d_v, parts, [read[:, :, None, :]], call.scale, sink)
+    rows = "t g 1 r 1 -> t (g r)"
+    return (
+        rearrange(out, "t g 1 r 1 d -> t (g r) d").to(q.dtype),
+        rearrange(max_logits, rows).float(),
+        rearrange(lse, rows).float(),
+    )

@@ -20,7 +20,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HEADS = [(1, 1), (3, 1), (16, 1), (64, 1), (128, 1), (16, 2), (64, 2), (128, 2)]
-DIMS = [(576, 512), (80, 64)]
+DIMS = [(576, 512), (80, 64), (512, 512)]
 PAGES = [1, 16, 64]
 
 
@@ -55,16 +55,32 @@ def make_inputs(b, s_q, h_q, h_kv, d, page, lens, dtype, seed=0):
     return [t.to(DEVICE) for t in (q, k_cache, block_table, cache_seqlens)]
 
 
-def check_against_reference(q, k_cache, block_table, cache_seqlens, dv, causal, num_sm=None, is_fp8_kvcache=False):
-    """Kernel error vs a high-precision reference must be at most ~2x the error of the same
-    reference run in the input dtype (PyTorch's own low-precision error), plus a small floor."""
+def check_against_reference(q, k_cache, block_table, cache_seqlens, dv, num_sm=None, min_splits=0, **kw):
+    """Kernel error vs a float64 reference must be at most ~2x the error of the same reference
+    run in the input dtype (PyTorch's own low-precision error), plus a small floor.
+
+    kw: the call's keyword arguments (causal, is_fp8_kvcache, indices, attn_sink, extra cache,
+    topk lengths, seqlens_q). Dense calls plan with the old get_mla_metadata form, the others
+    with a FlashMLASchedMeta; num_sm sizes the split schedule, and with min_splits = 2 some row
+    must get two non-empty splits (the split + combine path ran). Returns the kernel's (out, lse).
+    """
     s_q, h_q, h_kv = q.shape[1], q.shape[2], k_cache.shape[2]
-    meta, splits = get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv, num_sm=num_sm)
-    kw = dict(causal=causal, is_fp8_kvcache=is_fp8_kvcache)
+    if kw.get("indices") is None and kw.get("extra_k_cache") is None:
+        meta, splits = get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv, num_sm=num_sm)
+    else:
+        meta, splits = get_mla_metadata(num_sm=num_sm)
     out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, dv, meta, splits, **kw)
     assert out.dtype == q.dtype and lse.dtype == torch.float32
+    cu_splits = splits if splits is not None else meta.num_splits
+    assert (cu_splits[1:] - cu_splits[:-1]).max().item() >= min_splits, "the schedule did not split as intended"
 
-    args = (q, k_cache, block_table, cache_seqlens, dv)
+    assert_like_reference(out, lse, q, k_cache, block_table, cache_seqlens, dv, **kw)
+    return out, lse
+
+
+def assert_like_reference(out, lse, *args, **kw):
+    """The tolerance rule of `check_against_reference` for any (out, lse) of the call (args, kw)."""
+    q = args[0]
     out_ref, lse_ref = ref.flash_mla_with_kvcache(*args, **kw, compute_dtype=torch.float64)
     out_low, lse_low = ref.flash_mla_with_kvcache(*args, **kw, compute_dtype=q.dtype)
     # out_ref is rounded to q's dtype like the kernel's output, so the two may sit one
@@ -82,7 +98,7 @@ def sweep_cases(slow: bool):
             b = [1, 3][n % 2]
             page = PAGES[(n + n // 3) % 3]
             dtype = list(DTYPES)[(n // 2) % 3]
-            d, dv = DIMS[(n // 3) % 2]
+            d, dv = DIMS[(n // 3) % 3]
             causal = (n // 4) % 2 == 0
             num_sm = [None, 64][(n // 6) % 2]
             cases.append((b, s_q, h_q, h_kv, page, dtype, d, dv, causal, num_sm, n))
@@ -90,7 +106,7 @@ def sweep_cases(slow: bool):
         for n, (b, s_q, (h_q, h_kv), page, dtype, causal) in enumerate(
             itertools.product([1, 3], [1, 2, 4], [(16, 1), (128, 1), (64, 2)], PAGES, list(DTYPES), [False, True])
         ):
-            d, dv = DIMS[n % 2]
+            d, dv = DIMS[n % 3]
             cases.append((b, s_q, h_q, h_kv, page, dtype, d, dv, causal, [None, 64][n % 2], n))
     return [
         pytest.param(
@@ -104,7 +120,7 @@ def sweep_cases(slow: bool):
 def _run_case(b, s_q, h_q, h_kv, page, dtype, d, dv, causal, num_sm, n):
     lens = seqlens_for(b, page, n)
     inputs = make_inputs(b, s_q, h_q, h_kv, d, page, lens, DTYPES[dtype], seed=n)
-    check_against_reference(*inputs, dv, causal, num_sm=num_sm)
+    check_against_reference(*inputs, dv, num_sm=num_sm, causal=causal)
 
 
 @pytest.mark.parametrize("b,s_q,h_q,h_kv,page,dtype,d,dv,causal,num_sm,n", sweep_cases(slow=False))
@@ -123,12 +139,14 @@ def test_decode_matches_reference_full_sweep(nan_empty, b, s_q, h_q, h_kv, page,
     [
         pytest.param(48, 32, [1, 65, 200], id="d48v32"),
         pytest.param(64, 64, [70, 3, 0], id="d64v64-no-rope"),
+        pytest.param(20, 8, [33, 0, 17], id="d20v8"),
+        pytest.param(3, 1, [5, 70, 1], id="d3v1"),
         pytest.param(576, 512, [1000, 2, 513], id="d576v512-long"),
     ],
 )
 def test_decode_other_head_dims(nan_empty, d, dv, lens):
     inputs = make_inputs(3, 2, 8, 1, d, 16, lens, torch.float32, seed=d)
-    check_against_reference(*inputs, dv, causal=True, num_sm=32)
+    check_against_reference(*inputs, dv, num_sm=32, causal=True)
 
 
 @pytest.mark.parametrize("num_sm", [1, 7, 64, 1000], ids=lambda n: f"sm{n}")
@@ -183,13 +201,20 @@ def test_metadata_single_split_when_grid_is_full():
 
 
 def test_reference_matches_plain_mla_math():
-    """The paged reference in float64 equals the dense absorbed and naive MLA formulas."""
+    """The paged reference in float64 equals the dense absorbed and naive MLA formulas.
+
+    The decode contract takes bf16 / fp16 / fp32 only, so inputs are float32 values on a
+    coarse dyadic grid (exact in float32, and so is the absorbed query); the one rounding left
+    is the paged reference's float32 output, carried through W_UV."""
     g = torch.Generator().manual_seed(0)
     b, s_q, h, dn, dr, dv, r, page = 2, 3, 4, 16, 8, 16, 32, 16
     lens = [37, 20]
-    q_nope = torch.randn(b, s_q, h, dn, generator=g, dtype=torch.float64)
-    q_pe = torch.randn(b, s_q, h, dr, generator=g, dtype=torch.float64)
-    w_kv_b = torch.randn(h * (dn + dv), r, generator=g, dtype=torch.float64) / r**0.5
+
+    def grid(*shape):
+        return torch.randint(-8, 9, shape, generator=g).to(torch.float64) / 8
+
+    q_nope, q_pe = grid(b, s_q, h, dn), grid(b, s_q, h, dr)
+    w_kv_b = grid(h * (dn + dv), r)
     scale = (dn + dr) ** -0.5
     w_uk, w_uv = ref.split_kv_b(w_kv_b, h, dv)
     q = torch.cat([ref.absorb_query(q_nope, w_uk), q_pe], dim=-1)  # [b, s_q, h, r + dr]
@@ -197,20 +222,23 @@ def test_reference_matches_plain_mla_math():
     block_table = torch.tensor([[5, 1, 6], [0, 3, 2]], dtype=torch.int32)
     caches = []
     for i, n in enumerate(lens):
-        tokens = torch.randn(n, r + dr, generator=g, dtype=torch.float64)
+        tokens = grid(n, r + dr)
         caches.append(tokens)
         for j in range(n):
             k_cache[block_table[i, j // page], j % page, 0] = tokens[j]
+    assert torch.equal(q.float().double(), q), "the absorbed query is exact in float32"
     out_lat, _ = ref.flash_mla_with_kvcache(
-        q, k_cache, block_table, torch.tensor(lens, dtype=torch.int32), r,
+        q.float(), k_cache.float(), block_table, torch.tensor(lens, dtype=torch.int32), r,
         softmax_scale=scale, causal=True, compute_dtype=torch.float64,
-    )
-    out = torch.einsum("bqhr,hvr->bqhv", out_lat, w_uv)
+    )  # fmt: skip
+    out = torch.einsum("bqhr,hvr->bqhv", out_lat.double(), w_uv)
+    bound = torch.finfo(torch.float32).eps * torch.einsum("bqhr,hvr->bqhv", out_lat.double().abs(), w_uv.abs())
     for i, n in enumerate(lens):
         lat, k_pe = caches[i][None, :, :r], caches[i][None, :, r:]
         args = (q_nope[i : i + 1], q_pe[i : i + 1], lat, k_pe, w_kv_b, dv, scale)
-        assert_close(f"absorbed seq{i}", out[i : i + 1], ref.mla_absorbed(*args), atol=1e-12)
-        assert_close(f"naive seq{i}", out[i : i + 1], ref.mla_naive(*args), atol=1e-12)
+        atol = bound[i].max().item()
+        assert_close(f"absorbed seq{i}", out[i : i + 1], ref.mla_absorbed(*args), atol=atol)
+        assert_close(f"naive seq{i}", out[i : i + 1], ref.mla_naive(*args), atol=atol)
 
 
 def to_fp8_cache(k_cache: torch.Tensor, dv: int) -> torch.Tensor:
@@ -227,6 +255,8 @@ def to_fp8_cache(k_cache: torch.Tensor, dv: int) -> torch.Tensor:
         pytest.param(3, 4, 3, 1, "fp16", 576, 512, True, 64, id="b3-sq4-h3-page1-fp16-d576v512-causal-split"),
         pytest.param(3, 1, 64, 64, "fp16", 80, 64, False, 64, id="b3-sq1-h64-page64-fp16-d80v64-split"),
         pytest.param(1, 2, 16, 1, "bf16", 48, 32, True, None, id="b1-sq2-h16-page1-bf16-d48v32-causal"),
+        pytest.param(3, 2, 4, 16, "fp16", 16, 8, True, 64, id="b3-sq2-h4-page16-fp16-d16v8-causal-split"),
+        pytest.param(2, 1, 16, 16, "fp32", 80, 64, False, None, id="b2-sq1-h16-page16-fp32-d80v64"),
         pytest.param(3, 4, 16, 16, "bf16", 1152, 1024, True, 64, id="b3-sq4-h16-page16-bf16-d1152v1024-causal-split"),
     ],
 )
@@ -234,95 +264,18 @@ def test_decode_fp8_cache_matches_reference(nan_empty, b, s_q, h_q, page, dtype,
     lens = seqlens_for(b, page, s_q + h_q)
     q, k_cache, block_table, cache_seqlens = make_inputs(b, s_q, h_q, 1, d, page, lens, DTYPES[dtype], seed=h_q)
     fp8 = to_fp8_cache(k_cache, dv)
-    check_against_reference(q, fp8, block_table, cache_seqlens, dv, causal, num_sm=num_sm, is_fp8_kvcache=True)
+    check_against_reference(q, fp8, block_table, cache_seqlens, dv, num_sm=num_sm, causal=causal, is_fp8_kvcache=True)
     # the float8 view of the same bytes is accepted too
     out = flash_mla_with_kvcache(q, fp8.view(torch.float8_e4m3fn), block_table, cache_seqlens, dv, causal=causal, is_fp8_kvcache=True)[0]
     assert torch.equal(out, flash_mla_with_kvcache(q, fp8, block_table, cache_seqlens, dv, causal=causal, is_fp8_kvcache=True)[0])
 
 
-def test_reference_rejects_fp8_bytes_without_the_flag():
-    q, k_cache, block_table, lens = make_inputs(1, 1, 4, 1, 80, 16, [20], torch.bfloat16)
-    with pytest.raises(TypeError, match="is_fp8_kvcache=False"):
-        ref.flash_mla_with_kvcache(q, to_fp8_cache(k_cache, 64)[..., :80], block_table, lens, 64)
-    with pytest.raises(TypeError, match="is_fp8_kvcache=True"):
-        ref.flash_mla_with_kvcache(q, k_cache, block_table, lens, 64, is_fp8_kvcache=True)
-
-
-@pytest.mark.parametrize(
-    "q_dtype,d,dv,width_delta,error,match",
-    [
-        pytest.param(torch.float32, 80, 64, 0, TypeError, "FP8 k_cache takes", id="fp32-q"),
-        pytest.param(torch.float8_e4m3fn, 80, 64, 0, TypeError, "q must be", id="fp8-q"),
-        pytest.param(torch.bfloat16, 80, 64, 4, ValueError, "bytes for kv_lora_rank", id="byte-width"),
-        pytest.param(torch.bfloat16, 256, 192, 0, ValueError, "multiple of the FP8 scale tile", id="latent-not-tiled"),
-    ],
-)
-def test_decode_fp8_rejects_bad_inputs(q_dtype, d, dv, width_delta, error, match):
-    q, k_cache, block_table, lens = make_inputs(2, 1, 4, 1, d, 16, [20, 5], torch.bfloat16)
-    tile = min(128, dv)
-    width = dv + 4 * max(1, dv // tile) + 2 * (d - dv) + width_delta
-    fp8 = torch.zeros(*k_cache.shape[:3], width, dtype=torch.uint8)
-    with pytest.raises(error, match=match):
-        flash_mla_with_kvcache(q.to(q_dtype), fp8, block_table, lens, dv, is_fp8_kvcache=True)
-
-
-# ---- bad inputs: each names the argument ----
-
-
-def _good(b=2, s_q=1, h_q=4, h_kv=1, d=80, page=16, lens=(20, 5)):
-    return make_inputs(b, s_q, h_q, h_kv, d, page, list(lens), torch.float32)
-
-
-def _call(q, k_cache, block_table, lens, dv=64, **kw):
-    return flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, **kw)
-
-
-@pytest.mark.parametrize(
-    "mutate,error,match",
-    [
-        pytest.param(lambda a: a.__setitem__(0, a[0][0]), ValueError, "q must be", id="q-rank"),
-        pytest.param(lambda a: a.__setitem__(1, a[1][0]), ValueError, "k_cache must be", id="cache-rank"),
-        pytest.param(lambda a: a.__setitem__(0, a[0].double()), TypeError, "q must be", id="q-float64"),
-        pytest.param(lambda a: a.__setitem__(1, a[1].half()), TypeError, "k_cache dtype", id="cache-dtype"),
-        pytest.param(lambda a: a.__setitem__(2, a[2].long()), TypeError, "block_table", id="table-int64"),
-        pytest.param(lambda a: a.__setitem__(3, a[3].long()), TypeError, "cache_seqlens", id="lens-int64"),
-        pytest.param(lambda a: a.__setitem__(3, a[3][:1]), ValueError, "batch mismatch", id="lens-batch"),
-        pytest.param(lambda a: a.__setitem__(1, a[1][..., :48]), ValueError, "head dim", id="cache-head-dim"),
-        pytest.param(lambda a: a.__setitem__(1, a[1].expand(-1, -1, 3, -1)), ValueError, "multiple", id="h_q-mod-h_kv"),
-        pytest.param(lambda a: a.__setitem__(1, a[1].to("meta")), ValueError, "k_cache is on", id="device"),
-        pytest.param(lambda a: a.__setitem__(4, 96), ValueError, "head_dim_v", id="dv-gt-d"),
-        pytest.param(lambda a: a.__setitem__(4, 8), ValueError, "head_dim_v", id="dv-lt-16"),
-        pytest.param(lambda a: a.__setitem__(3, torch.tensor([20, -1], dtype=torch.int32)), ValueError, ">= 0", id="negative-len"),
-        pytest.param(lambda a: a.__setitem__(3, torch.tensor([33, 5], dtype=torch.int32)), ValueError, "columns", id="table-narrow"),
-        pytest.param(lambda a: a[2].__setitem__((1, 0), 999), ValueError, r"block_table\[1, 0\]", id="table-entry-range"),
-        pytest.param(lambda a: a.__setitem__(2, a[2].tolist()), TypeError, "block_table must be a torch.Tensor", id="table-list"),
-    ],
-)
-def test_decode_rejects_bad_inputs(mutate, error, match):
-    args = [*_good(), 64]
-    mutate(args)
-    with pytest.raises(error, match=match):
-        _call(*args)
-
-
-def test_decode_rejects_bad_metadata():
-    q, k_cache, block_table, lens = _good()
-    meta, splits = get_mla_metadata(lens, 4, 1)
-    with pytest.raises(ValueError, match="tile_scheduler_metadata"):
-        _call(q, k_cache, block_table, lens, tile_scheduler_metadata=meta[:1], num_splits=splits)
-    with pytest.raises(ValueError, match="num_splits"):
-        _call(q, k_cache, block_table, lens, tile_scheduler_metadata=meta, num_splits=splits.long())
-    with pytest.raises(ValueError, match="or neither"):
-        _call(q, k_cache, block_table, lens, tile_scheduler_metadata=meta)
-    with pytest.raises(TypeError, match="cache_seqlens"):
-        get_mla_metadata(lens.long(), 4, 1)
-
-
 @pytest.mark.skipif(DEVICE != "cpu", reason="CPU-only error path")
 def test_decode_without_interpreter_points_to_reference(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="mla.reference"):
-        _call(*_good())
+    q, k_cache, block_table, lens = make_inputs(1, 1, 4, 1, 80, 16, [20], torch.float32)
+    with pytest.raises(ValueError, match="mla.reference.flash_mla_with_kvcache"):
+        flash_mla_with_kvcache(q, k_cache, block_table, lens, 64)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU")
