@@ -64,6 +64,7 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.backends.driver import DriverBase
 from triton.compiler import make_backend
+from triton.runtime.autotuner import Heuristics
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
@@ -210,13 +211,22 @@ class Launch:
 
 
 class _Recorder:
-    """Stands in for a JITFunction: `kernel[grid](*args, **kwargs)` records instead of launching."""
+    """Stands in for a JITFunction, or a `triton.heuristics` wrapper of one: `kernel[grid](*args,
+    **kwargs)` records the JITFunction's launch (the heuristics' values added, as Heuristics.run
+    adds them) instead of launching."""
 
-    def __init__(self, kernel: JITFunction, launches: list[Launch]):
+    def __init__(self, kernel: JITFunction | Heuristics, launches: list[Launch]):
         self.kernel, self.launches = kernel, launches
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append(Launch(self.kernel, grid, args, kwargs))
+        return lambda *args, **kwargs: self.launches.append(self._launch(grid, args, kwargs))
+
+    def _launch(self, grid, args, kwargs) -> Launch:
+        if not isinstance(self.kernel, Heuristics):
+            return Launch(self.kernel, grid, args, kwargs)
+        named = dict(zip(self.kernel.arg_names, args))
+        values = {name: rule({**named, **kwargs}) for name, rule in self.kernel.values.items()}
+        return Launch(self.kernel.fn, grid, args, {**kwargs, **values})
 
 
 def capture_launches(call: Callable[[], None]) -> list[Launch]:
@@ -228,7 +238,11 @@ def capture_launches(call: Callable[[], None]) -> list[Launch]:
     launches: list[Launch] = []
     with contextlib.ExitStack() as stack:
         for module in modules:
-            jitted = {name: _Recorder(v, launches) for name, v in vars(module).items() if isinstance(v, JITFunction)}
+            jitted = {
+                name: _Recorder(v, launches)
+                for name, v in vars(module).items()
+                if isinstance(v, (JITFunction, Heuristics))
+            }
             if jitted:
                 stack.enter_context(unittest.mock.patch.multiple(module, **jitted))
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))

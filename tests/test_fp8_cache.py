@@ -417,9 +417,9 @@ def test_match_rate_catches_a_wrong_scale(generation, monkeypatch):
     generate, bf16_tokens = generation
     write = mla.ops.write
 
-    def write_doubled(fmt, pages, slots, latent, k_pe, backend):
+    def write_doubled(fmt, pages, slots, latent, k_pe, backend, **kwargs):
         # 2x the input: the same codes under a scale one power of two higher
-        write(fmt, pages, slots, 2 * latent, k_pe, backend)
+        write(fmt, pages, slots, 2 * latent, k_pe, backend, **kwargs)
 
     monkeypatch.setattr(mla.ops, "write", write_doubled)
     rate = first_token_match_rate(generate("fp8"), bf16_tokens)
