@@ -46,6 +46,16 @@ def time_ms(fn, device: torch.device, min_time_s: float = 0.3, min_reps: int = 3
     return 1e3 * statistics.median(times)
 
 
+def measure_copy_gbps(device: torch.device, nbytes: int) -> float:
+    """Copy bandwidth measured now, in GB/s counting the bytes read and written (2 * nbytes per
+    copy, as STREAM's Copy does), with torch's current threads. nbytes should be several times
+    the last-level cache, or the figure measures the cache instead of memory."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
 def device_label(device: torch.device) -> str:
     """'cpu', or the GPU's name as a file-name slug ('nvidia-h200')."""
     if device.type != "cuda":
@@ -133,24 +143,31 @@ def format_table(columns: list[tuple[str, str, str]], rows: list[dict]) -> str:
 
 @dataclass
 class Target:
-    """One goal of the report: measured >= threshold. measured None: not measured here (why in note)."""
+    """One goal of the report: measured >= threshold (op ">=", higher is better) or measured <=
+    threshold (op "<=", lower is better). measured None: not measured here (why in note)."""
 
     name: str
     threshold: float
     unit: str
     measured: float | None = None
     note: str = ""
+    op: str = ">="
+
+    def __post_init__(self):
+        if self.op not in (">=", "<="):
+            raise ValueError(f"Target op must be '>=' or '<=', got {self.op!r}")
 
     @property
     def status(self) -> str:
         if self.measured is None:
             return "SKIP"
-        return "PASS" if self.measured >= self.threshold else "MISS"
+        met = self.measured >= self.threshold if self.op == ">=" else self.measured <= self.threshold
+        return "PASS" if met else "MISS"
 
     def line(self) -> str:
         got = "not measured" if self.measured is None else f"{self.measured:.2f}{self.unit}"
         note = f"  ({self.note})" if self.note else ""
-        return f"[{self.status}] {self.name}: {got} (target >= {self.threshold:g}{self.unit}){note}"
+        return f"[{self.status}] {self.name}: {got} (target {self.op} {self.threshold:g}{self.unit}){note}"
 
     def as_dict(self) -> dict:
         return {**asdict(self), "status": self.status}
