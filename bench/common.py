@@ -23,37 +23,48 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_ms(fn, device: torch.device, min_time_s: float = 0.3, min_reps: int = 3, max_reps: int = 50) -> float:
-    """Median milliseconds of one fn() call.
+    """Median milliseconds of one fn() call (`time_ms_alternating` with one function)."""
+    return time_ms_alternating([fn], device, min_time_s, min_reps, max_reps)[0]
 
-    GPU: CUDA events through triton's do_bench (which flushes L2 between calls). CPU: one
-    warm-up call, then timed calls until min_reps of them and min_time_s have passed (at most
-    max_reps). A call slower than a second gets two timed repeats only: the run's budget
-    matters more than the spread of a multi-second figure.
+
+def time_ms_alternating(fns, device: torch.device, min_time_s: float = 0.3, min_reps: int = 3,
+                        max_reps: int = 50) -> list[float]:  # fmt: skip
+    """Median milliseconds of one call of each function in fns, called in turn.
+
+    GPU: CUDA events through triton's do_bench (which flushes L2 between calls), one function
+    after the other. CPU: one warm-up call of each, then rounds of one timed call of each until
+    min_reps rounds and min_time_s of the first function's time have passed (at most max_reps).
+    A first function slower than a second gets two rounds only: the run's budget matters more
+    than the spread of a multi-second figure. Taking turns is what a ratio of two timings needs
+    on a shared machine: both see the same load, instead of each its own moment of it.
     """
     if device.type == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return [triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") for fn in fns]
     start = time.perf_counter()
-    fn()
+    fns[0]()
     if time.perf_counter() - start > 1.0:
         min_reps, min_time_s = 2, 0.0
-    times = []
-    while len(times) < max_reps and (len(times) < min_reps or sum(times) < min_time_s):
-        start = time.perf_counter()
+    for fn in fns[1:]:
         fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    times = [[] for _ in fns]
+    while len(times[0]) < max_reps and (len(times[0]) < min_reps or sum(times[0]) < min_time_s):
+        for fn, fn_times in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            fn_times.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(fn_times) for fn_times in times]
 
 
-def measure_copy_gbps(device: torch.device, nbytes: int) -> float:
-    """Copy bandwidth measured now, in GB/s counting the bytes read and written (2 * nbytes per
-    copy, as STREAM's Copy does), with torch's current threads. nbytes should be several times
-    the last-level cache, or the figure measures the cache instead of memory."""
+def copy_fn(device: torch.device, nbytes: int):
+    """(fn, moved): fn copies one nbytes buffer into another, both made now; moved = 2 * nbytes,
+    the bytes read and written, as STREAM's Copy counts them, for a copy bandwidth of
+    moved / time. nbytes should be several times the last-level cache, or the figure measures
+    the cache instead of memory."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).uniform_()
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device)
-    return 2 * src.numel() * src.element_size() / ms / 1e6
+    return (lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()
 
 
 def device_label(device: torch.device) -> str:
@@ -65,8 +76,8 @@ def device_label(device: torch.device) -> str:
 
 def _git_commit() -> str | None:
     """HEAD (with -dirty for uncommitted changes to tracked files); BENCH_COMMIT where the tree
-    is a copy without .git (bench/gpu.sh on a GPU machine)."""
-    if not os.path.isdir(os.path.join(REPO, ".git")):
+    is a copy without .git (bench/gpu.sh on a GPU machine). In a git worktree .git is a file."""
+    if not os.path.exists(os.path.join(REPO, ".git")):
         return os.environ.get("BENCH_COMMIT")
     try:
         commit = subprocess.run(

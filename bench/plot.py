@@ -89,9 +89,7 @@ def _layer(ax, rows):
     }
     if all("stream_ms" in r for r in rows):
         # the same for every impl at one s_k: the step's bytes read once at the measured copy rate
-        series["stream bytes at copy GB/s"] = [
-            next(r["stream_ms"] for r in rows if r["s_k"] == s) for s in contexts
-        ]
+        series["stream bytes at copy GB/s"] = [next(r["stream_ms"] for r in rows if r["s_k"] == s) for s in contexts]
     _bars(ax, [f"s_k={s}" for s in contexts], series, log=True)
     ax.set_ylabel("ms per decode step (lower is better)")
     ax.set_title(f"2. one {rows[0].get('model', '')} attention layer, decode")
@@ -148,7 +146,7 @@ def plot_report(report: dict, path: str) -> None:
     _memory(next(panels), report.get("memory", []))
     if kernel:
         _kernel(next(panels), decode, "copy_fraction", 16, 1, "2. kernel, h_q=16 s_q=1: fraction of copy bandwidth",
-                "fraction of copy bandwidth")
+                "fraction of copy bandwidth")  # fmt: skip
         _kernel(next(panels), decode, "matmul_fraction", 128, 2,
                 "2. kernel, h_q=128 s_q=2: fraction of bf16 matmul rate", "fraction of bf16 matmul rate")  # fmt: skip
     _layer(next(panels), decode)

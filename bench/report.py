@@ -18,7 +18,7 @@ import torch
 from mla import MLAConfig
 
 from . import decode, generation, layer, memory, speculative
-from .common import REPO, Target, device_label, measure_copy_gbps, metadata
+from .common import REPO, Target, device_label, metadata
 
 SECTIONS = ("memory", "decode", "generation", "speculative")
 # Kernel rows count toward the GPU targets only when their cache exceeds any L2 and a launch
@@ -39,7 +39,7 @@ class Settings:
 
     kernel_sweep: {"b", "s_k", "h_q", "s_q"} lists for the GPU kernel sweep (GPU only).
     ceiling_copy_bytes, ceiling_matmul_n: sizes of the two roofline measurements (the copy
-        bandwidth is measured on every device: the layer's stream time uses it).
+        buffer also times the layer rows' copy bandwidth, on every device).
     layer_config, layer_contexts: the attention layer timed three ways, at these s_k.
     generation_config, generation_contexts, generation_tokens: the transformers model, the
         tokens in its cache before decoding and the greedy tokens timed per run
@@ -199,21 +199,17 @@ def run(settings: Settings, device: torch.device, sections=SECTIONS, models=None
             report["notes"]["layer"] = why
             log(f"\n== 2. attention layer decode: skipped ({why}) ==")
         else:
-            if "ceilings" not in report:
-                report["ceilings"] = {"copy_bytes": settings.ceiling_copy_bytes,
-                                      "copy_gbps": measure_copy_gbps(device, settings.ceiling_copy_bytes)}
-            copy_gbps = report["ceilings"]["copy_gbps"]
             rows = layer.layer_rows(settings.layer_config, settings.layer_contexts, device, dtype,
-                                    _bar("2. layer decode"), settings.layer_model, copy_gbps)  # fmt: skip
+                                    _bar("2. layer decode"), settings.layer_model, settings.ceiling_copy_bytes)  # fmt: skip
             report["decode"].extend(rows)
             n = torch.get_num_threads()
             threads = f", {n} thread{'s' if n > 1 else ''}" if device.type == "cpu" else ""
             log(f"\n== 2. one {settings.layer_model} attention layer, one decode step, b=1, {dtype} ==\n"
                 "absorbed: mla.MLAttention on a LatentCache; naive: same projections + mla.reference.mla_naive "
                 "(decompresses every cached latent to per-head K/V); transformers: DeepseekV3Attention, eager, "
-                f"DynamicCache. stream ms: the layer's weights + the cached latents read once at the copy bandwidth "
-                f"measured now ({copy_gbps:.1f} GB/s read + write, {settings.ceiling_copy_bytes >> 20} MiB "
-                f"buffer{threads}); x stream time: ms over stream ms (lower is better)\n"
+                f"DynamicCache. copy GB/s: a {settings.ceiling_copy_bytes >> 20} MiB copy timed in turn with the "
+                f"row's calls (read + write bytes{threads}); stream ms: the layer's weights + the cached latents read "
+                "once at that rate; x stream time: ms over stream ms (lower is better)\n"
                 f"{layer.format_layer_table(rows)}")
         _checkpoint(checkpoint, report, start)
 

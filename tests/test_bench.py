@@ -102,12 +102,11 @@ def test_layer_implementations_agree(tiny_report):
 
 def test_layer_rows_give_the_stream_time(tiny_report):
     """Each layer row: its bytes (weights + s_k cached float32 latents) over the copy bandwidth
-    measured in the same run, and the step's time as a multiple of that."""
-    copy_gbps = tiny_report["ceilings"]["copy_gbps"]
-    assert copy_gbps > 0 and tiny_report["ceilings"]["copy_bytes"] == TINY_SETTINGS.ceiling_copy_bytes
+    measured with the row, and the step's time as a multiple of that."""
     rows = {(r["impl"], r["s_k"]): r for r in tiny_report["decode"]}
     for row in rows.values():
-        assert row["stream_ms"] == pytest.approx(row["bytes"] / copy_gbps / 1e6)
+        assert row["copy_gbps"] > 0
+        assert row["stream_ms"] == pytest.approx(row["bytes"] / row["copy_gbps"] / 1e6)
         assert row["stream_multiple"] == pytest.approx(row["ms"] / row["stream_ms"])
     assert rows["absorbed", 130]["bytes"] - rows["absorbed", 40]["bytes"] == 90 * TINY.cache_dim * 4
     assert rows["absorbed", 40]["bytes"] == rows["transformers", 40]["bytes"]
@@ -218,12 +217,21 @@ def test_figure_says_what_is_better_and_shows_every_target(tiny_report, tmp_path
         plot.plt.close(fig)
 
 
+def test_commit_is_recorded_in_a_git_checkout(tiny_report):
+    """Also in a git worktree, where .git is a file, not a folder."""
+    if shutil.which("git") is None or not os.path.exists(os.path.join(REPO, ".git")):
+        pytest.skip("not a git checkout")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=30,
+                          check=True)  # fmt: skip
+    assert tiny_report["commit"].removesuffix("-dirty") == head.stdout.strip()
+
+
 def test_runs_are_written_where_git_ignores_them(tiny_report):
     path = report.default_path(tiny_report)
     assert path.startswith(os.path.join(REPO, "bench", "results", "local") + os.sep)
     if shutil.which("git") is None or not os.path.exists(os.path.join(REPO, ".git")):
         pytest.skip("not a git checkout")
-    ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO, timeout=30)
+    ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO, timeout=30, check=False)
     assert ignored.returncode == 0, f"git does not ignore {path}"
 
 
