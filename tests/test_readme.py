@@ -26,7 +26,7 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 def _section(text: str, title: str) -> str:
     """The text under the `## title` heading, up to the next heading of level 2."""
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text, flags=re.M | re.S)
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text, flags=re.MULTILINE | re.DOTALL)
     assert match, f"README has no '## {title}' section"
     return match.group(1)
 
@@ -36,7 +36,7 @@ def python_blocks(text: str) -> list[pytest.param]:
     heading's later blocks)."""
     params, seen, heading = [], {}, "top"
     # headings and whole fenced blocks, in order (a "# comment" inside a block is no heading)
-    for match in re.finditer(r"^#{1,6} ([^\n]*)$|^```(\w*)\n(.*?)^```$", text, flags=re.M | re.S):
+    for match in re.finditer(r"^#{1,6} ([^\n]*)$|^```(\w*)\n(.*?)^```$", text, flags=re.MULTILINE | re.DOTALL):
         if match.group(1) is not None:
             heading = re.sub(r"[^a-z0-9]+", "-", match.group(1).lower()).strip("-")
         elif match.group(2) == "python":
@@ -84,7 +84,7 @@ def _pip_install(command: str) -> list[str]:
 
 
 def test_setup_is_two_commands_on_the_cpu_wheel_and_ci_runs_the_second():
-    commands = re.findall(r"^```\n(.*?)\n^```$", _section(README, "Set up"), flags=re.M | re.S)
+    commands = re.findall(r"^```\n(.*?)\n^```$", _section(README, "Set up"), flags=re.MULTILINE | re.DOTALL)
     assert len(commands) == 2, commands
     bench, tests = (_pip_install(c) for c in commands)
     assert commands[0].endswith("python -m bench") and commands[1].endswith("python -m pytest"), commands
