@@ -200,7 +200,8 @@ def run(settings: Settings, device: torch.device, sections=SECTIONS, models=None
             log(f"\n== 2. attention layer decode: skipped ({why}) ==")
         else:
             rows = layer.layer_rows(settings.layer_config, settings.layer_contexts, device, dtype,
-                                    _bar("2. layer decode"), settings.layer_model, settings.ceiling_copy_bytes)  # fmt: skip
+                                    _bar("2. layer decode"), settings.layer_model,
+                                    settings.ceiling_copy_bytes)  # fmt: skip
             report["decode"].extend(rows)
             n = torch.get_num_threads()
             threads = f", {n} thread{'s' if n > 1 else ''}" if device.type == "cpu" else ""

@@ -651,7 +651,7 @@ def test_mtp_needs_an_mla_target_with_matching_vocabulary():
         pytest.param(lambda: models("qwen2")[1], r"pass DraftModelDrafter\(model\)$", id="transformers-model"),
         pytest.param(lambda: mla_model(VOCAB, 1, seed=1), r"pass DraftModelDrafter\(model\)$", id="mla-model"),
         pytest.param(lambda: adapted("qwen2"), r"pass DraftModelDrafter\(model\)$", id="causal-lm-adapter"),
-        pytest.param(lambda: models("mla")[0], r"DraftModelDrafter\(model\), or MTPDrafter\(model\) to draft with its MTP",
+        pytest.param(lambda: models("mla")[0], r"DraftModelDrafter\(model\), or MTPDrafter\(model\) to draft",
                      id="mla-model-with-mtp"),
         pytest.param(lambda: models("mla")[0].mtp, r"pass MTPDrafter\(mtp\)$", id="mtp-module"),
         pytest.param(lambda: 3, r"got int$", id="not-a-model"),
