@@ -23,27 +23,48 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_ms(fn, device: torch.device, min_time_s: float = 0.3, min_reps: int = 3, max_reps: int = 50) -> float:
-    """Median milliseconds of one fn() call.
+    """Median milliseconds of one fn() call (`time_ms_alternating` with one function)."""
+    return time_ms_alternating([fn], device, min_time_s, min_reps, max_reps)[0]
 
-    GPU: CUDA events through triton's do_bench (which flushes L2 between calls). CPU: one
-    warm-up call, then timed calls until min_reps of them and min_time_s have passed (at most
-    max_reps). A call slower than a second gets two timed repeats only: the run's budget
-    matters more than the spread of a multi-second figure.
+
+def time_ms_alternating(fns, device: torch.device, min_time_s: float = 0.3, min_reps: int = 3,
+                        max_reps: int = 50) -> list[float]:  # fmt: skip
+    """Median milliseconds of one call of each function in fns, called in turn.
+
+    GPU: CUDA events through triton's do_bench (which flushes L2 between calls), one function
+    after the other. CPU: one warm-up call of each, then rounds of one timed call of each until
+    min_reps rounds and min_time_s of the first function's time have passed (at most max_reps).
+    A first function slower than a second gets two rounds only: the run's budget matters more
+    than the spread of a multi-second figure. Taking turns is what a ratio of two timings needs
+    on a shared machine: both see the same load, instead of each its own moment of it.
     """
     if device.type == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return [triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") for fn in fns]
     start = time.perf_counter()
-    fn()
+    fns[0]()
     if time.perf_counter() - start > 1.0:
         min_reps, min_time_s = 2, 0.0
-    times = []
-    while len(times) < max_reps and (len(times) < min_reps or sum(times) < min_time_s):
-        start = time.perf_counter()
+    for fn in fns[1:]:
         fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    times = [[] for _ in fns]
+    while len(times[0]) < max_reps and (len(times[0]) < min_reps or sum(times[0]) < min_time_s):
+        for fn, fn_times in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            fn_times.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(fn_times) for fn_times in times]
+
+
+def copy_fn(device: torch.device, nbytes: int):
+    """(fn, moved): fn copies one nbytes buffer into another, both made now; moved = 2 * nbytes,
+    the bytes read and written, as STREAM's Copy counts them, for a copy bandwidth of
+    moved / time. nbytes should be several times the last-level cache, or the figure measures
+    the cache instead of memory."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).uniform_()
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()
 
 
 def device_label(device: torch.device) -> str:
@@ -55,8 +76,8 @@ def device_label(device: torch.device) -> str:
 
 def _git_commit() -> str | None:
     """HEAD (with -dirty for uncommitted changes to tracked files); BENCH_COMMIT where the tree
-    is a copy without .git (bench/gpu.sh on a GPU machine)."""
-    if not os.path.isdir(os.path.join(REPO, ".git")):
+    is a copy without .git (bench/gpu.sh on a GPU machine). In a git worktree .git is a file."""
+    if not os.path.exists(os.path.join(REPO, ".git")):
         return os.environ.get("BENCH_COMMIT")
     try:
         commit = subprocess.run(
@@ -133,24 +154,31 @@ def format_table(columns: list[tuple[str, str, str]], rows: list[dict]) -> str:
 
 @dataclass
 class Target:
-    """One goal of the report: measured >= threshold. measured None: not measured here (why in note)."""
+    """One goal of the report: measured >= threshold (op ">=", higher is better) or measured <=
+    threshold (op "<=", lower is better). measured None: not measured here (why in note)."""
 
     name: str
     threshold: float
     unit: str
     measured: float | None = None
     note: str = ""
+    op: str = ">="
+
+    def __post_init__(self):
+        if self.op not in (">=", "<="):
+            raise ValueError(f"Target op must be '>=' or '<=', got {self.op!r}")
 
     @property
     def status(self) -> str:
         if self.measured is None:
             return "SKIP"
-        return "PASS" if self.measured >= self.threshold else "MISS"
+        met = self.measured >= self.threshold if self.op == ">=" else self.measured <= self.threshold
+        return "PASS" if met else "MISS"
 
     def line(self) -> str:
         got = "not measured" if self.measured is None else f"{self.measured:.2f}{self.unit}"
         note = f"  ({self.note})" if self.note else ""
-        return f"[{self.status}] {self.name}: {got} (target >= {self.threshold:g}{self.unit}){note}"
+        return f"[{self.status}] {self.name}: {got} (target {self.op} {self.threshold:g}{self.unit}){note}"
 
     def as_dict(self) -> dict:
         return {**asdict(self), "status": self.status}

@@ -11,7 +11,12 @@ including the layer's projections (q, kv_a, o_proj):
 - transformers: `DeepseekV3Attention` as shipped (eager attention) on a `DynamicCache`
   prefilled with the same latents; it also decompresses the whole context every step.
 
-The three outputs are compared as well as timed.
+The three outputs are compared as well as timed. Each row also gives the time to stream the
+step's bytes (the layer's weights and the cached latents) at the copy bandwidth measured in
+turn with the step's own calls, and the step's time as a multiple of it: at b = 1 a decode step reads every
+byte once and does little else, so a multiple near 1 says the step is memory-bound with little
+left to gain (a read-only stream can run a little faster than a copy, so slightly under 1 is
+possible).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from mla import LatentCache, MLAConfig, MLAttention
 from mla.reference import mla_naive
 from mla.rope import apply_rope
 
-from .common import format_table, synchronize, time_ms
+from .common import copy_fn, format_table, synchronize, time_ms, time_ms_alternating
 
 IMPLS = ("absorbed", "naive", "transformers")
 PAGE = 64
@@ -154,15 +159,20 @@ class LayerBench:
 
 
 def layer_rows(cfg: MLAConfig, s_k_list, device: torch.device, dtype=torch.float32, progress=None,
-               model: str = "DeepSeek-V3") -> list[dict]:
+               model: str = "DeepSeek-V3", copy_bytes: int | None = None) -> list[dict]:
     """Time the three implementations at each context length.
 
-    Returns rows {"impl", "model", b=1, s_k, h_q, s_q=1, ms, gbps, speedup_vs_transformers,
-    max_abs_diff}: gbps counts the bytes a decode step must read at least (the cached latents
-    and the layer's weights) over the time; max_abs_diff is the output's largest difference from
-    transformers' on the same inputs.
+    Returns rows {"impl", "model", b=1, s_k, h_q, s_q=1, ms, bytes, gbps, speedup_vs_transformers,
+    max_abs_diff}, and with copy_bytes also {copy_gbps, stream_ms, stream_multiple}. bytes is
+    what a decode step must read at least: the layer's weights and the s_k cached latents; gbps
+    is bytes over the time. copy_gbps: a copy_bytes buffer copied in turn with the row's timed
+    calls (`common.copy_fn`, `common.time_ms_alternating`), so a shared machine's load weighs on
+    both alike; stream_ms: the time to stream the step's bytes at that rate; stream_multiple =
+    ms / stream_ms. max_abs_diff is the output's largest difference from transformers' on the
+    same inputs.
     """
     bench = LayerBench(cfg, device, dtype)
+    copy, moved = copy_fn(device, copy_bytes) if copy_bytes else (None, 0)
     itemsize = torch.tensor([], dtype=dtype).element_size()
     rows = []
     jobs = [(s_k, impl) for s_k in s_k_list for impl in IMPLS]
@@ -172,11 +182,16 @@ def layer_rows(cfg: MLAConfig, s_k_list, device: torch.device, dtype=torch.float
             expected = bench.transformers()
         fn = getattr(bench, impl)
         diff = (fn().float() - expected.float()).abs().max().item()
-        ms = time_ms(fn, device)
+        ms, copy_ms = time_ms_alternating([fn, copy], device) if copy else (time_ms(fn, device), None)
         synchronize(device)
         nbytes = s_k * cfg.cache_dim * itemsize + bench.weight_bytes()
-        rows.append({"impl": impl, "model": model, "b": 1, "s_k": s_k, "h_q": cfg.num_heads, "s_q": 1, "ms": ms,
-                     "gbps": nbytes / ms / 1e6, "max_abs_diff": diff})  # fmt: skip
+        row = {"impl": impl, "model": model, "b": 1, "s_k": s_k, "h_q": cfg.num_heads, "s_q": 1, "ms": ms,
+               "bytes": nbytes, "gbps": nbytes / ms / 1e6, "max_abs_diff": diff}  # fmt: skip
+        if copy:
+            row["copy_gbps"] = moved / copy_ms / 1e6
+            row["stream_ms"] = nbytes / row["copy_gbps"] / 1e6
+            row["stream_multiple"] = ms / row["stream_ms"]
+        rows.append(row)
     for row in rows:
         base = next(r["ms"] for r in rows if r["s_k"] == row["s_k"] and r["impl"] == "transformers")
         row["speedup_vs_transformers"] = base / row["ms"]
@@ -186,6 +201,8 @@ def layer_rows(cfg: MLAConfig, s_k_list, device: torch.device, dtype=torch.float
 def format_layer_table(rows: list[dict]) -> str:
     columns = [
         ("impl", "impl", ""), ("s_k", "s_k", "d"), ("h_q", "h_q", "d"), ("ms", "ms", ".2f"),
+        ("copy GB/s", "copy_gbps", ".1f"), ("stream ms", "stream_ms", ".2f"),
+        ("x stream time", "stream_multiple", ".2f"),
         ("x faster than transformers", "speedup_vs_transformers", ".1f"), ("eff. GB/s", "gbps", ".1f"),
         ("max |diff| vs transformers", "max_abs_diff", ".1e"),
     ]  # fmt: skip

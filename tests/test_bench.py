@@ -10,13 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
 
 from bench import __main__ as cli
-from bench import decode, report
-from bench.common import Target, format_table
+from bench import decode, plot, report
+from bench.common import REPO, Target, format_table
 from mla import MLAConfig, MLAForCausalLM
 from mla.speculative import MultiTokenPredictor, attach_mtp
 
@@ -98,6 +100,18 @@ def test_layer_implementations_agree(tiny_report):
         assert row["ms"] > 0 and row["speedup_vs_transformers"] > 0
 
 
+def test_layer_rows_give_the_stream_time(tiny_report):
+    """Each layer row: its bytes (weights + s_k cached float32 latents) over the copy bandwidth
+    measured with the row, and the step's time as a multiple of that."""
+    rows = {(r["impl"], r["s_k"]): r for r in tiny_report["decode"]}
+    for row in rows.values():
+        assert row["copy_gbps"] > 0
+        assert row["stream_ms"] == pytest.approx(row["bytes"] / row["copy_gbps"] / 1e6)
+        assert row["stream_multiple"] == pytest.approx(row["ms"] / row["stream_ms"])
+    assert rows["absorbed", 130]["bytes"] - rows["absorbed", 40]["bytes"] == 90 * TINY.cache_dim * 4
+    assert rows["absorbed", 40]["bytes"] == rows["transformers", 40]["bytes"]
+
+
 def test_generation_patched_reproduces_tokens(tiny_report):
     rows = tiny_report["generation"]
     assert [(r["impl"], r["new_tokens"]) for r in rows] == [("unpatched", 2), ("patched", 3)]
@@ -132,8 +146,10 @@ def test_kernel_rows_and_ceilings_through_the_interpreter():
     assert [r["impl"] for r in skipped] == ["triton"] and "copy_fraction" not in skipped[0]
 
 
-def _synthetic(layer_speedup, gen_speedup, spec_speedups, kernel_fractions):
-    rows = [{"impl": "absorbed", "s_k": 4096, "speedup_vs_transformers": layer_speedup}]
+def _synthetic(stream_multiples, gen_speedup, spec_speedups, kernel_fractions):
+    rows = [{"impl": "absorbed", "s_k": s_k, "bytes": 750e6, "stream_multiple": x}
+            for s_k, x in stream_multiples.items()]  # fmt: skip
+    rows.append({"impl": "naive", "s_k": 1024, "bytes": 750e6, "stream_multiple": 0.5})
     rows += [{"impl": "triton", "b": 64, "s_k": 16384, "h_q": h, "s_q": s, "copy_fraction": c, "matmul_fraction": m}
              for h, s, c, m in kernel_fractions]  # fmt: skip
     return {
@@ -148,18 +164,22 @@ def _synthetic(layer_speedup, gen_speedup, spec_speedups, kernel_fractions):
     "case, expected",
     [
         pytest.param(
-            _synthetic(50.0, 5.0, [("ngram", 0.0, 1.2), ("mtp", 0.0, 1.6), ("mtp", 1.0, 3.0)],
+            _synthetic({1024: 1.15, 4096: 0.9}, 5.0, [("ngram", 0.0, 1.2), ("mtp", 0.0, 1.6), ("mtp", 1.0, 3.0)],
                        [(16, 1, 0.8, 0.1), (128, 2, 0.3, 0.5)]),
-            ["PASS"] * 5, id="all-at-threshold",
+            ["PASS"] * 6, id="all-at-threshold",
         ),
         pytest.param(
-            _synthetic(49.9, 4.99, [("ngram", 0.0, 1.59), ("mtp", 1.0, 3.0)],
+            _synthetic({1024: 1.16, 4096: 2.0}, 4.99, [("ngram", 0.0, 1.59), ("mtp", 1.0, 3.0)],
                        [(16, 1, 0.79, 0.1), (128, 2, 0.3, 0.49)]),
-            ["MISS"] * 5, id="all-just-below-temperature-1-ignored",
+            ["MISS"] * 6, id="all-just-past-naive-and-temperature-1-ignored",
+        ),
+        pytest.param(
+            _synthetic({1024: 1.0, 8192: 1.0}, 5.0, [("mtp", 0.0, 1.6)], []),
+            ["PASS", "SKIP", "PASS", "PASS", "SKIP", "SKIP"], id="no-4k-row-no-kernel-rows",
         ),
         pytest.param(
             {"decode": [], "generation": [], "speculative": [], "notes": {"speculative": "no weights"}},
-            ["SKIP"] * 5, id="nothing-measured",
+            ["SKIP"] * 6, id="nothing-measured",
         ),
     ],
 )  # fmt: skip
@@ -171,8 +191,48 @@ def test_targets(case, expected):
 def test_target_line_and_table():
     assert Target("x", 2, "x", 1.5).line().startswith("[MISS] x: 1.50x (target >= 2x)")
     assert Target("x", 2, "x", None, "why").line() == "[SKIP] x: not measured (target >= 2x)  (why)"
+    assert Target("t", 1.15, "x", 1.15, op="<=").line() == "[PASS] t: 1.15x (target <= 1.15x)"
+    assert Target("t", 1.15, "x", 1.2, op="<=").status == "MISS"
+    with pytest.raises(ValueError, match="'>'"):
+        Target("t", 1, "x", op=">")
     table = format_table([("name", "n", ""), ("value", "v", ".1f")], [{"n": "a", "v": 1.25}, {"n": "bb", "v": None}])
     assert table.splitlines() == ["name  value", "-----------", "a       1.2", "bb        -"]
+
+
+def test_figure_says_what_is_better_and_shows_every_target(tiny_report, tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plot.plt, "close", figures.append)
+    plot.plot_report(tiny_report, str(tmp_path / "r.png"))
+    (fig,) = figures
+    try:
+        labels = [ax.get_ylabel() for ax in fig.axes]
+        assert len(labels) == 4 and all(label.endswith(("(lower is better)", "(higher is better)"))
+                                        for label in labels), labels  # fmt: skip
+        texts = [t for t in fig.texts if t.get_text().startswith("[")]
+        assert [t.get_text() for t in texts] == [Target(**{k: v for k, v in t.items() if k != "status"}).line()
+                                                 for t in tiny_report["targets"]]  # fmt: skip
+        for text, target in zip(texts, tiny_report["targets"]):
+            assert text.get_color() == plot.STATUS_COLORS[target["status"]], text.get_text()
+    finally:
+        plot.plt.close(fig)
+
+
+def test_commit_is_recorded_in_a_git_checkout(tiny_report):
+    """Also in a git worktree, where .git is a file, not a folder."""
+    if shutil.which("git") is None or not os.path.exists(os.path.join(REPO, ".git")):
+        pytest.skip("not a git checkout")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=30,
+                          check=True)  # fmt: skip
+    assert tiny_report["commit"].removesuffix("-dirty") == head.stdout.strip()
+
+
+def test_runs_are_written_where_git_ignores_them(tiny_report):
+    path = report.default_path(tiny_report)
+    assert path.startswith(os.path.join(REPO, "bench", "results", "local") + os.sep)
+    if shutil.which("git") is None or not os.path.exists(os.path.join(REPO, ".git")):
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO, timeout=30, check=False)
+    assert ignored.returncode == 0, f"git does not ignore {path}"
 
 
 def test_cli_memory_only(tmp_path, monkeypatch, capsys):

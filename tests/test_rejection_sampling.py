@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from mla.speculative import probabilities, rejection_sample
+from mla.speculative import probabilities, rejection_sample, sampling
 from mla.speculative.sampling import sample
 
 from .stats import always_accept, assert_distribution, resample_from_target, tv_threshold
@@ -62,6 +62,70 @@ def test_no_draft_tokens_is_a_plain_decode_step(temperature):
     logits = torch.tensor([[[0.0, 0.0, 30.0]], [[30.0, 0.0, 0.0]]])
     out, n = rejection_sample(logits, torch.empty(2, 0, dtype=torch.long), temperature=temperature)
     assert out.tolist() == [[2], [0]] and n.tolist() == [1, 1]
+
+
+# Target argmax per position [2, 0, 3, 1], each with probability > 1 - 1e-12 at temperature 1, so
+# sampling is as deterministic as greedy on these logits.
+SHARP_LOGITS = GREEDY_LOGITS * 10
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("with_probs", [False, True], ids=["one-hot-q", "draft-probs"])
+@pytest.mark.parametrize(
+    "draft, emitted, num",
+    [
+        pytest.param([-1, -1, -1], [2, -1, -1, -1], 1, id="whole-row-placeholder"),
+        pytest.param([2, -1, 3], [2, 0, -1, -1], 2, id="placeholder-rejects-the-rest"),
+        pytest.param([2, 0, -1], [2, 0, 3, -1], 3, id="placeholder-last"),
+        pytest.param([2, 0, -7], [2, 0, 3, -1], 3, id="any-negative-id"),
+    ],
+)
+def test_negative_draft_ids_are_placeholders(draft, emitted, num, temperature, with_probs):
+    """Always rejected, and the target's own token is emitted there, whatever q says (here q puts
+    all its mass on the target's argmax, which a placeholder must not borrow)."""
+    q = torch.nn.functional.one_hot(torch.tensor([[2, 0, 3]]), 4).float() if with_probs else None
+    logits = torch.cat([SHARP_LOGITS, SHARP_LOGITS])
+    draft = torch.tensor([draft, [2, 0, 3]])
+    out, n = rejection_sample(logits, draft, None if q is None else q.expand(2, 3, 4), temperature=temperature,
+                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert out.tolist() == [emitted, [2, 0, 3, 1]] and n.tolist() == [num, 4]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_draft_ids_past_the_vocabulary_raise_on_cpu(temperature):
+    draft = torch.tensor([[2, 0, 3], [2, 4, -1]])
+    with pytest.raises(ValueError, match=r"draft_tokens\[1, 1\] = 4 is not in the target's vocabulary \[0, 4\)"):
+        rejection_sample(torch.cat([SHARP_LOGITS, SHARP_LOGITS]), draft, temperature=temperature)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_draft_ids_are_never_read_on_the_host_off_cpu(temperature):
+    """On the meta device reading any value raises, so this passes only if nothing syncs."""
+    logits = SHARP_LOGITS.to("meta").expand(3, 4, 4)
+    draft = torch.tensor([[2, 0, 3], [2, 9, 3], [-1, -1, -1]]).to("meta")
+    out, n = rejection_sample(logits, draft, temperature=temperature)
+    assert out.shape == (3, 4) and n.shape == (3,)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_draft_ids_past_the_vocabulary_are_placeholders_off_cpu(temperature, monkeypatch):
+    """Off the CPU the only difference is the skipped check; what remains must reject the id."""
+    monkeypatch.setattr(sampling, "_check_below_vocab", lambda draft_tokens, vocab: None)
+    out, n = rejection_sample(SHARP_LOGITS, torch.tensor([[2, 4, 3]]), temperature=temperature,
+                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert out.tolist() == [[2, 0, -1, -1]] and n.tolist() == [2]
+
+
+def test_placeholders_keep_sampling_lossless():
+    """Drafts where a random 30% of the tokens are replaced by placeholders still emit exactly P."""
+
+    def with_placeholders(target_logits, draft_tokens, draft_probs=None, **kwargs):
+        holes = torch.rand(draft_tokens.shape, generator=kwargs["generator"]) < 0.3
+        return rejection_sample(target_logits, draft_tokens.masked_fill(holes, -1), draft_probs, **kwargs)
+
+    g = torch.Generator().manual_seed(7)
+    outcomes, exact = run_chain("dense-q", with_placeholders, g)
+    assert_distribution("placeholders", outcomes, exact)
 
 
 def test_probabilities_temperature_and_top_p():

@@ -643,3 +643,20 @@ def test_mtp_needs_an_mla_target_with_matching_vocabulary():
         generate(mla_target_model, prompts_for(1), MTPDrafter(small), max_new_tokens=4)
     with pytest.raises(ValueError, match="no MTP module"):
         MTPDrafter(mla_model(VOCAB, 1, seed=1))
+
+
+@pytest.mark.parametrize(
+    "make_drafter_arg, hint",
+    [
+        pytest.param(lambda: models("qwen2")[1], r"pass DraftModelDrafter\(model\)$", id="transformers-model"),
+        pytest.param(lambda: mla_model(VOCAB, 1, seed=1), r"pass DraftModelDrafter\(model\)$", id="mla-model"),
+        pytest.param(lambda: adapted("qwen2"), r"pass DraftModelDrafter\(model\)$", id="causal-lm-adapter"),
+        pytest.param(lambda: models("mla")[0], r"DraftModelDrafter\(model\), or MTPDrafter\(model\) to draft",
+                     id="mla-model-with-mtp"),
+        pytest.param(lambda: models("mla")[0].mtp, r"pass MTPDrafter\(mtp\)$", id="mtp-module"),
+        pytest.param(lambda: 3, r"got int$", id="not-a-model"),
+    ],
+)  # fmt: skip
+def test_a_model_passed_as_the_drafter_gets_the_wrapper_it_needs(make_drafter_arg, hint):
+    with pytest.raises(TypeError, match=hint):
+        generate(models("qwen2")[0], prompts_for(1), make_drafter_arg(), max_new_tokens=4)

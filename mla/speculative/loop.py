@@ -25,9 +25,11 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from .adapters import as_causal_lm
+from .adapters import CausalLM, as_causal_lm
 from .drafters import Draft, Drafter, Verified, chain_parents
+from .mtp import MultiTokenPredictor
 from .sampling import check_sampling, rejection_sample
 
 
@@ -139,9 +141,7 @@ def generate(
         raise ValueError(f"num_draft_tokens must be an int >= 1, got {num_draft_tokens!r}")
     check_sampling(temperature, top_p)
     if not isinstance(drafter, Drafter):
-        raise TypeError(
-            f"drafter must be a Drafter (NgramDrafter, DraftModelDrafter, MTPDrafter), got {type(drafter).__name__}"
-        )
+        raise TypeError(_not_a_drafter(drafter))
     eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     if pad_token_id is None:
         pad_token_id = eos_token_id if isinstance(eos_token_id, int) else next(iter(eos_token_id or []), 0)
@@ -202,6 +202,20 @@ def generate(
     for i, (p, n) in enumerate(zip(prompts, new)):
         sequences[i, : lengths[i]] = torch.cat([p, torch.tensor(n, dtype=torch.long)])
     return SpeculativeOutput(sequences, torch.tensor(lengths), torch.tensor([len(p) for p in prompts]), stats)
+
+
+def _not_a_drafter(obj) -> str:
+    """The TypeError message for a drafter argument that is not a Drafter; a model passed there
+    (the usual mistake) gets the wrapper it needs."""
+    message = f"drafter must be a Drafter (NgramDrafter, DraftModelDrafter, MTPDrafter), got {type(obj).__name__}"
+    if isinstance(obj, MultiTokenPredictor):
+        return f"{message}: to draft with this MTP module, pass MTPDrafter(mtp)"
+    if isinstance(obj, (nn.Module, CausalLM)):
+        hint = f"{message}: to draft with this model, pass DraftModelDrafter(model)"
+        if isinstance(getattr(obj, "mtp", None), MultiTokenPredictor):
+            hint += ", or MTPDrafter(model) to draft with its MTP module"
+        return hint
+    return message
 
 
 def _retain(target, drafter, pending: torch.Tensor, keep: list[int]) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 # Emitted-token slots past `num_emitted` hold this value, so using one by mistake fails loudly.
+# In draft_tokens, any negative id (this one included) is a placeholder: see `rejection_sample`.
 PAD = -1
 
 
@@ -61,6 +62,17 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return (probs / noise).argmax(dim=-1)
 
 
+def _check_below_vocab(draft_tokens: torch.Tensor, vocab: int) -> None:
+    """Raise ValueError naming the first draft id >= vocab (CPU tensors only: no sync)."""
+    bad = (draft_tokens >= vocab).nonzero()
+    if len(bad):
+        row, j = bad[0].tolist()
+        raise ValueError(
+            f"draft_tokens[{row}, {j}] = {draft_tokens[row, j].item()} is not in the target's vocabulary "
+            f"[0, {vocab}) (negative ids are placeholders; ids >= {vocab} are errors)"
+        )
+
+
 def rejection_sample(
     target_logits: torch.Tensor,
     draft_tokens: torch.Tensor,
@@ -74,7 +86,14 @@ def rejection_sample(
     Args:
         target_logits: [b, k+1, V] float; position j scores the token after draft token j-1
             (position 0: after the last accepted token; position k: the bonus position).
-        draft_tokens: int64 [b, k], a chain of draft tokens per row (k may be 0).
+        draft_tokens: int64 [b, k], a chain of draft tokens per row (k may be 0). A negative id is
+            a placeholder, "no draft here" (a row with fewer drafts than k fills the rest with -1):
+            it is always rejected, and so is everything after it; the token emitted there is the
+            target's own (greedy: its argmax; sampling: drawn from p, as if q were 0 there, so
+            the output stays exactly p's). An id >= V is a drafter bug (a vocabulary mismatch):
+            on CPU tensors it raises ValueError naming the row, position and value; on other
+            devices it is treated as a placeholder, because reading the values there would cost
+            a host-device synchronisation (and indexing with it a device-side assert).
         draft_probs: [b, k, V] float, the distribution q each draft token was drawn from, built with
             the same temperature and top_p as the target (see `probabilities`). None means the
             drafter is deterministic: q is one-hot at the draft token.
@@ -106,28 +125,34 @@ def rejection_sample(
     if draft_probs is not None and draft_probs.shape != (b, k, vocab):
         raise ValueError(f"draft_probs must be [{b}, {k}, {vocab}], got {tuple(draft_probs.shape)}")
     check_sampling(temperature, top_p)
+    if draft_tokens.device.type == "cpu":
+        _check_below_vocab(draft_tokens, vocab)
     positions = torch.arange(k + 1, device=target_logits.device)
 
     if temperature == 0:
-        # Greedy: the target's own choices at every position; the draft survives while it agrees.
+        # Greedy: the target's own choices at every position; the draft survives while it agrees
+        # (a placeholder never equals an argmax, so it is rejected with no special case).
         target_tokens = target_logits.argmax(dim=-1)  # [b, k+1]
         accepted = (target_tokens[:, :k] == draft_tokens).long().cumprod(dim=1).sum(dim=1)  # [b]
         emitted = target_tokens
     else:
         p = probabilities(target_logits, temperature, top_p)  # [b, k+1, V]
+        drafted = (draft_tokens >= 0) & (draft_tokens < vocab)  # [b, k], False at placeholders
+        index = draft_tokens.clamp(0, vocab - 1).unsqueeze(-1)  # [b, k, 1], in range for gather
         if draft_probs is None:
-            q = torch.zeros_like(p[:, :k]).scatter_(-1, draft_tokens.unsqueeze(-1), 1.0)
+            q = torch.zeros_like(p[:, :k]).scatter_(-1, index, drafted.unsqueeze(-1).to(p.dtype))
         else:
-            q = draft_probs.float()
-        p_x = p[:, :k].gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)  # [b, k]
-        q_x = q.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)  # [b, k]
+            q = draft_probs.float().masked_fill(~drafted.unsqueeze(-1), 0.0)
+        p_x = p[:, :k].gather(-1, index).squeeze(-1)  # [b, k]
+        q_x = q.gather(-1, index).squeeze(-1)  # [b, k]
         # Accept x when u < p(x)/q(x), written u*q(x) < p(x) so that q(x) = 0 (a token the drafter
         # gave no mass) is accepted iff p(x) > 0, and p(x) = 0 is never accepted.
         u = torch.rand(b, k, generator=generator, device=p.device)
-        accepted = (u * q_x < p_x).long().cumprod(dim=1).sum(dim=1)  # [b], first rejection index or k
+        accepted = ((u * q_x < p_x) & drafted).long().cumprod(dim=1).sum(dim=1)  # [b], first rejection or k
         # Position `accepted` emits one token from max(0, p - q) normalised; at position k q is
-        # taken as 0, so this is the bonus token from p. If p <= q everywhere there (possible only
-        # when the drafter proposed a token outside its own q), fall back to p.
+        # taken as 0, so this is the bonus token from p, and so is the token at a placeholder,
+        # whose q row is 0. If p <= q everywhere there (possible only when the drafter proposed
+        # a token outside its own q), fall back to p.
         q_ext = torch.cat([q, torch.zeros_like(p[:, :1])], dim=1)  # [b, k+1, V]
         idx = accepted.view(b, 1, 1).expand(b, 1, vocab)
         p_j = p.gather(1, idx).squeeze(1)  # [b, V]
