@@ -228,18 +228,20 @@ class LatentCache:
                 f"a step adds num_new_tokens >= 1 tokens that are already reserved; got {num_new_tokens}, and "
                 f"sequences (id, length) {short} hold fewer: call cache.reserve(seq_ids, num_new_tokens) first"
             )
-        table = self._host_table(ids).long()  # [b, width]
+        table = self._host_table(ids)  # [b, width]
         table = F.pad(table, (0, max(0, _as_int("table_width", table_width) - table.shape[1])))
-        seqlens = torch.tensor(lengths, dtype=torch.int64)
-        n = torch.tensor(counts, dtype=torch.int64)
-        positions = seqlens[:, None] - n[:, None] + torch.arange(max(counts))  # [b, s]; padding past each n_i
-        new = positions < seqlens[:, None]
-        slots = table.gather(1, positions.clamp(max=seqlens[:, None] - 1).clamp_min(0) // self.page_size)
-        slots = torch.where(new, slots * self.page_size + positions % self.page_size, -1)
+        # positions and slots in plain Python: a step has few new tokens, and a torch op per
+        # table costs more than the loop
+        s, page_size = max(counts), self.page_size
+        positions, slots = [], []
+        for sid, length, n in zip(ids, lengths, counts):
+            pages = self._seq_pages[sid]
+            for p in range(length - n, length - n + s):  # padding columns past each n_i
+                positions.append(p)
+                slots.append(pages[p // page_size] * page_size + p % page_size if p < length else -1)
         backend = resolve_backend(backend if backend is not None else self.backend, self.device)
-        num_new = None if len(set(counts)) <= 1 else n
-        return StepPlan.build(self, ids, positions, slots.flatten(), table, seqlens, num_new, config, rotary, backend,
-                              out)  # fmt: skip
+        num_new = None if len(set(counts)) <= 1 else counts
+        return StepPlan.build(self, ids, positions, slots, table, lengths, num_new, config, rotary, backend, out)
 
     def slot_mapping(self, seq_ids: Iterable[int], positions) -> torch.Tensor:
         """Flat slots (page * page_size + offset) of token positions, in the order given.

@@ -175,6 +175,9 @@ class PlainFormat(CacheFormat):
         latent, k_pe = rows[..., : self.kv_lora_rank], rows[..., self.kv_lora_rank :]
         return (latent, k_pe) if dtype is None else (latent.to(dtype), k_pe.to(dtype))
 
+    def values(self, rows, dtype):
+        return rows.to(dtype)  # the row is already [latent | k_pe]
+
     def __repr__(self) -> str:
         return f"PlainFormat(kv_lora_rank={self.kv_lora_rank}, rope_dim={self.rope_dim}, dtype={self.dtype})"
 

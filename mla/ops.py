@@ -13,7 +13,8 @@ import torch
 
 from mla.formats import CacheFormat, Fp8Format, PlainFormat
 from mla.reference import cache as reference_cache
-from mla.reference import flash_mla_with_kvcache as reference_decode
+from mla.reference.contract import DecodeCall
+from mla.reference.decode import run_decode
 
 
 @torch.library.custom_op("mla::write_latent", mutates_args=("pages",))
@@ -118,8 +119,14 @@ def attend(
             q, k_cache, block_table, cache_seqlens, *schedule, fmt.head_dim_v, softmax_scale, True, fmt.is_fp8, seqlens_q
         )
         return out
-    out, _ = reference_decode(
-        q, k_cache, block_table, cache_seqlens, fmt.head_dim_v, softmax_scale=softmax_scale, causal=True,
-        is_fp8_kvcache=fmt.is_fp8, seqlens_q=seqlens_q, compute_dtype=torch.promote_types(q.dtype, torch.float32),
+    b, s, h_q, _ = q.shape
+    num_blocks, page_size, h_kv, _ = k_cache.shape
+    # the plan built and validated every argument: describe the call instead of re-checking it
+    call = DecodeCall(
+        fmt=fmt, b=b, s_q=s, h_q=h_q, h_kv=h_kv, dv=fmt.head_dim_v, page_size=page_size,
+        num_slots=num_blocks * page_size, scale=softmax_scale, causal=True, topk=None, extra_page_size=None,
+        extra_num_slots=None, extra_topk=None,
     )  # fmt: skip
+    out, _ = run_decode(call, q, k_cache, block_table, cache_seqlens, seqlens_q=seqlens_q,
+                        compute_dtype=torch.promote_types(q.dtype, torch.float32))  # fmt: skip
     return out

@@ -78,23 +78,23 @@ class StepPlan:
     @classmethod
     def build(cls, cache, seq_ids, positions, slots, table, seqlens, num_new, config, rotary, backend,
               out=None) -> StepPlan:  # fmt: skip
-        """From host int64 tensors the cache computed: positions [b, s], slots [b * s], table
-        [b, width], seqlens [b], num_new [b] or None. Called by `LatentCache.plan`, which
-        validated them."""
-        b, s = positions.shape
-        max_seqlen = int(seqlens.max()) if b else 0
+        """From what `LatentCache.plan` computed and validated on the host: positions and slots
+        (b * s ints each, row-major), table (int32 [b, width]), seqlens (b ints) and num_new (b
+        ints, or None for a uniform step)."""
+        b = len(seq_ids)
+        s = len(positions) // b
+        max_seqlen = max(seqlens)
         absorbed = absorbed_is_cheaper(config, s, max_seqlen)
         if out is not None:
             out._check_refill(seq_ids, s, table.shape[1], num_new is not None, backend, absorbed)
             table = F.pad(table, (0, out.block_table.shape[1] - table.shape[1]))
         width = table.shape[1]
-        parts = [positions.flatten(), slots, table.flatten(), seqlens] + ([] if num_new is None else [num_new])
-        host = torch.cat(parts)
+        ints = positions + slots + seqlens + (num_new or [])
+        host = torch.cat([torch.tensor(ints, dtype=torch.int64), table.flatten().long()])
         if cache.device.type == "cuda":
             host = host.pin_memory()
-        positions, slots, table, seqlens, *num_new = host.to(cache.device, non_blocking=True).split(
-            [t.numel() for t in parts]
-        )
+        sizes = [b * s, b * s, b] + ([b] if num_new else []) + [b * width]
+        positions, slots, seqlens, *num_new, table = host.to(cache.device, non_blocking=True).split(sizes)
         positions, table = positions.view(b, s), table.view(b, width).to(torch.int32)
         seqlens, num_new = seqlens.to(torch.int32), num_new[0].to(torch.int32) if num_new else None
         cos, sin = (rotary or RotaryEmbedding(config))(positions)

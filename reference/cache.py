@@ -94,9 +94,9 @@ def gather_pages(k_cache: torch.Tensor, block_table: torch.Tensor, num_tokens: i
 
     Row j of sequence i comes from page block_table[i, j // page_size]; rows past a
     sequence's own length come from whatever that table entry names, so callers mask them.
-    num_tokens may not exceed block_table.shape[1] * page_size.
+    num_tokens may not exceed block_table.shape[1] * page_size. Whole pages are gathered, then
+    trimmed: one index per page, not per token.
     """
     page_size = k_cache.shape[1]
-    j = torch.arange(num_tokens, device=block_table.device)
-    pages = block_table[:, j // page_size].long()  # [b, num_tokens]
-    return k_cache[pages, (j % page_size).to(k_cache.device)[None, :]]
+    pages = block_table[:, : -(-num_tokens // page_size)].long().to(k_cache.device)  # [b, pages]
+    return k_cache[pages].flatten(1, 2)[:, :num_tokens]

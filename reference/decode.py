@@ -16,7 +16,14 @@ import torch
 from einops import rearrange
 
 from .cache import gather_pages
-from .contract import REFERENCE_Q_DTYPES, FlashMLASchedMeta, check_decode, check_schedule, check_sparse_prefill
+from .contract import (
+    REFERENCE_Q_DTYPES,
+    DecodeCall,
+    FlashMLASchedMeta,
+    check_decode,
+    check_schedule,
+    check_sparse_prefill,
+)
 
 
 def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLASchedMeta, None]:
@@ -26,13 +33,12 @@ def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLASchedMeta, None]:
 
 
 def _row_values(fmt, rows, read, dtype, compute_dtype):
-    """Gathered rows [..., h_kv, row] (a fresh copy) -> (latent [..., h_kv, r], k_pe [..., h_kv,
-    dr]) in compute_dtype, read through the format (dequantized to q's dtype, as the kernel
-    does). Rows not read are zeroed first: they may hold NaN, and 0 * NaN in the output
+    """Gathered rows [..., h_kv, row] (a fresh copy) -> keys [..., h_kv, d] in compute_dtype, read
+    through the format (dequantized to q's dtype, as the kernel does); their first dv channels
+    are also V. Rows not read are zeroed first: they may hold NaN, and 0 * NaN in the output
     product would leak it."""
     rows.masked_fill_(~read[..., None, None], 0)
-    latent, k_pe = fmt.unpack(rows, dtype)
-    return latent.to(compute_dtype), k_pe.to(compute_dtype)
+    return fmt.values(rows, dtype).to(compute_dtype)
 
 
 def _slot_rows(pages, slots, limit):
@@ -50,31 +56,32 @@ def _slot_rows(pages, slots, limit):
 def _attend(q, dv, parts, visible_parts, scale, sink):
     """Softmax attention of grouped queries over several key sets in one softmax.
 
-    q: [..., h_kv, group, s, d]; parts: (latent, k_pe) pairs of keys, [..., n, h_kv, dv] and
-    [..., n, h_kv, d - dv] (shared by the s queries) or [..., s, n, h_kv, *] (one set per
-    query); the latent is also V. visible_parts: bool [..., s, n] per part; sink: None or
-    float32 broadcastable to [..., h_kv, group, s]. Returns out [..., h_kv, group, s, dv] (0
-    where nothing is visible), lse [..., h_kv, group, s] (+inf there) and the largest scaled
-    score (-inf there).
+    q: [..., h_kv, group, s, d]; parts: keys [..., n, h_kv, d] (shared by the s queries) or
+    [..., s, n, h_kv, d] (one set per query), whose first dv channels are also V;
+    visible_parts: bool [..., s, n] per part; sink: None or float32 broadcastable to [..., h_kv,
+    group, s]. Returns out [..., h_kv, group, s, dv] (0 where nothing is visible), lse [...,
+    h_kv, group, s] (+inf there) and the largest scaled score (-inf there).
     """
-    q_lat, q_pe = q[..., :dv], q[..., dv:]
-    scores = []
-    for (latent, k_pe), visible in zip(parts, visible_parts):
-        keys = "...ngd" if latent.dim() == q.dim() - 1 else "...sngd"
-        s = torch.einsum(f"...grsd,{keys}->...grsn", q_lat, latent)
-        if k_pe.shape[-1]:
-            s = s + torch.einsum(f"...grsd,{keys}->...grsn", q_pe, k_pe)
+    scores, values = [], []
+    for keys, visible in zip(parts, visible_parts):
+        if keys.dim() == q.dim() - 1:  # [..., n, h, d]: q [..., h, g, s, d] @ [..., h, 1, d, n]
+            s = q @ keys.movedim(-3, -1).unsqueeze(-3)
+            values.append((keys[..., :dv].movedim(-3, -2).unsqueeze(-3), False))  # [..., h, 1, n, dv]
+        else:  # [..., s, n, h, d]: [..., h, g, s, 1, d] @ [..., h, 1, s, d, n], one key set per query
+            lead = list(range(keys.dim() - 4))
+            s = (q.unsqueeze(-2) @ keys.permute(*lead, -2, -4, -1, -3).unsqueeze(-4)).squeeze(-2)
+            values.append((keys[..., :dv].permute(*lead, -2, -4, -3, -1).unsqueeze(-4), True))  # [..., h, 1, s, n, dv]
         scores.append((s * scale).masked_fill(~visible[..., None, None, :, :], -math.inf))
-    scores = torch.cat(scores, dim=-1)
+    scores = torch.cat(scores, dim=-1) if len(scores) > 1 else scores[0]
     visible = torch.cat(visible_parts, dim=-1)[..., None, None, :, :]
     seen = visible.any(dim=-1)  # [..., 1, 1, s]
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.where(visible, torch.exp(scores - lse[..., None]), 0)
     out, start = 0, 0
-    for latent, _ in parts:
-        n = latent.shape[-3]
-        keys = "...ngd" if latent.dim() == q.dim() - 1 else "...sngd"
-        out = out + torch.einsum(f"...grsn,{keys}->...grsd", probs[..., start : start + n], latent)
+    for v, per_token in values:
+        n = v.shape[-2]
+        p = probs[..., start : start + n]
+        out = out + ((p.unsqueeze(-2) @ v).squeeze(-2) if per_token else p @ v)
         start += n
     if sink is not None:
         out = out * (1 / (1 + torch.exp(sink.to(lse.dtype) - lse)))[..., None]
@@ -124,13 +131,36 @@ def flash_mla_with_kvcache(
         REFERENCE_Q_DTYPES,
     )  # fmt: skip
     check_schedule(call, q.device, tile_scheduler_metadata, num_splits)
+    return run_decode(
+        call, q, k_cache, block_table, cache_seqlens, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
+        topk_length, extra_topk_length, seqlens_q, compute_dtype,
+    )  # fmt: skip
+
+
+def run_decode(
+    call: DecodeCall,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor | None,
+    cache_seqlens: torch.Tensor | None,
+    indices: torch.Tensor | None = None,
+    attn_sink: torch.Tensor | None = None,
+    extra_k_cache: torch.Tensor | None = None,
+    extra_indices_in_kvcache: torch.Tensor | None = None,
+    topk_length: torch.Tensor | None = None,
+    extra_topk_length: torch.Tensor | None = None,
+    seqlens_q: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`flash_mla_with_kvcache` after its checks: `call` describes arguments already validated
+    (by `check_decode`, or by a caller that built them, like `mla.plan.StepPlan`)."""
     fmt, dtype = call.fmt, q.dtype
     b, s_q = call.b, call.s_q
     device = q.device
     query = torch.arange(s_q, device=device)
     n_q = seqlens_q.long() if seqlens_q is not None else torch.full((b,), s_q, device=device)
     is_query = query[None, :] < n_q[:, None]  # [b, s_q]
-    qg = rearrange(q.to(compute_dtype), "b s (g r) d -> b g r s d", g=call.h_kv)
+    qg = q.to(compute_dtype).view(b, s_q, call.h_kv, -1, q.shape[-1]).permute(0, 2, 3, 1, 4)  # [b, h_kv, group, s_q, d]
 
     parts, visible = [], []
     if call.sparse:
@@ -149,7 +179,7 @@ def flash_mla_with_kvcache(
         rows = gather_pages(k_cache.view(fmt.storage_dtype), torch.where(table_ok, block_table, 0), width * page)
         read = (position < lengths[:, None]) & table_ok[:, position // page]  # [b, n]
         parts.append(_row_values(fmt, rows, read, dtype, compute_dtype))  # [b, n, h_kv, *]
-        last = lengths[:, None] - n_q[:, None] + query if causal else lengths[:, None].expand(b, s_q) - 1
+        last = lengths[:, None] - n_q[:, None] + query if call.causal else lengths[:, None].expand(b, s_q) - 1
         visible.append(read[:, None, :] & (position <= last[..., None]) & is_query[..., None])
     if call.has_extra:
         limit = extra_topk_length if extra_topk_length is not None else torch.full((b,), call.extra_topk, device=device)
@@ -159,8 +189,8 @@ def flash_mla_with_kvcache(
         visible.append(read & is_query[..., None])
 
     sink = None if attn_sink is None else attn_sink.view(call.h_kv, -1, 1)
-    out, lse, _ = _attend(qg, call.dv, parts, visible, call.scale, sink)
-    return rearrange(out, "b g r s d -> b s (g r) d").to(dtype), rearrange(lse, "b g r s -> b (g r) s").float()
+    out, lse, _ = _attend(qg, call.dv, parts, visible, call.scale, sink)  # [b, h_kv, group, s_q, *]
+    return out.permute(0, 3, 1, 2, 4).reshape(b, s_q, call.h_q, call.dv).to(dtype), lse.reshape(b, call.h_q, s_q).float()
 
 
 def flash_mla_sparse_fwd(
@@ -190,7 +220,7 @@ def flash_mla_sparse_fwd(
     qg = rearrange(q.to(compute_dtype), "t (g r) d -> t g 1 r 1 d", g=h_kv)
     keys = rearrange(keys, "t g n d -> t g 1 n 1 d")
     sink = None if attn_sink is None else attn_sink.view(h_kv, 1, -1, 1)
-    parts = [(keys[..., :d_v], keys[..., d_v:])]
+    parts = [keys]
     out, lse, max_logits = _attend(qg, d_v, parts, [read[:, :, None, :]], call.scale, sink)
     rows = "t g 1 r 1 -> t (g r)"
     return (

@@ -229,7 +229,7 @@ def test_backend_rule_on_cpu(monkeypatch, triton_kernels, interpret, backend):
     import mla.ops
 
     calls = []
-    for module, name, kind in [(mla.ops, "reference_decode", "reference"), (mla.kernels, "flash_mla_with_kvcache", "triton"),
+    for module, name, kind in [(mla.ops, "run_decode", "reference"), (mla.kernels, "flash_mla_with_kvcache", "triton"),
                                (mla.ops.reference_cache, "write_rows", "reference"), (mla.kernels.cache, "launch", "triton")]:
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, real=real, kind=kind, **k: calls.append(kind) or real(*a, **k))
