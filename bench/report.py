@@ -20,7 +20,11 @@ from mla import MLAConfig
 from . import decode, generation, layer, memory, speculative
 from .common import REPO, Target, device_label, metadata
 
-SECTIONS = ("memory", "decode", "generation", "speculative")
+SECTIONS = ("memory", "decode", "generation", "speculative", "compiled")
+# The compiled-code configurations of a quick report: one of each kernel and cache format; --full
+# compiles every configuration of bench.compiled (a few minutes on two cores).
+QUICK_COMPILED = ("v3-bf16-h128-sq1", "v3-fp8-h128-sq1", "small-bf16-h16-sq1", "combine-v3-h128-sq1", "write-bf16",
+                  "write-fp8")  # fmt: skip
 # Kernel rows count toward the GPU targets only when their cache exceeds any L2 and a launch
 # is small next to the transfer.
 TARGET_MIN_CACHE_BYTES = 256 << 20
@@ -46,6 +50,7 @@ class Settings:
         {"unpatched": n, "patched": n}.
     prompts, prompt_bytes, spec_new_tokens, drafters: section 4's workload; prompt + new tokens
         (+ a draft's overshoot) must fit the shipped model's max_position_embeddings.
+    compiled_configs: the configurations of section 5 (`bench.compiled.CONFIGS` names; None: all).
     """
 
     kernel_sweep: dict = field(default_factory=lambda: dict(decode.QUICK_SWEEP))
@@ -61,6 +66,7 @@ class Settings:
     prompt_bytes: int = 256
     spec_new_tokens: int = 128
     drafters: tuple = speculative.DRAFTERS
+    compiled_configs: tuple | None = QUICK_COMPILED
 
     @classmethod
     def quick(cls, device: torch.device) -> Settings:
@@ -74,9 +80,11 @@ class Settings:
             return cls(
                 kernel_sweep=dict(decode.FULL_SWEEP), layer_contexts=(1024, 4096, 16384),
                 generation_tokens={"unpatched": 64, "patched": 128}, prompts=12, spec_new_tokens=192,
+                compiled_configs=None,
             )  # fmt: skip
         return cls(layer_contexts=(1024, 4096, 8192), generation_tokens={"unpatched": 8, "patched": 64},
-                   prompts=12, spec_new_tokens=192, drafters=speculative.DRAFTER_SWEEP)  # fmt: skip
+                   prompts=12, spec_new_tokens=192, drafters=speculative.DRAFTER_SWEEP,
+                   compiled_configs=None)  # fmt: skip
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -135,7 +143,29 @@ def targets(report: dict, device: torch.device) -> list[Target]:
                       _median(mem), f"median of {len(mem)} shapes" if mem else no_gpu))
     out.append(Target("kernel, h_q=128 s_q=2 (compute-bound): median fraction of bf16 matmul rate", 0.5, "",
                       _median(comp), f"median of {len(comp)} shapes" if comp else no_gpu))
+    out += _compiled_targets(report.get("compiled", []))
     return out
+
+
+def _compiled_targets(rows: list[dict]) -> list[Target]:
+    """Section 5's goals, over every compiled configuration and arch of the run."""
+    why = "" if rows else "section 5 not in this run"
+    built = [r for r in rows if r["error"] is None]
+    decode_rows = [r for r in built if r["kernel"] == "_mla_decode_kernel"]
+
+    def measured(values):
+        return values if rows else None
+
+    return [
+        Target("compiled: configurations that fail to compile (FP8 on sm_80 included)", 0, "",
+               measured(len(rows) - len(built)), why, op="<="),
+        Target("compiled: configurations that spill registers", 0, "",
+               measured(sum(r["spill_bytes"] > 0 for r in built)), why, op="<="),
+        Target("compiled: fewest KV tiles in flight in a decode configuration", 2, "",
+               min((r["kv_stages"] for r in decode_rows), default=None) if rows else None, why),
+        Target("compiled: fewest CTAs per SM of any configuration", 1, "",
+               min((r["ctas_per_sm"] for r in built), default=None) if rows else None, why),
+    ]  # fmt: skip
 
 
 def run(settings: Settings, device: torch.device, sections=SECTIONS, models=None, log=print, checkpoint=None) -> dict:
@@ -155,7 +185,7 @@ def run(settings: Settings, device: torch.device, sections=SECTIONS, models=None
         raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     start = time.perf_counter()
     report = {**metadata(device), "settings": settings.as_dict(), "sections": list(sections), "notes": {},
-              "memory": [], "decode": [], "generation": [], "speculative": []}  # fmt: skip
+              "memory": [], "decode": [], "generation": [], "speculative": [], "compiled": []}  # fmt: skip
     target = draft = None
     note = ""
     if models is not None:
@@ -240,6 +270,16 @@ def run(settings: Settings, device: torch.device, sections=SECTIONS, models=None
                 f"{settings.prompt_bytes} bytes, {settings.spec_new_tokens} new tokens each, b=1; tokens/s over "
                 "whole calls (prefill included); plain = one token per forward on the same cache ==\n"
                 f"{speculative.format_speculative_table(rows)}")
+        _checkpoint(checkpoint, report, start)
+
+    if "compiled" in sections:
+        from . import compiled
+
+        rows = compiled.compiled_rows(settings.compiled_configs)
+        report["compiled"] = rows
+        log(f"\n== 5. compiled code of the Triton kernels, no GPU needed (triton {compiled.triton.__version__}): "
+            "registers and spill bytes from ptxas -v, shared memory, MMA kind, KV tiles in flight (kv stages), "
+            f"CTAs per SM ==\n{compiled.format_compiled_table(rows)}")
 
     goals = targets(report, device)
     report["targets"] = [t.as_dict() for t in goals]

@@ -35,13 +35,15 @@ TINY_SETTINGS = report.Settings(
     ceiling_copy_bytes=1 << 20, ceiling_matmul_n=64,
     layer_config=TINY, layer_model="tiny", layer_contexts=(40, 130),
     generation_config=TINY, generation_contexts=(24,), generation_tokens={"unpatched": 2, "patched": 3},
-    prompts=2, prompt_bytes=48, spec_new_tokens=6,
+    prompts=2, prompt_bytes=48, spec_new_tokens=6, compiled_configs=("write-bf16",),
 )  # fmt: skip
 REQUIRED = {
     "memory": {"model", "kv_dtype", "bytes_per_token_per_layer", "mha_bytes_per_token_per_layer"},
     "decode": {"impl", "b", "s_k", "h_q", "s_q", "ms", "gbps"},
     "speculative": {"drafter", "temperature", "tokens_per_second", "baseline_tokens_per_second", "speedup",
                     "mean_accepted_length"},
+    "compiled": {"kernel", "config", "arch", "registers", "spill_bytes", "shared_bytes", "mma", "kv_stages",
+                 "ctas_per_sm"},
 }  # fmt: skip
 
 
@@ -74,7 +76,7 @@ def tiny_report():
 def test_report_schema(tiny_report, tmp_path):
     """Every section filled, the required keys present, JSON and PNG written and readable."""
     for key in ("device", "commit", "torch", "triton", "date", "machine", "memory", "decode", "generation",
-                "speculative", "targets"):  # fmt: skip
+                "speculative", "compiled", "targets"):  # fmt: skip
         assert key in tiny_report, key
     for section, keys in REQUIRED.items():
         assert tiny_report[section], f"section {section} is empty"
@@ -160,26 +162,42 @@ def _synthetic(stream_multiples, gen_speedup, spec_speedups, kernel_fractions):
     }
 
 
+def _compiled(kernel, spills=0, stages=0, ctas=1, error=None):
+    if error:
+        return {"kernel": kernel, "spill_bytes": None, "kv_stages": None, "ctas_per_sm": None, "error": error}
+    return {"kernel": kernel, "spill_bytes": spills, "kv_stages": stages, "ctas_per_sm": ctas, "error": None}
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
         pytest.param(
             _synthetic({1024: 1.15, 4096: 0.9}, 5.0, [("ngram", 0.0, 1.2), ("mtp", 0.0, 1.6), ("mtp", 1.0, 3.0)],
                        [(16, 1, 0.8, 0.1), (128, 2, 0.3, 0.5)]),
-            ["PASS"] * 6, id="all-at-threshold",
+            ["PASS"] * 6 + ["SKIP"] * 4, id="all-at-threshold",
         ),
         pytest.param(
             _synthetic({1024: 1.16, 4096: 2.0}, 4.99, [("ngram", 0.0, 1.59), ("mtp", 1.0, 3.0)],
                        [(16, 1, 0.79, 0.1), (128, 2, 0.3, 0.49)]),
-            ["MISS"] * 6, id="all-just-past-naive-and-temperature-1-ignored",
+            ["MISS"] * 6 + ["SKIP"] * 4, id="all-just-past-naive-and-temperature-1-ignored",
         ),
         pytest.param(
             _synthetic({1024: 1.0, 8192: 1.0}, 5.0, [("mtp", 0.0, 1.6)], []),
-            ["PASS", "SKIP", "PASS", "PASS", "SKIP", "SKIP"], id="no-4k-row-no-kernel-rows",
+            ["PASS", "SKIP", "PASS", "PASS", "SKIP", "SKIP"] + ["SKIP"] * 4, id="no-4k-row-no-kernel-rows",
         ),
         pytest.param(
             {"decode": [], "generation": [], "speculative": [], "notes": {"speculative": "no weights"}},
-            ["SKIP"] * 6, id="nothing-measured",
+            ["SKIP"] * 10, id="nothing-measured",
+        ),
+        pytest.param(
+            {"compiled": [_compiled("_mla_decode_kernel", spills=0, stages=2, ctas=1),
+                          _compiled("_write_latent_kernel", spills=0, stages=0, ctas=6)]},
+            ["SKIP"] * 6 + ["PASS"] * 4, id="compiled-clean",
+        ),
+        pytest.param(
+            {"compiled": [_compiled("_mla_decode_kernel", spills=8, stages=1, ctas=0),
+                          _compiled("_mla_decode_kernel", error="fp8e4nv not supported")]},
+            ["SKIP"] * 6 + ["MISS"] * 4, id="compiled-spill-error-one-stage-no-cta",
         ),
     ],
 )  # fmt: skip
