@@ -12,7 +12,6 @@ torch.matmul).
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import math
@@ -23,7 +22,7 @@ import torch
 from mla.backend import interpreting
 from mla.formats import CacheFormat, PlainFormat
 
-from .common import format_table, synchronize, time_ms
+from .common import copy_fn, format_table, synchronize, time_ms
 
 D, DV = 576, 512  # DeepSeek-V3's latent row (512 latent + 64 rope) and V width
 PAGE = 64
@@ -67,16 +66,15 @@ def make_decode_inputs(b, s_q, h_q, s_k, d=D, h_kv=1, page=PAGE, dtype=torch.bfl
 def measure_ceilings(device: torch.device, copy_bytes: int = 1 << 30, matmul_n: int = 8192) -> dict:
     """The two rooflines, measured now: copy GB/s (read + write of a copy_bytes buffer) and
     bf16 matmul TFLOP/s (n x n x n)."""
-    src = torch.empty(copy_bytes // 2, dtype=torch.bfloat16, device=device).uniform_()
-    dst = torch.empty_like(src)
-    copy_ms = time_ms(functools.partial(dst.copy_, src), device)
-    del src, dst
+    copy, moved = copy_fn(device, copy_bytes)
+    copy_ms = time_ms(copy, device)
+    del copy
     a = torch.randn(matmul_n, matmul_n, dtype=torch.bfloat16, device=device)
     b = torch.randn(matmul_n, matmul_n, dtype=torch.bfloat16, device=device)
     matmul_ms = time_ms(lambda: torch.matmul(a, b), device)
     return {
         "copy_bytes": copy_bytes,
-        "copy_gbps": 2 * copy_bytes / copy_ms / 1e6,
+        "copy_gbps": moved / copy_ms / 1e6,
         "matmul_n": matmul_n,
         "matmul_tflops": 2 * matmul_n**3 / matmul_ms / 1e9,
     }
