@@ -106,14 +106,13 @@ def attend(
     `backend`: [b, s, h, r] in the dtype the backend computes in. seqlens_q: int32 [b] queries
     per row (the first seqlens_q[i] columns; the rest padding, output 0), or None: all s.
 
-    q's dtype follows the format: the cache dtype for plain rows; for FP8 rows the reference
-    attends in q's own dtype, the Triton kernel takes a 16-bit q, so a float32 q is rounded to
-    bfloat16 (float32's range; relative error 2^-9, small beside the FP8 cache's 2^-4).
+    q goes in the cache dtype for plain rows; over FP8 rows in its own dtype (the kernel dequantizes
+    to it, as the reference does), a float64 q as float32 for the kernel, which takes 16- and 32-bit q.
     """
     if not fmt.is_fp8:
         q = q.to(fmt.dtype)
-    elif backend == "triton" and q.dtype not in (torch.bfloat16, torch.float16):
-        q = q.to(torch.bfloat16)
+    elif backend == "triton" and q.dtype == torch.float64:
+        q = q.float()
     if backend == "triton":
         out, _ = torch.ops.mla.decode(
             q, k_cache, block_table, cache_seqlens, *schedule, fmt.head_dim_v, softmax_scale, True, fmt.is_fp8, seqlens_q

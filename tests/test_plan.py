@@ -177,3 +177,22 @@ def test_decode_step_is_sync_free_and_replays_in_a_cuda_graph(cache_dtype):
             graph.replay()
             eager = model.model.step(tokens, model.model.plan(cache, ids, 1))
             torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not (INTERPRET or CUDA), reason="compares the Triton kernels: a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("cache_dtype", ["fp32", "fp8"])
+def test_narrow_latent_runs_on_both_backends(cache_dtype):
+    """kv_lora_rank 8 (below tl.dot's 16) is a valid config: both backends decode it and agree;
+    nothing about it fails only on the Triton path."""
+    import dataclasses
+
+    config = dataclasses.replace(CONFIG, kv_lora_rank=8, qk_rope_head_dim=4)
+    logits = []
+    for backend in ("triton", "reference"):
+        model = randomize_(mla.MLAForCausalLM(config, backend=backend), seed=0).eval()
+        cache = model.new_cache(8, 4, dtype=CACHE_DTYPES[cache_dtype])
+        ids = [cache.add_sequence(), cache.add_sequence()]
+        with torch.no_grad():
+            model.prefill(torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]), cache, ids)
+            logits.append(model.decode_step(torch.tensor([[11, 12], [13, 14]]), cache, ids))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
