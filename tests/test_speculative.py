@@ -224,6 +224,48 @@ def test_greedy_equals_plain_greedy(kind, drafter, batch, k):
     assert 0 <= s.accepted <= s.drafted and s.steps >= math.ceil((NEW_TOKENS - 1) / (k + 1))
 
 
+class RaggedDrafter(Drafter):
+    """Wraps a drafter and puts up a random number of its k tokens per row (placeholders after):
+    every verify pass is ragged."""
+
+    def __init__(self, base: Drafter, seed: int = 0):
+        self.base, self.g = base, torch.Generator().manual_seed(seed)
+        self.needs_hidden = base.needs_hidden
+
+    def start(self, *args):
+        self.base.start(*args)
+
+    def propose(self, pending, k):
+        draft = self.base.propose(pending, k)
+        lengths = torch.randint(0, k + 1, (len(pending),), generator=self.g)
+        cut = torch.arange(k) >= lengths[:, None]
+        tokens = draft.tokens.masked_fill(cut.to(draft.tokens.device), -1)
+        return Draft(tokens, draft.probs, lengths=lengths.tolist())
+
+    def accept(self, verified):
+        self.base.accept(verified)
+
+    def retain(self, rows):
+        self.base.retain(rows)
+
+    def release(self):
+        self.base.release()
+
+
+@pytest.mark.parametrize(
+    "kind, drafter", [("mla", "mtp"), ("mla", "draft-model"), ("qwen2", "ngram"), ("deepseek-v3-patched", "ngram")]
+)
+def test_ragged_verify_equals_plain_greedy(kind, drafter):
+    """Rows verifying different numbers of tokens in one pass (0..k each): still plain greedy."""
+    prompts = prompts_for(4)
+    if (kind, 4) not in GREEDY_REFERENCE:
+        GREEDY_REFERENCE[kind, 4] = plain_greedy(kind, prompts, NEW_TOKENS)
+    ragged = RaggedDrafter(make_drafter(drafter, kind), seed=3)
+    out = generate(adapted(kind), prompts, ragged, max_new_tokens=NEW_TOKENS, num_draft_tokens=4)
+    assert new_tokens(out, prompts) == GREEDY_REFERENCE[kind, 4]
+    assert out.stats.drafted < 4 * 4 * out.stats.steps  # some rows put up fewer than k
+
+
 def test_greedy_through_triton_kernels():
     # Verify runs the Triton decode kernel (s_q = k + 1, causal in-block mask) and the Triton
     # cache write under the interpreter; the reference is the same model decoding one token at a time.
@@ -432,11 +474,13 @@ SAMPLING_CASES = [
 ]
 
 
-def sample_continuations(kind, drafter, temperature, top_p, seed):
+def sample_continuations(kind, drafter, temperature, top_p, seed, ragged=False):
     prompt = torch.tensor([1, 3, 1, 3])  # a repeat, so the n-gram drafter finds matches
     n = SAMPLES[kind]
     target = mla_target(models(kind, SMALL_VOCAB)[0]) if kind == "mla" else models(kind, SMALL_VOCAB)[0]
     drafter = make_drafter(drafter, kind, SMALL_VOCAB)
+    if ragged:
+        drafter = RaggedDrafter(drafter, seed)
     g = torch.Generator().manual_seed(seed)
     out = generate(target, prompt.expand(n, -1), drafter, max_new_tokens=CONTINUATION, num_draft_tokens=2,
                    temperature=temperature, top_p=top_p, generator=g)
@@ -450,6 +494,13 @@ def sample_continuations(kind, drafter, temperature, top_p, seed):
 def test_sampled_continuations_follow_the_target_law(kind, drafter, temperature, top_p):
     outcomes, exact, stats = sample_continuations(kind, drafter, temperature, top_p, seed=11)
     assert_distribution(f"{kind} {drafter}", outcomes, exact)
+    assert stats.accepted > 0
+
+
+@pytest.mark.parametrize("kind", ["mla", "qwen2"])
+def test_ragged_verify_keeps_the_target_law(kind):
+    outcomes, exact, stats = sample_continuations(kind, "draft-model", 1.0, 1.0, seed=11, ragged=True)
+    assert_distribution(f"{kind} draft-model, ragged verify", outcomes, exact)
     assert stats.accepted > 0
 
 

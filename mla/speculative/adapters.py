@@ -50,8 +50,14 @@ class CausalLM(ABC):
         """
 
     @abstractmethod
-    def forward(self, tokens: torch.Tensor, return_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Append tokens int64 [b, n] to each row; returns logits [b, n, V] (and hidden [b, n, H])."""
+    def forward(
+        self, tokens: torch.Tensor, return_hidden: bool = False, num_new_tokens: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Append tokens int64 [b, n] to each row; returns logits [b, n, V] (and hidden [b, n, H]).
+
+        num_new_tokens: None (every row appends n), or b counts c_i <= n: row i appends only its
+        first c_i tokens (a ragged verify); its other columns are padding, appended nowhere, and
+        their logits mean nothing."""
 
     @abstractmethod
     def rollback(self, lengths: list[int]) -> None:
@@ -148,10 +154,9 @@ class MLACausalLM(CausalLM):
         return logits, hidden if return_hidden else None
 
     @torch.no_grad()
-    def forward(self, tokens, return_hidden=False):
-        if return_hidden:
-            return self.model(tokens, self.cache, self.seq_ids, return_hidden=True)
-        return self.model.decode_step(tokens, self.cache, self.seq_ids), None
+    def forward(self, tokens, return_hidden=False, num_new_tokens=None):
+        out = self.model(tokens, self.cache, self.seq_ids, return_hidden=return_hidden, num_new_tokens=num_new_tokens)
+        return out if return_hidden else (out, None)
 
     def rollback(self, lengths):
         self._check_rollback(lengths)
@@ -188,7 +193,7 @@ class HFCausalLM(CausalLM):
         self.model = model
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.device = next(model.parameters()).device
-        self.cache, self.lengths = None, []
+        self.cache, self.lengths, self.trailing = None, [], []
 
     def _new_cache(self):
         from transformers import DynamicCache
@@ -230,6 +235,7 @@ class HFCausalLM(CausalLM):
             for layer, (keys, values) in zip(self.cache.layers, per_layer):
                 layer.update(keys, values)
         self.lengths = [len(p) for p in prompts]
+        self.trailing = [0] * b
         self._set_mask(width)
         return logits, None
 
@@ -240,25 +246,32 @@ class HFCausalLM(CausalLM):
         self.positions = valid
 
     @torch.no_grad()
-    def forward(self, tokens, return_hidden=False):
+    def forward(self, tokens, return_hidden=False, num_new_tokens=None):
         if return_hidden:
             raise ValueError("HFCausalLM does not return hidden states")
+        if any(self.trailing):
+            self.rollback(self.lengths)  # right-align the rows after a ragged step before appending
         b, n = tokens.shape
-        self.mask = torch.cat([self.mask, self.mask.new_ones(b, n)], dim=1)
+        counts = [n] * b if num_new_tokens is None else list(num_new_tokens)
+        # a ragged step's padding columns are masked out, then cut by the next rollback
+        new = torch.arange(n, device=self.device) < torch.tensor(counts, device=self.device)[:, None]
+        self.mask = torch.cat([self.mask, new.long()], dim=1)
         positions = self.positions[:, None] + torch.arange(n, device=self.device)
         out = self.model(
             input_ids=tokens, attention_mask=self.mask, position_ids=positions, cache=self.cache, use_cache=True
         )
-        self.positions = self.positions + n
-        self.lengths = [length + n for length in self.lengths]
+        self.positions = self.positions + torch.tensor(counts, device=self.device)
+        self.lengths = [length + c for length, c in zip(self.lengths, counts)]
+        self.trailing = [n - c for c in counts]
         return out.logits, None
 
     def rollback(self, lengths):
         self._check_rollback(lengths)
         width = self.mask.shape[1]
         new_width = max(lengths, default=0)
-        drop = [old - new for old, new in zip(self.lengths, lengths)]
-        self.lengths = list(lengths)
+        # row r's real tokens end `trailing[r]` padding columns before the right edge
+        drop = [old - new + pad for old, new, pad in zip(self.lengths, lengths, self.trailing)]
+        self.lengths, self.trailing = list(lengths), [0] * len(lengths)
         if len(set(drop)) == 1 and width - drop[0] == new_width:
             # Same cut for every row and no all-padding columns left: crop the tail.
             if drop[0]:
@@ -281,6 +294,7 @@ class HFCausalLM(CausalLM):
         self.cache.batch_select_indices(index)
         self.mask, self.positions = self.mask[index], self.positions[index]
         self.lengths = [self.lengths[r] for r in rows]
+        self.trailing = [self.trailing[r] for r in rows]
 
     def release(self):
-        self.cache, self.lengths = None, []
+        self.cache, self.lengths, self.trailing = None, [], []

@@ -30,12 +30,16 @@ class Draft:
     (built with `probabilities` at the generation's temperature and top_p), or None for a
     deterministic drafter (q one-hot). parents: k ints, the draft index each token continues
     (-1: the row's pending token). A chain has parents (-1, 0, 1, ..., k-2); the field is there
-    for token trees (EAGLE-style), which `generate` does not verify yet.
+    for token trees (EAGLE-style), which `generate` does not verify yet. lengths: b ints in
+    [0, k], how many of its k tokens row i puts up for verification (each row's verify pass
+    is then lengths[i] + 1 tokens long; the target runs one ragged step), or None: all k. A
+    row's tokens past its length must be -1 (placeholders, never accepted).
     """
 
     tokens: torch.Tensor
     probs: torch.Tensor | None = None
     parents: tuple[int, ...] | None = None
+    lengths: list[int] | None = None
 
     def __post_init__(self):
         if self.parents is None:

@@ -13,6 +13,11 @@ Each step, for every active row with newest token x (not yet in the target's cac
     rollback  the cache keeps x, d_1..d_a       the rejected tokens' entries are dropped
     the last emitted token becomes the row's new x.
 
+Rows may verify different numbers of tokens in one step: a draft with per-row `lengths` k_i <= k
+puts k_i tokens of row i up (its later tokens are -1 placeholders), the target runs one ragged
+pass of k_i + 1 tokens per row (the decode kernel's per-row query lengths), and a placeholder is
+never accepted, so at position k_i the target's own token is emitted: the bonus token.
+
 The emitted tokens are distributed exactly as plain token-by-token sampling from p (greedy:
 identical tokens), whatever the drafter proposes. Rows accept different counts; the only
 host-device synchronisation per step is one `.tolist()` of the emitted tokens and counts,
@@ -168,17 +173,26 @@ def generate(
             k = min(num_draft_tokens, max(max_new_tokens - len(new[r]) for r in rows) - 1)
             draft = drafter.propose(pending, k)
             _check_draft(draft, len(rows), k, target.vocab_size)
-            tokens = torch.cat([pending[:, None], draft.tokens], dim=1)  # [b, k+1]
-            logits, hidden = target.forward(tokens, return_hidden=drafter.needs_hidden)
-            emitted, num = rejection_sample(logits, draft.tokens, draft.probs, temperature, top_p, generator)
+            drafts = [k] * len(rows) if draft.lengths is None else list(draft.lengths)
+            draft_tokens, draft_probs, verify = draft.tokens, draft.probs, None
+            if draft.lengths is not None:
+                # a ragged step is as wide as its longest row; placeholders (-1 past a row's length)
+                # enter the pass as token 0 and are stored nowhere
+                width = max(drafts)
+                draft_tokens = draft_tokens[:, :width]
+                draft_probs = None if draft_probs is None else draft_probs[:, :width]
+                verify = [1 + n for n in drafts]
+            tokens = torch.cat([pending[:, None], draft_tokens.clamp_min(0)], dim=1)  # [b, k+1]
+            logits, hidden = target.forward(tokens, return_hidden=drafter.needs_hidden, num_new_tokens=verify)
+            emitted, num = rejection_sample(logits, draft_tokens, draft_probs, temperature, top_p, generator)
             host = torch.cat([num[:, None], emitted], dim=1).tolist()  # the step's one host-device sync
             counts = [h[0] for h in host]
-            target.rollback([length - (k + 1) + n for length, n in zip(target.lengths, counts)])
+            target.rollback([length - 1 - d + n for length, d, n in zip(target.lengths, drafts, counts)])
             new_tokens = [h[1 : 1 + h[0]] for h in host]
             drafter.accept(Verified(tokens, emitted, num, counts, new_tokens, hidden))
             pending = emitted.gather(1, (num - 1)[:, None]).squeeze(1)
             stats.steps += 1
-            stats.drafted += k * len(rows)
+            stats.drafted += sum(drafts)
             stats.accepted += sum(counts) - len(rows)
             stats.row_steps += len(rows)
             keep = []
@@ -232,6 +246,10 @@ def _check_draft(draft: Draft, b: int, k: int, vocab: int) -> None:
         raise ValueError(
             f"the drafter's probs must be [{b}, {k}, {vocab}] (target vocabulary), got {tuple(draft.probs.shape)}"
         )
+    if draft.lengths is not None and (
+        len(draft.lengths) != b or any(not isinstance(n, int) or not 0 <= n <= k for n in draft.lengths)
+    ):
+        raise ValueError(f"the draft's lengths must be {b} ints in [0, {k}], got {draft.lengths}")
     if tuple(draft.parents) != chain_parents(k):
         raise NotImplementedError(
             f"token-tree drafts (parents {tuple(draft.parents)}) are not verified yet; draft a chain"
