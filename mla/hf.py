@@ -549,7 +549,7 @@ class _MLAAttention:
         q = torch.cat([q_nope, q_pe], dim=-1)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=_visible(plan, q.shape[1], length)[:, None], scale=self.scaling,
+            attn_mask=plan.visible()[:, None], scale=self.scaling,
         )  # fmt: skip  # [n, h, r, v]
         return out.transpose(1, 2)
 
@@ -560,19 +560,12 @@ class _MLAAttention:
         w_uk, _ = self.absorbed_weights()
         q_latent = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)
         scores = torch.einsum("bshr,blr->bshl", q_latent, latent) + torch.einsum("bshd,bld->bshl", q_pe, k_pe)
-        visible = _visible(plan, q_nope.shape[1], latent.shape[1])[:, :, None]  # [n, r, 1, L]
+        visible = plan.visible()[:, :, None]  # [n, r, 1, L]
         scores = (scores * self.scaling).masked_fill(~visible, float("-inf"))
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)  # [n, r, h, L]
         token = torch.arange(columns, device=probs.device) - (columns - plan.seqlens.long()[:, None])  # [n, columns]
         gathered = probs.gather(-1, token.clamp(min=0)[:, None, None].expand(*probs.shape[:3], columns))
         return gathered * (token >= 0)[:, None, None]
-
-
-def _visible(plan: StepPlan, num_queries: int, length: int) -> torch.Tensor:
-    """bool [n, r, L]: query i of a row of length L_n sees cache positions j <= L_n - r + i."""
-    i = torch.arange(num_queries, device=plan.seqlens.device)
-    j = torch.arange(length, device=plan.seqlens.device)
-    return j[None, None, :] <= (plan.seqlens.long()[:, None, None] - num_queries + i[None, :, None])
 
 
 def _put(out: torch.Tensor, group: _Group, values: torch.Tensor) -> None:
