@@ -9,16 +9,15 @@ import pytest
 import torch
 
 from mla import kernels, reference
-
-from .test_decode import make_inputs, to_fp8_cache
+from mla.conformance import Case, to_fp8_cache
 
 B, S_Q, H_Q, D, DV, PAGE = 2, 2, 4, 80, 64, 16
 
 
 def dense_args():
     """A valid dense call as a dict of flash_mla_with_kvcache's arguments (fp32, lengths 20 and 5)."""
-    q, k_cache, block_table, lens = make_inputs(B, S_Q, H_Q, 1, D, PAGE, [20, 5], torch.float32)
-    return dict(q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=lens, head_dim_v=DV)
+    call = Case(B, S_Q, H_Q, 1, D, DV, "fp32", PAGE, seed=0, lens=(20, 5)).build()
+    return dict(q=call.q, k_cache=call.k_cache, block_table=call.block_table, cache_seqlens=call.cache_seqlens, head_dim_v=DV)
 
 
 def sparse_args():

@@ -1,133 +1,35 @@
 """Sparse decode (top-k slot lists), the extra cache, attention sinks and the sparse prefill
-kernel, against the reference, on adversarial data: every slot no read entry names holds NaN
-(unused entries past topk_length point at such slots), -1 holes anywhere, duplicates, slots in
-any page."""
+kernel. The decode cases and their tolerance are the conformance suite's (`mla.conformance`):
+every slot no read entry names holds NaN (unused entries past topk_length point at such slots),
+-1 holes anywhere, duplicates, slots in any page."""
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from mla import reference as ref
+from mla.conformance import FACTOR, FLOOR, GROUPS, Case
+from mla.conformance.cases import DTYPES, SINKS
 from mla.kernels import flash_mla_sparse_fwd, flash_mla_with_kvcache, get_mla_metadata
 
-from .test_decode import DEVICE, DTYPES, check_against_reference, make_inputs, to_fp8_cache
-from .utils import assert_close, max_error
-
-SINKS = [-math.inf, 0.0, 30.0, math.inf]
-"""One sink value per head, cycled: no effect, a finite one, one that swamps the scores, all."""
+from .test_decode import DEVICE, run_kernel, splits
+from .utils import assert_close, case_params, max_error
 
 
-def slot_lists(g, b, s_q, h_kv, d, page, topk, lengths, dtype, rows_read=None):
-    """A paged cache [num_blocks, page, h_kv, d] and int32 indices [b, s_q, topk] into it.
-
-    Entries are slots anywhere in the cache (so also in other rows' pages), a fifth of them -1,
-    some repeating their neighbour. Only the first lengths[i] entries of row i are read (all
-    when lengths is None), and of those only the first rows_read[i] query tokens (ragged calls).
-    Every slot those entries do not name holds NaN, and every entry that is not read names
-    such a slot, so reading anything unselected shows in the output.
-    """
-    read_per_row = b * s_q * topk
-    num_blocks = math.ceil(2 * read_per_row / page) + 1
-    num_slots = num_blocks * page
-    cache = torch.randn(num_blocks, page, h_kv, d, generator=g).to(dtype)
-    indices = torch.randint(0, num_slots, (b, s_q, topk), generator=g, dtype=torch.int32)
-    indices[torch.rand(b, s_q, topk, generator=g) < 0.2] = -1
-    dup = torch.rand(b, s_q, topk, generator=g) < 0.15
-    indices[dup] = indices.roll(1, dims=-1)[dup]
-    limit = torch.tensor(lengths if lengths is not None else [topk] * b)
-    tokens = torch.tensor(rows_read if rows_read is not None else [s_q] * b)
-    read = (torch.arange(topk) < limit[:, None, None]) & (torch.arange(s_q)[:, None] < tokens[:, None, None])
-    poisoned = torch.ones(num_slots, dtype=torch.bool)
-    poisoned[indices[read & (indices >= 0)].long()] = False
-    cache.view(num_slots, h_kv, d)[poisoned] = float("nan")
-    spare = torch.nonzero(poisoned).flatten()
-    indices[~read] = spare[torch.randint(0, len(spare), (int((~read).sum()),), generator=g)].int()
-    topk_length = None if lengths is None else torch.tensor(lengths, dtype=torch.int32)
-    return cache, indices, topk_length
-
-
-def sparse_call(seed, b, s_q, h_q, h_kv, d, dv, dtype, topk, page, lengths=None, extra=None, sink=False, rows_read=None):
-    """(q, k_cache, block_table, cache_seqlens, dv) and keyword arguments of a sparse call.
-    extra: (page, topk, lengths) of an extra cache, or None. dtype "fp8": bf16 q, FP8 caches."""
-    g = torch.Generator().manual_seed(seed)
-    fp8 = dtype == "fp8"
-    t = torch.bfloat16 if fp8 else DTYPES[dtype]
-    q = torch.randn(b, s_q, h_q, d, generator=g).to(t)
-    k_cache, indices, topk_length = slot_lists(g, b, s_q, h_kv, d, page, topk, lengths, t, rows_read)
-    kw = dict(indices=indices, topk_length=topk_length, is_fp8_kvcache=fp8)
-    if extra is not None:
-        x_page, x_topk, x_lengths = extra
-        x_cache, x_indices, x_length = slot_lists(g, b, s_q, h_kv, d, x_page, x_topk, x_lengths, t, rows_read)
-        kw.update(extra_k_cache=to_fp8_cache(x_cache, dv) if fp8 else x_cache, extra_indices_in_kvcache=x_indices,
-                  extra_topk_length=x_length)  # fmt: skip
-    if sink:
-        kw["attn_sink"] = torch.tensor([SINKS[h % len(SINKS)] for h in range(h_q)], dtype=torch.float32)
-    if fp8:
-        k_cache = to_fp8_cache(k_cache, dv)
-    kw = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
-    return (q.to(DEVICE), k_cache.to(DEVICE), None, None, dv), kw
-
-
-# b, s_q, h_q, h_kv, d, dv, dtype, topk, page, topk lengths, extra (page, topk, lengths), sink, num_sm.
-# "split" cases list more than MIN_SPLIT_TOKENS keys in some row, so a large num_sm splits them.
-SPARSE_CASES = [
-    pytest.param(2, 1, 1, 1, 576, 512, "bf16", 64, 64, None, None, False, None, id="h1-d576v512-bf16"),
-    pytest.param(3, 2, 3, 1, 80, 64, "fp16", 300, 16, [300, 17, 0], None, True, 1000, id="h3-d80v64-fp16-topk-length-sink-split"),
-    pytest.param(2, 2, 16, 1, 512, 512, "fp32", 40, 1, [40, 3], (4, 24, [24, 0]), False, None, id="h16-d512v512-fp32-extra"),
-    pytest.param(2, 1, 64, 1, 576, 512, "fp8", 64, 64, [33, 64], (16, 200, [5, 200]), True, 1000, id="h64-d576v512-fp8-extra-sink-split"),
-    pytest.param(1, 2, 128, 1, 576, 512, "bf16", 48, 16, [48], None, True, None, id="h128-d576v512-bf16-sink"),
-    pytest.param(2, 2, 16, 2, 80, 64, "fp8", 260, 7, None, (3, 16, None), False, 1000, id="h16x2-d80v64-fp8-extra-split"),
-    pytest.param(2, 1, 16, 1, 80, 64, "fp32", 320, 16, [320, 100], (8, 40, [40, 7]), True, 1000, id="h16-d80v64-fp32-long-split"),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("b,s_q,h_q,h_kv,d,dv,dtype,topk,page,lengths,extra,sink,num_sm", SPARSE_CASES)
-def test_sparse_decode_matches_reference(nan_empty, b, s_q, h_q, h_kv, d, dv, dtype, topk, page, lengths, extra, sink, num_sm):
-    args, kw = sparse_call(h_q + topk, b, s_q, h_q, h_kv, d, dv, dtype, topk, page, lengths, extra, sink)
-    out, lse = check_against_reference(*args, num_sm=num_sm, min_splits=2 if num_sm else 0, **kw)
-    assert not out.isnan().any(), "an unselected (NaN) slot reached the output"
-
-
-def sparse_sweep():
-    """The cartesian product of heads, head dims, dtypes, extra cache and sink; the other axes
-    (page size, topk lengths, split schedule, s_q) cycle. The FP8 format needs rope channels,
-    so FP8 skips 512/512."""
-    cases = []
-    axes = itertools.product([1, 3, 16, 64, 128], [(576, 512), (512, 512), (80, 64)], ["bf16", "fp16", "fp32", "fp8"],
-                             [False, True], [False, True])  # fmt: skip
-    for n, (h_q, (d, dv), dtype, extra, sink) in enumerate(axes):
-        if dtype == "fp8" and d == dv:
-            continue
-        split = n % 2 == 1
-        topk = 300 if split else 48
-        lengths = [None, [topk, topk // 3], [0, topk]][n % 3]
-        page = [1, 16, 64][n % 3]
-        x = (4, 40, [40, 0]) if extra else None
-        case_id = f"h{h_q}-d{d}v{dv}-{dtype}{'-extra' if extra else ''}{'-sink' if sink else ''}{'-split' if split else ''}"
-        cases.append(pytest.param(2, 1 + n % 2, h_q, 1, d, dv, dtype, topk, page, lengths, x, sink, 1000 if split else None,
-                                  id=case_id))  # fmt: skip
-    return cases
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("b,s_q,h_q,h_kv,d,dv,dtype,topk,page,lengths,extra,sink,num_sm", sparse_sweep())
-def test_sparse_decode_full_sweep(nan_empty, b, s_q, h_q, h_kv, d, dv, dtype, topk, page, lengths, extra, sink, num_sm):
-    args, kw = sparse_call(h_q + topk + d, b, s_q, h_q, h_kv, d, dv, dtype, topk, page, lengths, extra, sink)
-    out, lse = check_against_reference(*args, num_sm=num_sm, min_splits=2 if num_sm else 0, **kw)
-    assert not out.isnan().any()
-
-
-def test_sparse_decode_sweep_cases():
-    """The sweep's axes, each value at least once: heads, head dims, dtypes."""
-    heads = {c.values[2] for c in SPARSE_CASES}
-    dims = {(c.values[4], c.values[5]) for c in SPARSE_CASES}
-    dtypes = {c.values[6] for c in SPARSE_CASES}
-    assert heads >= {1, 3, 16, 64, 128} and dims >= {(576, 512), (512, 512), (80, 64)}
-    assert dtypes >= {"bf16", "fp16", "fp32", "fp8"}
+@pytest.mark.parametrize(
+    "case",
+    case_params(*GROUPS["sparse"], *GROUPS["deepseek-sparse"], *GROUPS["dense-extra"], *GROUPS["sparse-sweep-full"]),
+)
+def test_sparse_decode_matches_reference(case):
+    """Slot lists (heads 1 to 128, head dims, every dtype and FP8, topk lengths, pages of 1 to
+    64 slots), extra caches on sparse and dense main caches, sinks; "split" cases must split."""
+    result = run_kernel(case)
+    if case.sparse and case.num_sm:
+        assert splits(result) >= 2, "the schedule did not split as intended"
 
 
 def test_duplicate_slots_count_twice():
@@ -146,48 +48,38 @@ def test_duplicate_slots_count_twice():
         assert_close(f"{impl.__module__} lse", lse[0, 0, 0], torch.logsumexp(keys @ q[0, 0, 0] * 80**-0.5, 0), atol=1e-5)
 
 
-@pytest.mark.parametrize("num_sm", [None, 1000], ids=["one-split", "split"])
-def test_rows_that_see_nothing_are_zero_with_inf_lse(nan_empty, num_sm):
-    """topk_length 0, only -1 entries, or an extra list that is empty too: out = 0 and lse = +inf
-    with any sink, never NaN."""
-    args, kw = sparse_call(7, 3, 2, 4, 1, 80, 64, "fp32", 270, 16, [270, 0, 270], (4, 8, [8, 0, 0]), sink=True)
-    kw["indices"][2] = -1
-    out, lse = check_against_reference(*args, num_sm=num_sm, min_splits=2 if num_sm else 0, **kw)
+@pytest.mark.parametrize("case", case_params(*GROUPS["blind-rows"]))
+def test_rows_that_see_nothing_are_zero_with_inf_lse(case):
+    """Row 1 has topk_length 0, row 2 only -1 entries and an empty extra list: out = 0 and
+    lse = +inf with any sink, never NaN; row 0 sees keys."""
+    result = run_kernel(case)
+    out, lse = result.outcome.out, result.outcome.lse
     assert torch.equal(out[1:], torch.zeros_like(out[1:])) and torch.isposinf(lse[1:]).all()
-    assert torch.isfinite(lse[0]).all() and not out.isnan().any()
+    assert torch.isfinite(lse[0]).all()
+    assert not case.num_sm or splits(result) >= 2, "the schedule did not split as intended"
 
 
-@pytest.mark.parametrize("num_sm", [None, 64], ids=["one-split", "split"])
-def test_sink_scales_output_and_leaves_lse(nan_empty, num_sm):
+@pytest.mark.parametrize("case", case_params(*GROUPS["sink"]))
+def test_sink_scales_output_and_leaves_lse(case):
     """out(sink) = out * exp(lse) / (exp(lse) + exp(sink)), lse unchanged: -inf changes nothing,
-    +inf gives 0. Dense (causal) and sparse calls."""
-    sink = torch.tensor([SINKS[h % 4] for h in range(8)], dtype=torch.float32).to(DEVICE)
-    dense = make_inputs(2, 2, 8, 1, 80, 16, [300, 40], torch.float32, seed=2)
-    sparse, kw = sparse_call(5, 2, 2, 8, 1, 80, 64, "fp32", 300, 16, [300, 9])
-    splits = 2 if num_sm else 0
-    for args, call_kw in (((*dense, 64), dict(causal=True)), (sparse, kw)):
-        base_out, base_lse = check_against_reference(*args, num_sm=num_sm, min_splits=splits, **call_kw)
-        out, lse = check_against_reference(*args, num_sm=num_sm, min_splits=splits, attn_sink=sink, **call_kw)
-        assert torch.equal(lse, base_lse)
-        factor = torch.sigmoid(lse.transpose(1, 2) - sink)[..., None]  # [b, s_q, h, 1]
-        assert_close("sink", out, base_out * factor, atol=1e-6)
-        assert torch.equal(out[:, :, 0::4], base_out[:, :, 0::4]), "-inf sink: no effect"
-        assert torch.equal(out[:, :, 3::4], torch.zeros_like(out[:, :, 3::4])), "+inf sink: zero output"
-
-
-def test_dense_cache_with_an_extra_cache(nan_empty):
-    """A dense (causal) main cache and an extra slot list attend in one softmax."""
-    q, k_cache, block_table, lens = make_inputs(3, 2, 16, 1, 576, 16, [40, 0, 17], torch.bfloat16, seed=8)
-    (_, x_cache, *_), kw = sparse_call(9, 3, 2, 16, 1, 576, 512, "bf16", 24, 8, [24, 5, 0])
-    extra = dict(extra_k_cache=x_cache, extra_indices_in_kvcache=kw["indices"], extra_topk_length=kw["topk_length"])
-    out, lse = check_against_reference(q, k_cache, block_table, lens, 512, num_sm=64, causal=True, **extra)
-    assert not out.isnan().any()
+    +inf gives 0. Dense (causal) and sparse calls; the case without its sink is the baseline."""
+    with_sink, base = run_kernel(case), run_kernel(dataclasses.replace(case, sink=False))
+    out, lse = with_sink.outcome.out, with_sink.outcome.lse
+    base_out = base.outcome.out
+    assert torch.equal(lse, base.outcome.lse)
+    sink = torch.tensor([SINKS[h % len(SINKS)] for h in range(case.h_q)], device=lse.device)
+    factor = torch.sigmoid(lse.transpose(1, 2) - sink)[..., None]  # [b, s_q, h, 1]
+    assert_close("sink", out, base_out * factor, atol=1e-6)
+    assert SINKS[0] == -math.inf and SINKS[3] == math.inf
+    assert torch.equal(out[:, :, 0::4], base_out[:, :, 0::4]), "-inf sink: no effect"
+    assert torch.equal(out[:, :, 3::4], torch.zeros_like(out[:, :, 3::4])), "+inf sink: zero output"
+    assert not case.num_sm or splits(with_sink) >= 2 <= splits(base), "the schedule did not split as intended"
 
 
 def test_old_and_new_schedule_forms_give_identical_results(nan_empty):
     """get_mla_metadata(cache_seqlens, ...) and get_mla_metadata() plan the same splits; a
     FlashMLASchedMeta reused by a second layer (same lengths, other cache) plans nothing new."""
-    q, k_cache, block_table, lens = make_inputs(2, 2, 16, 1, 80, 16, [700, 90], torch.bfloat16, seed=3)
+    q, k_cache, block_table, lens, _ = Case(2, 2, 16, 1, 80, 64, "bf16", 16, seed=3, lens=(700, 90)).build(DEVICE).args
     old = get_mla_metadata(lens, 2 * 16, 1, num_sm=64)
     new, none = get_mla_metadata(num_sm=64)
     assert none is None
@@ -240,7 +132,7 @@ def test_sparse_prefill_matches_reference(nan_empty, s_q, h_q, h_kv, d, dv, dtyp
     assert out.dtype == args[0].dtype and max_logits.dtype == lse.dtype == torch.float32
     eps = torch.finfo(args[0].dtype).eps
     for name, got, want, rough in zip(("out", "max_logits", "lse"), (out, max_logits, lse), expected, low):
-        assert_close(name, got, want, atol=2 * max_error(rough, want) + 1e-5, rtol=eps if name == "out" else 0.0)
+        assert_close(name, got, want, atol=FACTOR * max_error(rough, want) + FLOOR, rtol=eps if name == "out" else 0.0)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isposinf(lse[0]).all()
     assert torch.isneginf(max_logits[0]).all() and not out.isnan().any()
 
@@ -262,8 +154,9 @@ def test_unchecked_out_of_range_entries_are_skipped(monkeypatch, nan_empty):
     from mla.reference import contract
 
     monkeypatch.setattr(contract, "reads_values", lambda device: False)
-    args, kw = sparse_call(3, 2, 2, 4, 1, 80, 64, "fp32", 32, 16, [32, 20])
-    num_slots = args[1].shape[0] * args[1].shape[1]
+    call = Case(2, 2, 4, 1, 80, 64, "fp32", 16, seed=3, topk=32, topk_length=(32, 20)).build(DEVICE)
+    args, kw = call.args, call.kwargs
+    num_slots = call.k_cache.shape[0] * call.k_cache.shape[1]
     wild = kw["indices"].clone()
     wild[..., 0], wild[..., 3], wild[..., 6] = num_slots, 10**9, -5
     skipped = torch.where((wild < 0) | (wild >= num_slots), -1, wild)
@@ -271,7 +164,7 @@ def test_unchecked_out_of_range_entries_are_skipped(monkeypatch, nan_empty):
         out, lse = impl(*args, **(kw | dict(indices=wild)))
         expected = impl(*args, **(kw | dict(indices=skipped)))
         assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
-    q, k_cache, block_table, lens = make_inputs(2, 1, 4, 1, 80, 16, [40, 20], torch.float32, seed=6)
+    q, k_cache, block_table, lens, _ = Case(2, 1, 4, 1, 80, 64, "fp32", 16, seed=6, lens=(40, 20)).build(DEVICE).args
     block_table[0, 1] = 10**6  # tokens 16..31 of row 0 are skipped
     out, lse = flash_mla_with_kvcache(q, k_cache, block_table, lens, 64)
     out_ref, lse_ref = ref.flash_mla_with_kvcache(q, k_cache, block_table, lens, 64, compute_dtype=torch.float64)

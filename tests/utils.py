@@ -4,45 +4,25 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
+
+from mla.conformance import Case, compare, max_error
+
+__all__ = ["assert_close", "case_params", "max_error", "randomize_"]
 
 
 def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0) -> None:
-    """Assert |actual - expected| <= atol + rtol * |expected| elementwise, with a report.
-
-    inf must match inf of the same sign and NaN is never accepted. On failure the message
-    gives the count of bad elements, the worst one and its index, and NaN/inf mismatches.
-    """
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a, e = actual.double(), expected.double()
-    problems = []
-    nan_a, nan_e = torch.isnan(a), torch.isnan(e)
-    if nan_a.any() or nan_e.any():
-        problems.append(f"NaN in actual at {nan_a.sum().item()} places, in expected at {nan_e.sum().item()}")
-    inf_a, inf_e = torch.isinf(a), torch.isinf(e)
-    inf_mismatch = (inf_a | inf_e) & ~(inf_a & inf_e & (torch.sign(a) == torch.sign(e)))
-    if inf_mismatch.any():
-        idx = tuple(torch.nonzero(inf_mismatch)[0].tolist())
-        problems.append(f"inf mismatch at {inf_mismatch.sum().item()} places, first {idx}: {a[idx].item()} vs {e[idx].item()}")
-    finite = ~(nan_a | nan_e | inf_a | inf_e)
-    err = torch.where(finite, (a - e).abs(), torch.zeros_like(a))
-    bound = atol + rtol * e.abs().where(finite, torch.zeros_like(e))
-    bad = err > bound
-    if bad.any():
-        excess = torch.where(bad, err - bound, torch.zeros_like(err))
-        idx = tuple(torch.nonzero(excess == excess.max())[0].tolist())
-        problems.append(
-            f"{bad.sum().item()}/{bad.numel()} elements exceed atol={atol:.3g} rtol={rtol:.3g}; "
-            f"max error {err.max().item():.4g}, worst at {idx}: {a[idx].item():.6g} vs {e[idx].item():.6g}"
-        )
-    assert not problems, f"{name}: " + "; ".join(problems)
+    """Assert |actual - expected| <= atol + rtol * |expected| elementwise, with a report
+    (`mla.conformance.compare`: inf must match inf of the same sign, NaN is never accepted; the
+    message gives the count of bad elements, the worst one and its index, NaN/inf mismatches)."""
+    comparison = compare(name, actual, expected, atol, rtol)
+    assert comparison.ok, comparison.message
 
 
-def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Largest finite absolute difference (0 when nothing is finite on both sides)."""
-    a, e = actual.double(), expected.double()
-    finite = torch.isfinite(a) & torch.isfinite(e)
-    return (a - e).abs()[finite].max().item() if finite.any() else 0.0
+def case_params(*cases: Case) -> list:
+    """pytest params of conformance cases, by their ids; slow ones marked slow."""
+    return [pytest.param(case, id=case.id, marks=[pytest.mark.slow] * case.slow) for case in cases]
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:

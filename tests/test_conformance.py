@@ -1,0 +1,212 @@
+"""The conformance suite as a product (`mla.conformance`): the command passes the reference and
+fails three broken implementations with their symptoms; adapters, capabilities and the case list.
+(Our Triton kernel runs every quick case through `check_case` in tests/test_decode*.py.)"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+
+from mla import kernels, reference
+from mla.conformance import (
+    CASES,
+    FEATURES,
+    GROUPS,
+    UNSUPPORTED,
+    Capabilities,
+    FlashMLATarget,
+    PlainTarget,
+    Support,
+    load_target,
+    run,
+    select,
+)
+from mla.conformance.__main__ import main, parse_args
+from mla.conformance.cases import DIMS, HEADS, PAGES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def plain_reference(q, k_cache, block_table, cache_seqlens, softmax_scale, causal):
+    """The reference as a plain callable; V is the first 64 channels (all of them when d < 64)."""
+    dv = min(64, q.shape[-1])
+    return reference.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, dv, softmax_scale=softmax_scale,
+                                            causal=causal)[0]  # fmt: skip
+
+
+def page64_only(q, k_cache, *args, **kwargs):
+    """The reference, refusing every page size but 64."""
+    if k_cache.shape[1] != 64:
+        raise NotImplementedError(f"page size {k_cache.shape[1]}: only 64")
+    return reference.flash_mla_with_kvcache(q, k_cache, *args, **kwargs)
+
+
+def junit_failures(path) -> list[str]:
+    return [f.get("message") for f in ET.parse(path).iter("failure")]
+
+
+OURS = [
+    # the quick reference run of every feature on fp32 data, and the kernel on a few of those cases
+    # from a bare environment: the command turns the Triton interpreter on for --device cpu itself
+    pytest.param("mla.reference:flash_mla_with_kvcache", ["--dtypes", "fp32"], id="reference-fp32"),
+    pytest.param("mla.kernels:flash_mla_with_kvcache", ["--case", "*-fp32-d80v64-topk320-lengths-extra-sink-split"],
+                 id="kernel-one-case"),
+    pytest.param("mla.reference:flash_mla_with_kvcache", [], id="reference", marks=pytest.mark.slow),
+    pytest.param("mla.kernels:flash_mla_with_kvcache", [], id="kernel", marks=pytest.mark.slow),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec,options", OURS)
+def test_the_command_passes_our_implementations(spec, options, tmp_path):
+    """Exit status 0, a table row per feature with every case passed, and the JUnit report."""
+    junit = tmp_path / "report.xml"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "mla.conformance", spec, "--device", "cpu", *options, "--junit", str(junit)]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr == "", proc.stderr[-3000:]
+    args = parse_args([spec, *options])
+    chosen = select(args.full, args.features, args.dtypes, args.case)
+    assert chosen
+    for feature in (*FEATURES, "all"):
+        count = len(chosen) if feature == "all" else sum(feature in case.features for case in chosen)
+        assert count or args.case, f"no {feature} case chosen"
+        row = rf"^{feature} +{count} +{count} +0 +0 +" + (r"\d" if count else "-")
+        assert re.search(row, proc.stdout, flags=re.MULTILINE), f"no row {row!r} in\n{proc.stdout}"
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == (str(len(chosen)), "0", "0")
+
+
+@pytest.mark.parametrize(
+    "name,features,symptom",
+    [
+        pytest.param("scale_off_by_one_percent", "dense,causal", "softmax_scale is off by +1.00%", id="scale"),
+        pytest.param("reads_one_past_the_end", "dense,causal", "the page slots past cache_seqlens", id="one-past-the-end"),
+        pytest.param("reads_minus_one_entries", "sparse,sink,extra", "-1 entries of indices", id="minus-one"),
+    ],
+)
+def test_the_command_fails_a_broken_implementation_with_its_symptom(name, features, symptom, tmp_path, capsys):
+    """tests/broken_decode.py: each defect fails some case with a message that names it, and the exit status is 1."""
+    junit = tmp_path / "broken.xml"
+    status = main([f"tests.broken_decode:{name}", "--device", "cpu", "--dtypes", "fp32", "--features", features,
+                   "--case", "*-d80v64*", "--junit", str(junit)])  # fmt: skip
+    failures, printed = junit_failures(junit), capsys.readouterr().out
+    assert status == 1 and failures, printed
+    assert any(symptom in message for message in failures), failures
+    assert f"repro: python -m mla.conformance tests.broken_decode:{name} --device cpu --case " in printed
+
+
+def test_plain_callables_run_the_dense_cases_of_their_head_dim():
+    report = run(load_target("tests.test_conformance:plain_reference"), dtypes=["fp32"], features=["dense", "causal"])
+    ran = [r for r in report.results if r.status != UNSUPPORTED]
+    assert ran and all(r.passed and r.case.dv == 64 for r in ran)
+    others = [r for r in report.results if r.case.dv != 64]
+    assert others and all(re.search(r"returns \d+ value channels, this case has head_dim_v", r.message) for r in others)
+    assert report.exit_status == 0
+    sparse = next(case for case in GROUPS["sparse"])
+    assert "dense calls only" in PlainTarget(plain_reference).unsupported(sparse)
+
+
+def test_load_target_finds_call_and_metadata_forms():
+    forms = {}
+    for spec in ("mla.kernels:flash_mla_with_kvcache", "mla.reference:flash_mla_with_kvcache"):
+        target = load_target(spec)
+        target.prepare("cpu")
+        forms[spec] = target.forms
+    assert forms == {"mla.kernels:flash_mla_with_kvcache": ("old", "new"), "mla.reference:flash_mla_with_kvcache": ("new",)}
+    assert isinstance(load_target("tests.test_conformance:plain_reference"), PlainTarget)
+    old_only = Support(load_target("mla.kernels:flash_mla_with_kvcache", metadata="old"), "cpu")
+    assert "old form" in old_only.unsupported(GROUPS["sparse"][0]) and old_only.unsupported(GROUPS["fp8"][0]) is None
+    with pytest.raises(ValueError, match="PACKAGE.MODULE:FUNCTION"):
+        load_target("mla.reference.flash_mla_with_kvcache")
+
+
+def test_each_metadata_form_schedules_the_kernel():
+    """The old form's tensors, the new form's FlashMLASchedMeta, and none at all."""
+    case = min((c for c in GROUPS["dense-sweep"] if c.num_sm and c.dtype == "fp32"), key=lambda c: c.h_q * c.d)
+    for forms in (("old",), ("new",), ("none",)):
+        target = FlashMLATarget(kernels.flash_mla_with_kvcache, kernels.get_mla_metadata, forms=forms)
+        report = run(target, pattern=case.id)
+        assert report.exit_status == 0, report.table()
+
+
+def test_declared_capabilities_decide_support_and_a_raise_is_then_a_failure():
+    target = FlashMLATarget(page64_only, reference.get_mla_metadata)
+    selection = dict(dtypes=["fp32"], features=["dense", "causal"], pattern="*-d80v64*")  # pages of 1, 16 and 64
+    declared = Capabilities(features=frozenset({"dense", "causal"}), page_sizes=frozenset({64}))
+    honest = run(target, capabilities=declared, **selection)
+    assert honest.exit_status == 0 and not honest.probed
+    assert {r.message for r in honest.results if r.status == UNSUPPORTED} == {"does not declare page size 1",
+                                                                               "does not declare page size 16"}
+    page64_only.conformance_capabilities = declared  # the attribute form of the same declaration
+    try:
+        assert [r.status for r in run(target, **selection).results] == [r.status for r in honest.results]
+    finally:
+        del page64_only.conformance_capabilities
+    probed = run(target, **selection)
+    assert probed.probed and probed.exit_status == 0
+    assert [r.status for r in probed.results] == [r.status for r in honest.results]
+    assert all("raised on a tiny call" in r.message for r in probed.results if r.status == UNSUPPORTED)
+    boastful = run(target, capabilities=Capabilities(), **selection)
+    assert boastful.exit_status == 1
+    assert {r.message for r in boastful.results if not r.passed} == {"raised NotImplementedError: page size 1: only 64",
+                                                                      "raised NotImplementedError: page size 16: only 64"}
+
+
+def test_a_run_where_nothing_ran_fails():
+    def refuses(*args, **kwargs):
+        raise NotImplementedError("nothing")
+
+    report = run(FlashMLATarget(refuses, forms=("none",)), features=["dense"], dtypes=["fp32"])
+    assert report.results and all(r.status == UNSUPPORTED for r in report.results) and report.exit_status == 1
+
+
+def test_case_ids_are_unique_and_every_case_has_a_group():
+    assert len({case.id for case in CASES}) == len(CASES) == sum(len(group) for group in GROUPS.values())
+
+
+def test_quick_cases_cover_every_feature_and_axis():
+    quick = select()
+    for feature in FEATURES:
+        assert sum(feature in case.features for case in quick) >= 6, feature
+    dense, sparse = [c for c in quick if not c.sparse], [c for c in quick if c.sparse]
+    assert {(c.h_q, c.h_kv) for c in dense} >= set(HEADS) and {c.page for c in dense} >= set(PAGES)
+    assert {(c.d, c.dv) for c in dense} >= set(DIMS) and {(c.d, c.dv) for c in sparse} >= set(DIMS)
+    assert {c.h_q for c in sparse} >= {1, 3, 16, 64, 128} and {c.page for c in sparse} >= set(PAGES)
+    for cases in (dense, sparse):
+        assert {c.dtype for c in cases} == {"bf16", "fp16", "fp32"} and any(c.fp8 for c in cases)
+        assert any(c.seqlens_q for c in cases) and any(c.num_sm for c in cases) and any(c.extra for c in cases)
+
+
+def test_select_takes_cases_whose_every_feature_is_listed():
+    assert {case.features for case in select(features=["dense"])} == {frozenset({"dense"})}
+    assert all(case.dtype == "fp16" for case in select(dtypes=["fp16"]))
+    slow = next(case for case in CASES if case.slow)
+    assert select(full=True, pattern=slow.id) == [slow] and select(pattern=slow.id) == []
+    assert len(select(full=True)) == len(CASES)
+    with pytest.raises(ValueError, match="unknown features"):
+        select(features=["dense", "paged"])
+
+
+def test_a_probe_is_one_benign_row_of_the_same_configuration():
+    for case in select():
+        probe = case.probe()
+        assert (probe.b, probe.benign) == (1, True) and probe.features == case.features
+        call = probe.build()
+        tensors = [call.q, call.k_cache, *call.kwargs.values()]
+        floats = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point() and t.element_size() > 1]
+        assert all(t.isfinite().all() for t in floats), "FP8 bytes aside (quantized from finite values)"
+        assert all((call.kwargs[name] >= 0).all() for name in ("indices", "extra_indices_in_kvcache") if name in call.kwargs)
+
+
+def test_the_package_ships_in_the_wheel():
+    tomllib = pytest.importorskip("tomllib")
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert "mla.conformance" in packages
