@@ -48,6 +48,20 @@ def page64_only(q, k_cache, *args, **kwargs):
     return reference.flash_mla_with_kvcache(q, k_cache, *args, **kwargs)
 
 
+class SchedMeta:
+    """Stands in for FlashMLA's FlashMLASchedMeta (planned on first use)."""
+
+
+def flashmla_metadata(*args, **kwargs):
+    """FlashMLA's current get_mla_metadata: takes the old form's arguments and ignores them."""
+    return SchedMeta(), None
+
+
+def old_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
+    """The old form only (FlashMLA before its sparse release)."""
+    return kernels.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
+
+
 def junit_failures(path) -> list[str]:
     return [f.get("message") for f in ET.parse(path).iter("failure")]
 
@@ -121,11 +135,56 @@ def test_load_target_finds_call_and_metadata_forms():
         target.prepare("cpu")
         forms[spec] = target.forms
     assert forms == {"mla.kernels:flash_mla_with_kvcache": ("old", "new"), "mla.reference:flash_mla_with_kvcache": ("new",)}
+    for get_mla_metadata, expected in ((flashmla_metadata, ("new",)), (old_metadata, ("old",)), (None, ("none",))):
+        target = FlashMLATarget(reference.flash_mla_with_kvcache, get_mla_metadata)
+        target.prepare("cpu")
+        assert target.forms == expected, get_mla_metadata
     assert isinstance(load_target("tests.test_conformance:plain_reference"), PlainTarget)
     old_only = Support(load_target("mla.kernels:flash_mla_with_kvcache", metadata="old"), "cpu")
-    assert "old form" in old_only.unsupported(GROUPS["sparse"][0]) and old_only.unsupported(GROUPS["fp8"][0]) is None
+    assert old_only.unsupported(GROUPS["fp8"][0]) is None
+    assert "old form, which does not plan sparse calls" in old_only.unsupported(GROUPS["sparse"][0])
     with pytest.raises(ValueError, match="PACKAGE.MODULE:FUNCTION"):
         load_target("mla.reference.flash_mla_with_kvcache")
+
+
+def test_usage_errors_exit_2(capsys):
+    reference_spec = "mla.reference:flash_mla_with_kvcache"
+    for argv, text in (([reference_spec, "--features", "dense,paged"], "unknown paged; choose from dense, causal"),
+                       ([reference_spec, "--dtypes", "fp64"], "unknown fp64"),
+                       ([reference_spec, "--quick", "--full"], "not allowed with argument"),
+                       (["mla.reference:no_such_function"], "cannot load the target mla.reference:no_such_function"),
+                       (["no_such_module:f"], "ModuleNotFoundError")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and text in capsys.readouterr().err, argv
+    assert main([reference_spec, "--case", "no-such-case"]) == 2
+    assert "no case matches" in capsys.readouterr().err
+    assert parse_args([reference_spec, "--full"]).full and not parse_args([reference_spec]).full
+
+
+def test_the_sparse_release_old_form_plans_sparse_calls_as_vllm_does():
+    """get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv, num_heads_q, is_fp8_kvcache, topk)
+    -> two tensors: sparse calls are planned with topk per row; an extra cache it cannot plan."""
+    planned = []
+
+    def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q=None, is_fp8_kvcache=False,
+                         topk=None):  # fmt: skip
+        planned.append((cache_seqlens.tolist(), num_q_tokens_per_head_k, num_heads_k, num_heads_q, is_fp8_kvcache, topk))
+        return torch.zeros(1, 2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+
+    def decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, **kwargs):
+        return reference.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, **kwargs)
+
+    target = FlashMLATarget(decode, get_mla_metadata)
+    case = GROUPS["sparse"][0]  # b2 s_q1 h1, topk 64, no extra cache
+    report = run(target, pattern=case.id, capabilities=Capabilities())
+    assert target.forms == ("old",) and report.exit_status == 0, report.table()
+    assert planned[-1] == ([64, 64], 1, 1, 1, False, 64)
+    fp8 = next(c for c in CASES if c.sparse and c.fp8 and c.extra is None)
+    target(fp8.build(), None)
+    assert planned[-1][3:] == (fp8.h_q, True, fp8.topk)
+    with_extra = next(c for c in GROUPS["sparse"] if c.extra is not None)
+    assert "does not plan an extra cache" in Support(target, "cpu").unsupported(with_extra)
 
 
 def test_each_metadata_form_schedules_the_kernel():

@@ -5,10 +5,13 @@ Call forms (adapters):
   head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale=None, causal=False, ...)`,
   scheduled through the `get_mla_metadata` beside it in one of FlashMLA's forms:
     "old": `get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)` -> two int32 tensors
-           (FlashMLA before its sparse release, vLLM's and SGLang's copies; dense calls only);
+           (FlashMLA before its sparse release; dense calls). Where it names the parameters
+           `num_heads_q`, `is_fp8_kvcache` and `topk` (FlashMLA's sparse release, vLLM's and
+           SGLang's copies of it), they are passed too, and sparse calls without an extra cache
+           are planned as vLLM plans them: `cache_seqlens` topk for every row, `topk=topk`;
     "new": `get_mla_metadata()` -> `(FlashMLASchedMeta, None)`, planned on first use (current FlashMLA);
     "none": no get_mla_metadata; the call gets `None, None`.
-  A target may take both (ours does): dense calls then use the old form, the others the new.
+  A target may take both (ours does): calls the old form plans use it, the others the new.
 - `PlainTarget`: a plain `fn(q, k_cache, block_table, cache_seqlens, softmax_scale, causal) -> out`
   (dense calls only, no lse; head_dim_v is whatever the function returns).
 
@@ -96,12 +99,19 @@ def nan_filled_empty():
         torch.empty, torch.empty_like = empty, empty_like
 
 
-def _takes_keyword(fn, name: str) -> bool:
+def _parameters(fn) -> list[inspect.Parameter]:
     try:
-        params = inspect.signature(fn).parameters.values()
+        return list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):  # builtins without a signature
-        return False
-    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+        return []
+
+
+def _takes_keyword(fn, name: str) -> bool:
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in _parameters(fn))
+
+
+OLD_FORM_EXTRAS = ("num_heads_q", "is_fp8_kvcache", "topk")
+"""The sparse release's additions to the old get_mla_metadata form, passed where named."""
 
 
 class FlashMLATarget:
@@ -121,6 +131,9 @@ class FlashMLATarget:
         self.fn, self.get_mla_metadata, self.forms = fn, get_mla_metadata, forms
         self.name = name or f"{fn.__module__}:{fn.__qualname__}"
         self.takes_num_sm = get_mla_metadata is not None and _takes_keyword(get_mla_metadata, "num_sm")
+        # named parameters only: a get_mla_metadata(*args, **kwargs) need not know these
+        named = {p.name for p in _parameters(get_mla_metadata)} if get_mla_metadata is not None else set()
+        self.old_extras = tuple(name for name in OLD_FORM_EXTRAS if name in named)
 
     def prepare(self, device) -> None:
         """Find the metadata forms, if not given."""
@@ -141,21 +154,29 @@ class FlashMLATarget:
                 forms.append("new")
         return tuple(forms) or ("none",)
 
+    def _old_form_plans(self, sparse: bool, extra: bool) -> bool:
+        return not extra and (not sparse or "topk" in self.old_extras)
+
     def unsupported(self, case: Case) -> str | None:
-        if self.forms == ("old",) and (case.sparse or case.extra is not None):
-            return "get_mla_metadata has only the old form, which plans dense calls"
+        if self.forms == ("old",) and not self._old_form_plans(case.sparse, case.extra is not None):
+            what = "an extra cache" if case.extra is not None else "sparse calls (it takes no topk)"
+            return f"get_mla_metadata has only the old form, which does not plan {what}"
         return None
 
     def probe_reason(self, case: Case, outcome: Outcome) -> str | None:
         return None
 
     def _schedule(self, call: Call, num_sm: int | None) -> tuple:
-        per_token = "indices" in call.kwargs or "extra_k_cache" in call.kwargs
+        kw = call.kwargs
         hint = {"num_sm": num_sm} if num_sm and self.takes_num_sm else {}
-        if "old" in self.forms and not per_token:
+        if "old" in self.forms and self._old_form_plans("indices" in kw, "extra_k_cache" in kw):
             b, s_q, h_q, _ = call.q.shape
             h_kv = call.k_cache.shape[2]
-            return self.get_mla_metadata(call.cache_seqlens, s_q * h_q // h_kv, h_kv, **hint)
+            topk = kw["indices"].shape[-1] if "indices" in kw else None
+            lengths = call.cache_seqlens if topk is None else torch.full((b,), topk, dtype=torch.int32, device=call.q.device)
+            given = {"num_heads_q": h_q, "is_fp8_kvcache": kw.get("is_fp8_kvcache", False), "topk": topk}
+            extras = {name: given[name] for name in self.old_extras}
+            return self.get_mla_metadata(lengths, s_q * h_q // h_kv, h_kv, **extras, **hint)
         if "new" in self.forms:
             return self.get_mla_metadata(**hint)
         return None, None
