@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 
 from .cases import DTYPES, FEATURES, Case, select
 from .check import check_outputs
-from .targets import Capabilities, Outcome, Support, Target, _first_line, nan_filled_empty
+from .targets import Capabilities, Outcome, Support, Target, first_line, nan_filled_empty
 
 PASSED, FAILED, UNSUPPORTED = "passed", "failed", "not supported"
 
@@ -53,7 +53,7 @@ def check_case(target: Target, case: Case, device="cpu") -> Result:
         with nan_filled_empty():
             outcome = target(call, case.num_sm)
     except Exception as e:  # noqa: BLE001 - a supported call that raises fails, whatever it raised
-        return Result(case, FAILED, f"raised {type(e).__name__}: {_first_line(e)}", math.inf, seconds=time.perf_counter() - start)
+        return Result(case, FAILED, f"raised {type(e).__name__}: {first_line(e)}", math.inf, seconds=time.perf_counter() - start)
     verdict = check_outputs(call, outcome.out, outcome.lse)
     return Result(case, PASSED if verdict.passed else FAILED, verdict.message, verdict.ratio, verdict.error,
                   verdict.allowed, time.perf_counter() - start, outcome)  # fmt: skip

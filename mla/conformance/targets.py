@@ -280,10 +280,11 @@ class Support:
         try:
             outcome = self.target(probe.build(self.device))
         except Exception as e:  # noqa: BLE001 - any error of a tiny benign call means "not supported"
-            return f"raised on a tiny call of this configuration: {type(e).__name__}: {_first_line(e)}"
+            return f"raised on a tiny call of this configuration: {type(e).__name__}: {first_line(e)}"
         return self.target.probe_reason(probe, outcome)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception's message, its first line only: a report line per case."""
     text = str(e).strip()
     return text.splitlines()[0] if text else "(no message)"
