@@ -4,6 +4,7 @@ fails three broken implementations with their symptoms; adapters, capabilities a
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -24,6 +25,7 @@ from mla.conformance import (
     FlashMLATarget,
     PlainTarget,
     Support,
+    compare,
     load_target,
     run,
     select,
@@ -225,6 +227,17 @@ def test_a_run_where_nothing_ran_fails():
 
     report = run(FlashMLATarget(refuses, forms=("none",)), features=["dense"], dtypes=["fp32"])
     assert report.results and all(r.status == UNSUPPORTED for r in report.results) and report.exit_status == 1
+
+
+def test_compare_reports_each_kind_of_mismatch():
+    expected = torch.tensor([1.0, 2.0, float("inf"), 0.5])
+    assert compare("x", expected.clone(), expected, atol=0.0).ok, "atol = 0 asks for exact equality, and gets it"
+    off = compare("x", torch.tensor([1.0, 2.5, float("inf"), 0.5]), expected, atol=0.0)
+    assert off.message == "x: 1/4 elements exceed atol=0 rtol=0; max error 0.5, worst at (1,): 2.5 vs 2" and off.ratio == math.inf
+    nan = compare("x", torch.tensor([1.0, float("nan"), float("-inf"), 0.5]), expected, atol=1.0)
+    assert "NaN in actual at 1 places" in nan.nan and "first (2,): -inf vs inf" in nan.inf and nan.ratio == math.inf
+    close = compare("x", torch.tensor([1.0, 2.1, float("inf"), 0.5]), expected, atol=0.2)
+    assert close.ok and close.ratio == pytest.approx(0.5) and close.error == pytest.approx(0.1)
 
 
 def test_case_ids_are_unique_and_every_case_has_a_group():

@@ -85,7 +85,7 @@ def compare(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: float
     finite = ~(nan_a | nan_e | inf_a | inf_e)
     err = torch.where(finite, (a - e).abs(), 0.0)
     bound = atol + rtol * torch.where(finite, e.abs(), 0.0)
-    ratio = err / bound
+    ratio = torch.where(err == 0, 0.0, err / bound)  # atol = rtol = 0 asks for exact equality: 0 / 0 is no error
     exceed, worst, error, allowed = "", 0.0, 0.0, atol
     if finite.any():
         idx = _first(ratio == ratio.max())
