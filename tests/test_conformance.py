@@ -4,6 +4,7 @@ fails three broken implementations with their symptoms; adapters, capabilities a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -219,6 +220,27 @@ def test_declared_capabilities_decide_support_and_a_raise_is_then_a_failure():
     assert boastful.exit_status == 1
     assert {r.message for r in boastful.results if not r.passed} == {"raised NotImplementedError: page size 1: only 64",
                                                                       "raised NotImplementedError: page size 16: only 64"}
+
+
+def test_capabilities_name_what_a_case_needs_beyond_them():
+    """A sparse-only kernel's declaration: FP8 rows of 576/512 on pages of 64, 64 or 128 query heads, a rule on topk."""
+    sparse_decode = Capabilities(
+        features=frozenset({"sparse", "fp8", "sink", "extra"}), dtypes=frozenset({"bf16"}), page_sizes=frozenset({64}),
+        head_dims=frozenset({(576, 512)}), heads=frozenset({(64, 1), (128, 1)}),
+        rule=lambda case: None if case.topk % 64 == 0 else f"topk {case.topk} is not a multiple of 64",
+    )  # fmt: skip
+    deepseek = GROUPS["deepseek-sparse"][1]  # h128, FP8, topk 128, an extra cache of pages of 64, sinks
+    assert sparse_decode.unsupported(deepseek) is None
+    for change, reason in (
+        (dict(fp8=False), None),  # a bf16 cache: fewer features, nothing undeclared
+        (dict(dtype="fp16"), "does not declare q dtype fp16"),
+        (dict(extra=dataclasses.replace(deepseek.extra, page=16)), "does not declare extra page size 16"),
+        (dict(d=80, dv=64), "does not declare head dims (d, dv) (80, 64)"),
+        (dict(h_q=16), "does not declare heads (h_q, h_kv) (16, 1)"),
+        (dict(topk=100), "topk 100 is not a multiple of 64"),
+        (dict(topk=None, lens=(5, 9)), "does not declare dense"),
+    ):
+        assert sparse_decode.unsupported(dataclasses.replace(deepseek, **change)) == reason, change
 
 
 def test_a_run_where_nothing_ran_fails():

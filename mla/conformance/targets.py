@@ -121,8 +121,6 @@ class FlashMLATarget:
     on first use by calling get_mla_metadata both ways on a one-row input.
     """
 
-    returns_lse = True
-
     def __init__(self, fn, get_mla_metadata=None, forms: tuple[str, ...] | None = None, name: str | None = None):
         if forms is not None and (not forms or set(forms) - {"old", "new", "none"}):
             raise ValueError(f"forms must be a non-empty tuple of 'old', 'new', 'none', got {forms!r}")
@@ -193,7 +191,6 @@ class PlainTarget:
     """A plain `fn(q, k_cache, block_table, cache_seqlens, softmax_scale, causal) -> out`: dense
     calls only (plain cache, no sink, extra cache or ragged rows), out only."""
 
-    returns_lse = False
     forms = ()
 
     def __init__(self, fn, name: str | None = None):
