@@ -101,10 +101,12 @@ def attend(
     schedule: tuple[torch.Tensor, torch.Tensor] | None,
     softmax_scale: float,
     backend: str,
+    visibility: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal decode attention of q [b, s, h, r + dr] over a paged cache of format `fmt` through
     `backend`: [b, s, h, r] in the dtype the backend computes in. seqlens_q: int32 [b] queries
     per row (the first seqlens_q[i] columns; the rest padding, output 0), or None: all s.
+    visibility: the reference's `dense_visibility` of these tables, when the caller has it.
 
     q goes in the cache dtype for plain rows; over FP8 rows in its own dtype (the kernel dequantizes
     to it, as the reference does), a float64 q as float32 for the kernel, which takes 16- and 32-bit q.
@@ -127,5 +129,5 @@ def attend(
         extra_num_slots=None, extra_topk=None,
     )  # fmt: skip
     out, _ = run_decode(call, q, k_cache, block_table, cache_seqlens, seqlens_q=seqlens_q,
-                        compute_dtype=torch.promote_types(q.dtype, torch.float32))  # fmt: skip
+                        compute_dtype=torch.promote_types(q.dtype, torch.float32), visibility=visibility)  # fmt: skip
     return out

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from mla import ops
 from mla.backend import absorbed_is_cheaper
 from mla.reference.cache import gather_pages
+from mla.reference.decode import dense_visibility
 from mla.rope import RotaryEmbedding
 
 
@@ -45,6 +46,8 @@ class StepPlan:
         absorbed: whether the layers attend in the absorbed form (through `attend`) or decompress
             the cached latents (through `context`).
         schedule: (tile_scheduler_metadata, num_splits) of the Triton decode kernel, or None.
+        masks: for the reference backend's absorbed form, what every layer's attention reads and
+            sees (`mla.reference.decode.dense_visibility` of these tables), or None.
     """
 
     cache: object
@@ -60,6 +63,7 @@ class StepPlan:
     backend: str
     absorbed: bool
     schedule: tuple[torch.Tensor, torch.Tensor] | None
+    masks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
     @property
     def num_new_tokens(self) -> int:
@@ -104,8 +108,12 @@ class StepPlan:
 
             h_kv = cache.pages[0].shape[2]
             schedule = get_mla_metadata(seqlens, s * config.num_heads // h_kv, h_kv)
+        masks = None
+        if backend == "reference" and absorbed:
+            num_blocks, page_size = cache.pages[0].shape[:2]
+            masks = dense_visibility(table, seqlens, num_new, s, num_blocks, page_size, causal=True)
         plan = cls(cache, tuple(seq_ids), positions, slots, table, seqlens, num_new, max_seqlen, cos, sin, backend,
-                   absorbed, schedule)  # fmt: skip
+                   absorbed, schedule, masks)  # fmt: skip
         return plan if out is None else out._refill(plan)
 
     def write(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
@@ -119,7 +127,7 @@ class StepPlan:
         [b, s, h, r] (`mla.ops.attend`)."""
         cache = self.cache
         return ops.attend(cache.format, q, cache.pages[layer], self.block_table, self.seqlens, self.num_new,
-                          self.schedule, softmax_scale, self.backend)  # fmt: skip
+                          self.schedule, softmax_scale, self.backend, self.masks)  # fmt: skip
 
     def context(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
         """Every cached row of the batch for the decompressed form: [b, max_seqlen, r + dr] in
@@ -152,8 +160,9 @@ class StepPlan:
         for name in ("positions", "slots", "block_table", "seqlens", "num_new", "cos", "sin"):
             if getattr(self, name) is not None:
                 getattr(self, name).copy_(getattr(new, name), non_blocking=True)
-        if self.schedule is not None:
-            for mine, theirs in zip(self.schedule, new.schedule):
-                mine.copy_(theirs, non_blocking=True)
+        for name in ("schedule", "masks"):
+            if getattr(self, name) is not None:
+                for mine, theirs in zip(getattr(self, name), getattr(new, name)):
+                    mine.copy_(theirs, non_blocking=True)
         self.seq_ids, self.max_seqlen = new.seq_ids, new.max_seqlen
         return self

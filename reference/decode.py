@@ -32,6 +32,46 @@ def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLASchedMeta, None]:
     return FlashMLASchedMeta(num_sm=kwargs.get("num_sm")), None
 
 
+def _queries_only(visible: torch.Tensor, seqlens_q: torch.Tensor | None) -> torch.Tensor:
+    """visible bool [b, s_q, n] with the padding queries of a ragged call (columns >= seqlens_q)
+    seeing nothing."""
+    if seqlens_q is None:
+        return visible
+    return visible & (torch.arange(visible.shape[1], device=visible.device)[:, None] < seqlens_q[:, None, None])
+
+
+def dense_visibility(
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    seqlens_q: torch.Tensor | None,
+    s_q: int,
+    num_blocks: int,
+    page_size: int,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a dense call reads, from its tables alone (so one step's layers can share it).
+
+    Returns (table [b, width]: the block table with entries past a sequence's pages, or naming
+    no page, replaced by page 0 -- they may hold anything; read bool [b, n = width * page_size]:
+    the gathered row is one of the sequence's cached rows; visible bool [b, s_q, n]: the query
+    sees it -- all of the sequence, or causally its first L - n_q + i + 1 rows; padding queries
+    past seqlens_q see nothing)."""
+    b, width = block_table.shape
+    device = block_table.device
+    lengths = cache_seqlens.long()
+    position = torch.arange(width * page_size, device=device)
+    table_ok = (torch.arange(width, device=device) * page_size < lengths[:, None]) & (block_table >= 0)
+    table_ok &= block_table < num_blocks
+    read = (position < lengths[:, None]) & table_ok[:, position // page_size]  # [b, n]
+    if causal:
+        n_q = seqlens_q.long() if seqlens_q is not None else s_q
+        last = (lengths - n_q)[:, None] + torch.arange(s_q, device=device)  # [b, s_q]
+        visible = read[:, None, :] & (position <= last[..., None])
+    else:
+        visible = read[:, None, :].expand(b, s_q, -1)
+    return torch.where(table_ok, block_table, 0), read, _queries_only(visible, seqlens_q)
+
+
 def _row_values(fmt, rows, read, dtype, compute_dtype):
     """Gathered rows [..., h_kv, row] (a fresh copy) -> keys [..., h_kv, d] in compute_dtype, read
     through the format (dequantized to q's dtype, as the kernel does); their first dv channels
@@ -53,6 +93,15 @@ def _slot_rows(pages, slots, limit):
     return pages.flatten(0, 1)[torch.where(read, slots, 0).long()], read
 
 
+def _grouped_matmul(x: torch.Tensor, y: torch.Tensor, per_query: bool) -> torch.Tensor:
+    """x [..., h, g, s, m] @ y, where y is [..., h, m, k] shared by the s queries or [..., h, s,
+    m, k] one per query: [..., h, g, s, k]. The group joins the matmul's rows; broadcasting y
+    over it instead would copy y g times (128 copies of the keys for a DeepSeek-V3 head)."""
+    if per_query:
+        return (x.transpose(-3, -2) @ y).transpose(-3, -2)
+    return (x.flatten(-3, -2) @ y).unflatten(-2, x.shape[-3:-1])
+
+
 def _attend(q, dv, parts, visible_parts, scale, sink):
     """Softmax attention of grouped queries over several key sets in one softmax.
 
@@ -64,13 +113,15 @@ def _attend(q, dv, parts, visible_parts, scale, sink):
     """
     scores, values = [], []
     for keys, visible in zip(parts, visible_parts):
-        if keys.dim() == q.dim() - 1:  # [..., n, h, d]: q [..., h, g, s, d] @ [..., h, 1, d, n]
-            s = q @ keys.movedim(-3, -1).unsqueeze(-3)
-            values.append((keys[..., :dv].movedim(-3, -2).unsqueeze(-3), False))  # [..., h, 1, n, dv]
-        else:  # [..., s, n, h, d]: [..., h, g, s, 1, d] @ [..., h, 1, s, d, n], one key set per query
+        per_query = keys.dim() == q.dim()
+        if per_query:  # keys [..., s, n, h, d]
             lead = list(range(keys.dim() - 4))
-            s = (q.unsqueeze(-2) @ keys.permute(*lead, -2, -4, -1, -3).unsqueeze(-4)).squeeze(-2)
-            values.append((keys[..., :dv].permute(*lead, -2, -4, -3, -1).unsqueeze(-4), True))  # [..., h, 1, s, n, dv]
+            k = keys.permute(*lead, -2, -4, -1, -3)  # [..., h, s, d, n]
+            values.append((keys[..., :dv].permute(*lead, -2, -4, -3, -1), True))  # [..., h, s, n, dv]
+        else:  # keys [..., n, h, d]
+            k = keys.movedim(-3, -1)  # [..., h, d, n]
+            values.append((keys[..., :dv].movedim(-3, -2), False))  # [..., h, n, dv]
+        s = _grouped_matmul(q, k, per_query)
         scores.append((s * scale).masked_fill(~visible[..., None, None, :, :], -math.inf))
     scores = torch.cat(scores, dim=-1) if len(scores) > 1 else scores[0]
     visible = torch.cat(visible_parts, dim=-1)[..., None, None, :, :]
@@ -78,10 +129,9 @@ def _attend(q, dv, parts, visible_parts, scale, sink):
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.where(visible, torch.exp(scores - lse[..., None]), 0)
     out, start = 0, 0
-    for v, per_token in values:
+    for v, per_query in values:
         n = v.shape[-2]
-        p = probs[..., start : start + n]
-        out = out + ((p.unsqueeze(-2) @ v).squeeze(-2) if per_token else p @ v)
+        out = out + _grouped_matmul(probs[..., start : start + n], v, per_query)
         start += n
     if sink is not None:
         out = out * (1 / (1 + torch.exp(sink.to(lse.dtype) - lse)))[..., None]
@@ -151,15 +201,14 @@ def run_decode(
     extra_topk_length: torch.Tensor | None = None,
     seqlens_q: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    visibility: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`flash_mla_with_kvcache` after its checks: `call` describes arguments already validated
-    (by `check_decode`, or by a caller that built them, like `mla.plan.StepPlan`)."""
+    (by `check_decode`, or by a caller that built them, like `mla.plan.StepPlan`). visibility:
+    `dense_visibility` of this call's tables when the caller already has it (a dense call)."""
     fmt, dtype = call.fmt, q.dtype
     b, s_q = call.b, call.s_q
     device = q.device
-    query = torch.arange(s_q, device=device)
-    n_q = seqlens_q.long() if seqlens_q is not None else torch.full((b,), s_q, device=device)
-    is_query = query[None, :] < n_q[:, None]  # [b, s_q]
     qg = q.to(compute_dtype).view(b, s_q, call.h_kv, -1, q.shape[-1]).permute(0, 2, 3, 1, 4)  # [b, h_kv, group, s_q, d]
 
     parts, visible = [], []
@@ -167,26 +216,20 @@ def run_decode(
         limit = topk_length if topk_length is not None else torch.full((b,), call.topk, device=device)
         rows, read = _slot_rows(k_cache.view(fmt.storage_dtype), indices, limit[:, None, None])
         parts.append(_row_values(fmt, rows, read, dtype, compute_dtype))  # [b, s_q, topk, h_kv, *]
-        visible.append(read & is_query[..., None])
+        visible.append(_queries_only(read, seqlens_q))
     else:
-        page = call.page_size
-        width = block_table.shape[1]
-        lengths = cache_seqlens.long()
-        position = torch.arange(width * page, device=device)
-        # table entries past a sequence's pages may hold anything: read page 0 instead
-        table_ok = (torch.arange(width, device=device) * page < lengths[:, None]) & (block_table >= 0)
-        table_ok &= block_table < k_cache.shape[0]
-        rows = gather_pages(k_cache.view(fmt.storage_dtype), torch.where(table_ok, block_table, 0), width * page)
-        read = (position < lengths[:, None]) & table_ok[:, position // page]  # [b, n]
+        table, read, seen = visibility or dense_visibility(
+            block_table, cache_seqlens, seqlens_q, s_q, k_cache.shape[0], call.page_size, call.causal
+        )
+        rows = gather_pages(k_cache.view(fmt.storage_dtype), table, read.shape[1])
         parts.append(_row_values(fmt, rows, read, dtype, compute_dtype))  # [b, n, h_kv, *]
-        last = lengths[:, None] - n_q[:, None] + query if call.causal else lengths[:, None].expand(b, s_q) - 1
-        visible.append(read[:, None, :] & (position <= last[..., None]) & is_query[..., None])
+        visible.append(seen)
     if call.has_extra:
         limit = extra_topk_length if extra_topk_length is not None else torch.full((b,), call.extra_topk, device=device)
         pages = extra_k_cache.view(fmt.storage_dtype)
         rows, read = _slot_rows(pages, extra_indices_in_kvcache, limit[:, None, None])
         parts.append(_row_values(fmt, rows, read, dtype, compute_dtype))
-        visible.append(read & is_query[..., None])
+        visible.append(_queries_only(read, seqlens_q))
 
     sink = None if attn_sink is None else attn_sink.view(call.h_kv, -1, 1)
     out, lse, _ = _attend(qg, call.dv, parts, visible, call.scale, sink)  # [b, h_kv, group, s_q, *]
