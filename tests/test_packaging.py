@@ -75,4 +75,4 @@ def test_only_the_mla_package_is_installed(wheel):
     whl, _ = wheel
     top = {n.split("/")[0] for n in whl.namelist() if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"mla"}, top
-    assert {"mla/kernels/decode.py", "mla/reference/decode.py", "mla/speculative/loop.py"} <= set(whl.namelist())
+    assert {"mla/kernels/decode.py", "mla/reference/decode.py", "mla/speculative/loop.py", "mla/conformance/__main__.py"} <= set(whl.namelist())
