@@ -135,7 +135,7 @@ def test_heldout_split_is_stable_and_disjoint():
 
 
 def test_missing_weights_tell_how_to_train(tmp_path):
-    for load in (shipped.load_target, shipped.load_draft):
+    for load in (shipped.load_target, shipped.load_draft, shipped.load_block_drafter):
         with pytest.raises(FileNotFoundError, match="python -m bench.train"):
             load(directory=tmp_path)
 
@@ -167,6 +167,17 @@ def test_train_entry_point_smoke(tmp_path):
     for key in ("bpb", "mtp_bpb", "mtp_accuracy"):
         assert figures[key] == pytest.approx(metadata["target"][key], abs=1e-3), key
     assert train.evaluate(draft, windows, preset.batch_size)["bpb"] == pytest.approx(metadata["draft"]["bpb"], abs=1e-3)
+
+    block = metadata["block_drafter"]
+    assert block["training"]["steps"] == 2
+    assert (tmp_path / shipped.WEIGHT_FILES["block_drafter"]).stat().st_size == block["file_bytes"]
+    drafter = shipped.load_block_drafter(target, directory=tmp_path)
+    assert drafter.config.layers == preset.block.layers and drafter.config.block_size == preset.block.block_size
+    assert drafter._shared == (target.model.embed_tokens, target.lm_head)
+    # the Platt scales fitted on held-out continuations are saved with the weights (in float16)
+    for regime, name in enumerate(("greedy", "sampled")):
+        assert drafter.calibration[regime].tolist() == pytest.approx(block["heldout"][name]["platt"], rel=1e-3)
+        assert 0.0 <= block["heldout"][name]["ece"] <= 1.0
 
 
 shipped_weights = pytest.mark.skipif(
