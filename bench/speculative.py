@@ -174,7 +174,8 @@ def _drafter(name: str, target, draft, block=None, profile=None):
 def cost_profiles(target, block, temperatures, prompt_bytes: int) -> dict:
     """{temperature: CostProfile} of the block drafter's steps, measured now (b = 1, a context of
     prompt_bytes, `mla.speculative.measure_cost_profile`)."""
-    return {t: measure_cost_profile(target, block, temperature=t, prompt_length=prompt_bytes) for t in temperatures}
+    return {t: measure_cost_profile(target, block, temperature=t, prompt_length=prompt_bytes, repeats=15)
+            for t in temperatures}  # fmt: skip
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bench import __main__ as cli
-from bench import decode, plot, report, speculative
+from bench import decode, plot, report
 from bench.common import REPO, Target, format_table
 from mla import MLAConfig, MLAForCausalLM
 from mla.speculative import BlockDrafterConfig, BlockDraftModel, MultiTokenPredictor, attach_mtp
@@ -36,6 +36,7 @@ TINY_SETTINGS = report.Settings(
     layer_config=TINY, layer_model="tiny", layer_contexts=(40, 130),
     generation_config=TINY, generation_contexts=(24,), generation_tokens={"unpatched": 2, "patched": 3},
     prompts=2, prompt_bytes=48, spec_new_tokens=6, compiled_configs=("write-bf16",),
+    drafters=(("ngram", 2), ("draft model", 2), ("mtp", 1), ("block", 4), ("block adaptive", 4)),
 )  # fmt: skip
 REQUIRED = {
     "memory": {"model", "kv_dtype", "bytes_per_token_per_layer", "mha_bytes_per_token_per_layer"},
@@ -125,7 +126,7 @@ def test_generation_patched_reproduces_tokens(tiny_report):
 def test_speculative_rows(tiny_report):
     rows = tiny_report["speculative"]
     assert {(r["drafter"], r["num_draft_tokens"], r["temperature"]) for r in rows} == {
-        (d, k, t) for d, k in speculative.DRAFTERS for t in (0.0, 1.0)
+        (d, k, t) for d, k in TINY_SETTINGS.drafters for t in (0.0, 1.0)
     }
     for row in rows:
         assert row["new_tokens"] == 2 * 6
