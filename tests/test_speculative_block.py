@@ -211,6 +211,8 @@ def test_sampled_continuations_follow_the_target_law(kind):
     layers = (1,)
     torch.manual_seed(0)
     model = redraw(BlockDraftModel(drafter_config(SMALL_VOCAB, layers)), 4, 1.0).attach(target)
+    with torch.no_grad():
+        model.markov_out.weight.mul_(4.0)  # a strong Markov bias: a q that left it out would show
     model.calibration[SAMPLED] = torch.tensor([3.0, 1.0])  # spread the estimates, so lengths differ
     n = {"mla": 2000, "qwen2": 6000}[kind]
     prompt = torch.tensor([1, 3, 1, 3])
