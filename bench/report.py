@@ -11,7 +11,6 @@ import json
 import os
 import statistics
 import time
-import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -303,7 +302,7 @@ def run(settings: Settings, device: torch.device, sections=SECTIONS, models=None
             profiles = None
             if block is not None:
                 profiles = speculative.cost_profiles(target, block, (0.0, 1.0), settings.prompt_bytes)
-                report["cost_profiles"] = {f"{t:g}": dataclasses.asdict(p) for t, p in profiles.items()}
+                report["cost_profiles"] = {f"{t:g}": asdict(p) for t, p in profiles.items()}
             rows = speculative.speculative_rows(target, draft, prompts, settings.spec_new_tokens,
                                                 drafters=settings.drafters, progress=_bar("4. speculative"),
                                                 block=block, profiles=profiles)  # fmt: skip
