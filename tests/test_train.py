@@ -216,8 +216,9 @@ def test_shipped_block_drafter_drafts_the_target_greedy_continuation():
     calibration = shipped.load_metadata()["block_drafter"]["heldout"]
     # measured at training: 0.032 (greedy) and 0.012 (sampled) after Platt scaling
     assert calibration["greedy"]["ece"] < 0.1 and calibration["sampled"]["ece"] < 0.1
-    target = shipped.load_target()
-    block = shipped.load_block_drafter(target)
+    # the reference backend: the Triton interpreter these tests run under would take a minute
+    target = shipped.load_target(backend="reference")
+    block = shipped.load_block_drafter(target, backend="reference")
     prompt = shipped.encode("import sys\n\n\ndef main(argv):\n    ")
     out = generate(target, [prompt], BlockDrafter(block, adaptive=True), max_new_tokens=24, num_draft_tokens=8)
     assert out.sequences[0, len(prompt) :].tolist() == target.generate_greedy([prompt], 24)[0].tolist()
