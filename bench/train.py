@@ -1,6 +1,8 @@
-"""Train the shipped small model: a byte-level MLA LM with one MTP module, and a draft model.
+"""Train the shipped small model: a byte-level MLA LM with one MTP module, a draft model, and
+its block drafter.
 
-    python -m bench.train [--minutes 20] [--steps N] [--out bench/weights] [--seed 0]
+    python -m bench.train [--minutes 20] [--block-minutes 25] [--stages models block] [--steps N]
+                          [--out bench/weights] [--seed 0]
 
 Data: the *.py files of this interpreter's standard library (no download), in sorted order;
 files whose name hashes into 2 of 100 buckets are held out (`bench.model.stdlib_sources`).
@@ -14,6 +16,11 @@ target through h_i and the shared embedding and head. The draft model trains aft
 its own. Both use AdamW with a linear warmup and a cosine decay over the run's progress,
 which is the larger of steps done / --steps and time spent / the time left for that model,
 so a run stops on time on a slow or shared machine.
+
+The block stage (`train_block_stage`) keeps the target frozen: the target writes greedy and
+sampled continuations of training windows, the block drafter learns to draft them from the
+target's hidden states (self-distillation), and its confidence head is Platt-calibrated on
+held-out continuations, whose calibration error (ECE) metadata.json reports.
 
 Weights are saved as float16 safetensors (bench/model.py documents the folder), and the
 held-out figures in metadata.json are those of the saved (float16-rounded) weights.
