@@ -1,17 +1,21 @@
-"""The shipped small model: a byte-level MLA language model with one MTP module, and its draft.
+"""The shipped small model: a byte-level MLA language model with one MTP module, its draft model
+and its block drafter.
 
-`python -m bench.train` trains both on the Python standard library's source and writes them
+`python -m bench.train` trains them on the Python standard library's source and writes them
 to `bench/weights/`:
 
-    config.json          {"format", "dtype", "mtp_depth", "target": MLAConfig fields, "draft": MLAConfig fields}
+    config.json          {"format", "dtype", "mtp_depth", "target": MLAConfig fields, "draft": MLAConfig fields,
+                          "block_drafter": BlockDrafterConfig fields}
     target.safetensors   the target's state dict (the MTP module under "mtp."), float16
     draft.safetensors    the draft's state dict, float16
+    block_drafter.safetensors  the block drafter's state dict (without the target's embedding and head), float16
     metadata.json        how they were trained and how well they do (held-out bits per byte, ...)
 
-    from bench.model import load_target, load_draft, encode, decode
+    from bench.model import load_target, load_draft, load_block_drafter, encode, decode
     target = load_target()                       # MLAForCausalLM, float32, eval mode, target.mtp attached
     out = target.generate_greedy([encode("def ")], 64)
     print(decode(out[0]))
+    block = load_block_drafter(target)           # BlockDraftModel attached to target: BlockDrafter(block)
 
 Tokens are bytes (vocabulary 256): `encode` is UTF-8, `decode` replaces invalid sequences.
 """
@@ -27,11 +31,13 @@ from pathlib import Path
 import torch
 
 from mla import MLAConfig, MLAForCausalLM
+from mla.speculative.block import BlockDrafterConfig, BlockDraftModel
 from mla.speculative.mtp import MultiTokenPredictor, attach_mtp
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CONFIG_FILE, METADATA_FILE = "config.json", "metadata.json"
-WEIGHT_FILES = {"target": "target.safetensors", "draft": "draft.safetensors"}
+WEIGHT_FILES = {"target": "target.safetensors", "draft": "draft.safetensors",
+                "block_drafter": "block_drafter.safetensors"}
 FORMAT = 1
 # Files whose relative path hashes into the lowest HELDOUT_PERCENT of 100 buckets are never
 # trained on: a name-based split, so a file held out here is held out on every machine.
@@ -82,14 +88,18 @@ def config_to_dict(config: MLAConfig) -> dict:
 
 
 def load_config(directory: str | Path = WEIGHTS_DIR) -> dict:
-    """config.json of a weights folder: {"format", "dtype", "mtp_depth", "target": MLAConfig, "draft": MLAConfig}."""
+    """config.json of a weights folder: {"format", "dtype", "mtp_depth", "target": MLAConfig, "draft": MLAConfig,
+    and "block_drafter": BlockDrafterConfig once the block stage has run}."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: train the shipped model with `python -m bench.train`")
     raw = json.loads(path.read_text())
     if raw.get("format") != FORMAT:
         raise ValueError(f"{path} has format {raw.get('format')!r}, this code reads format {FORMAT}")
-    return {**raw, "target": MLAConfig(**raw["target"]), "draft": MLAConfig(**raw["draft"])}
+    config = {**raw, "target": MLAConfig(**raw["target"]), "draft": MLAConfig(**raw["draft"])}
+    if "block_drafter" in raw:
+        config["block_drafter"] = BlockDrafterConfig.from_dict(raw["block_drafter"])
+    return config
 
 
 def load_metadata(directory: str | Path = WEIGHTS_DIR) -> dict:
@@ -114,7 +124,22 @@ def load_draft(device="cpu", backend: str | None = None, directory: str | Path =
     return _load_weights(MLAForCausalLM(config["draft"], backend), Path(directory) / WEIGHT_FILES["draft"], device)
 
 
-def _load_weights(model: MLAForCausalLM, path: Path, device) -> MLAForCausalLM:
+def load_block_drafter(target: MLAForCausalLM | None = None, device="cpu", backend: str | None = None,
+                       directory: str | Path = WEIGHTS_DIR) -> BlockDraftModel:  # fmt: skip
+    """The shipped block drafter (`mla.speculative.BlockDraftModel`, float32, eval mode) attached to
+    `target` (default: `load_target(device, backend, directory)`), whose embedding and LM head it
+    shares; draft with `mla.speculative.BlockDrafter(model)`."""
+    config = load_config(directory)
+    if "block_drafter" not in config:
+        raise FileNotFoundError(
+            f"{Path(directory) / CONFIG_FILE} has no block drafter: train it with `python -m bench.train --stages block`"
+        )
+    target = target if target is not None else load_target(device, backend, directory)
+    model = BlockDraftModel(config["block_drafter"], backend)
+    return _load_weights(model, Path(directory) / WEIGHT_FILES["block_drafter"], device).attach(target)
+
+
+def _load_weights(model: torch.nn.Module, path: Path, device) -> torch.nn.Module:
     from safetensors.torch import load_file  # lazy: only loading needs safetensors
 
     if not path.is_file():

@@ -134,6 +134,7 @@ def targets(report: dict, device: torch.device) -> list[Target]:
         "speculative decoding, best drafter at temperature 0, vs plain greedy", 1.6, "x",
         best["speedup"] if best else None, f"{best['drafter']}, k={best['num_draft_tokens']}" if best else why_not,
     ))  # fmt: skip
+    out += _block_targets(report.get("speculative", []), report.get("notes", {}).get("block") or why_not)
     big = [r for r in decode_rows if r["impl"] == "triton" and "copy_fraction" in r
            and r["b"] * r["s_k"] * decode.D * 2 >= TARGET_MIN_CACHE_BYTES]  # fmt: skip
     mem = [r["copy_fraction"] for r in big if r["h_q"] == 16]
@@ -144,6 +145,40 @@ def targets(report: dict, device: torch.device) -> list[Target]:
     out.append(Target("kernel, h_q=128 s_q=2 (compute-bound): median fraction of bf16 matmul rate", 0.5, "",
                       _median(comp), f"median of {len(comp)} shapes" if comp else no_gpu))
     out += _compiled_targets(report.get("compiled", []))
+    return out
+
+
+def _block_targets(rows: list[dict], why_not: str) -> list[Target]:
+    """The block drafter's goals (issue 13): speed at T=0 and T=1, accepted length at W=6, and
+    adaptive verify against the best fixed verify length, per temperature."""
+    block = [r for r in rows if r["drafter"].startswith("block")]
+
+    def best(temperature, adaptive=None):
+        pick = [r for r in block if r["temperature"] == temperature
+                and (adaptive is None or (r["drafter"] == "block adaptive") == adaptive)]  # fmt: skip
+        return max(pick, key=lambda r: r["tokens_per_second"]) if pick else None
+
+    def where(row):
+        return f"{row['drafter']}, W={row['num_draft_tokens']}" if row else why_not or "no block drafter row"
+
+    greedy, sampled = best(0.0), best(1.0)
+    w6 = [r for r in block if r["drafter"] == "block" and r["num_draft_tokens"] == 6 and r["temperature"] == 0]
+    out = [
+        Target("block drafter at temperature 0, best row, vs plain greedy", 1.8, "x",
+               greedy["speedup"] if greedy else None, where(greedy)),
+        Target("block drafter at temperature 0, best row, vs MTP-1", 1.5, "x",
+               greedy["speedup_vs_mtp"] if greedy else None, where(greedy)),
+        Target("block drafter at temperature 1, best row, vs plain sampling", 1.4, "x",
+               sampled["speedup"] if sampled else None, where(sampled)),
+        Target("block drafter mean accepted length at W=6, temperature 0, every draft verified", 3.5, "",
+               w6[0]["mean_accepted_length"] if w6 else None, "" if w6 else why_not or "no W=6 row"),
+    ]  # fmt: skip
+    for temperature in (0.0, 1.0):
+        adaptive, fixed = best(temperature, True), best(temperature, False)
+        ratio = adaptive["tokens_per_second"] / fixed["tokens_per_second"] if adaptive and fixed else None
+        note = f"adaptive W={adaptive['num_draft_tokens']} vs fixed W={fixed['num_draft_tokens']}" if ratio else why_not
+        out.append(Target(f"block drafter at temperature {temperature:g}: adaptive verify vs the best fixed verify "
+                          "length, tokens/s", 1.0, "x", ratio, note or "no adaptive and fixed rows"))  # fmt: skip
     return out
 
 
@@ -175,7 +210,8 @@ def run(settings: Settings, device: torch.device, sections=SECTIONS, models=None
         settings: sizes (`Settings.quick(device)`, `.full(device)`, or custom).
         device: where to run; the kernel sweep runs only on CUDA.
         sections: a subset of SECTIONS.
-        models: (target, draft) for section 4 instead of the shipped `bench.model` weights.
+        models: (target, draft) or (target, draft, block drafter) for section 4 instead of the
+            shipped `bench.model` weights.
         log: called with each printed block (tables, targets).
         checkpoint: called with the report so far after each section (e.g. to save it, so a
             run cut short by a time limit still leaves its finished sections).
@@ -186,14 +222,14 @@ def run(settings: Settings, device: torch.device, sections=SECTIONS, models=None
     start = time.perf_counter()
     report = {**metadata(device), "settings": settings.as_dict(), "sections": list(sections), "notes": {},
               "memory": [], "decode": [], "generation": [], "speculative": [], "compiled": []}  # fmt: skip
-    target = draft = None
+    target = draft = block = None
     note = ""
     if models is not None:
-        target, draft = models
+        target, draft, block = (*models, None)[:3]
     elif "speculative" in sections or "memory" in sections:
-        target, draft, note = speculative.load_shipped(device)
+        target, draft, block, note = speculative.load_shipped(device)
     if note:
-        report["notes"]["speculative"] = note
+        report["notes"]["speculative" if target is None else "block"] = note
     if "speculative" in sections and target is not None:
         # checked before any section runs, not after minutes of them
         longest = settings.prompt_bytes + settings.spec_new_tokens + max(k for _, k in settings.drafters) + 1
@@ -263,13 +299,27 @@ def run(settings: Settings, device: torch.device, sections=SECTIONS, models=None
             log(f"\n== 4. speculative decoding: skipped ({note}) ==")
         else:
             prompts = speculative.make_prompts(settings.prompts, settings.prompt_bytes)
+            profiles = None
+            if block is not None:
+                profiles = speculative.cost_profiles(target, block, (0.0, 1.0), settings.prompt_bytes)
+                report["cost_profiles"] = {f"{t:g}": asdict(p) for t, p in profiles.items()}
             rows = speculative.speculative_rows(target, draft, prompts, settings.spec_new_tokens,
-                                                drafters=settings.drafters, progress=_bar("4. speculative"))
+                                                drafters=settings.drafters, progress=_bar("4. speculative"),
+                                                block=block, profiles=profiles)  # fmt: skip
             report["speculative"] = rows
+            measured = "".join(
+                f"\nblock step cost by verify length 0..{len(p.step) - 1} at T={t:g}, measured now (x a step "
+                f"verifying nothing): {' '.join(f'{v / p.step[0]:.2f}' for v in p.step)}"
+                for t, p in (profiles or {}).items()
+            )  # fmt: skip
+            skipped = f"\n({report['notes']['block']})" if "block" in report["notes"] else ""
             log(f"\n== 4. speculative decoding on the shipped model, {len(prompts)} held-out source prompts of "
                 f"{settings.prompt_bytes} bytes, {settings.spec_new_tokens} new tokens each, b=1; tokens/s over "
-                "whole calls (prefill included); plain = one token per forward on the same cache ==\n"
-                f"{speculative.format_speculative_table(rows)}")
+                "whole calls (prefill included); plain = one token per forward on the same cache; k: drafts per "
+                "step (block: W); x MTP-1: tokens/s over the MTP row's; mean verify length: drafts put up per step; "
+                "draft cost: drafting time per step over plain decoding's time per token; ECE: calibration error "
+                "of the block drafter's survival estimates ==\n"
+                f"{speculative.format_speculative_table(rows)}{measured}{skipped}")
         _checkpoint(checkpoint, report, start)
 
     if "compiled" in sections:

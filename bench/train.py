@@ -1,6 +1,8 @@
-"""Train the shipped small model: a byte-level MLA LM with one MTP module, and a draft model.
+"""Train the shipped small model: a byte-level MLA LM with one MTP module, a draft model, and
+its block drafter.
 
-    python -m bench.train [--minutes 20] [--steps N] [--out bench/weights] [--seed 0]
+    python -m bench.train [--minutes 20] [--block-minutes 25] [--stages models block] [--steps N]
+                          [--out bench/weights] [--seed 0]
 
 Data: the *.py files of this interpreter's standard library (no download), in sorted order;
 files whose name hashes into 2 of 100 buckets are held out (`bench.model.stdlib_sources`).
@@ -14,6 +16,11 @@ target through h_i and the shared embedding and head. The draft model trains aft
 its own. Both use AdamW with a linear warmup and a cosine decay over the run's progress,
 which is the larger of steps done / --steps and time spent / the time left for that model,
 so a run stops on time on a slow or shared machine.
+
+The block stage (`train_block_stage`) keeps the target frozen: the target writes greedy and
+sampled continuations of training windows, the block drafter learns to draft them from the
+target's hidden states (self-distillation), and its confidence head is Platt-calibrated on
+held-out continuations, whose calibration error (ECE) metadata.json reports.
 
 Weights are saved as float16 safetensors (bench/model.py documents the folder), and the
 held-out figures in metadata.json are those of the saved (float16-rounded) weights.
@@ -37,12 +44,56 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mla import MLAConfig, MLAForCausalLM
+from mla.speculative import MLACausalLM, probabilities
+from mla.speculative.adapters import capture_hidden
+from mla.speculative.block import (
+    GREEDY,
+    SAMPLED,
+    BlockDrafterConfig,
+    BlockDraftModel,
+    calibrate,
+    expected_calibration_error,
+)
 from mla.speculative.mtp import MultiTokenPredictor, attach_mtp
+from mla.speculative.sampling import sample
 
 from . import model as shipped
 
 MTP_WEIGHT = 0.3  # DeepSeek-V3 weights its MTP loss 0.3 early in training
+STAGES = ("models", "block")
 SAVE_DTYPE = torch.float16  # 10 mantissa bits, and no weight here comes near float16's range limit
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPreset:
+    """The block drafter's stage: its shape, its data and its training.
+
+    layers, target_layers, block_size, markov_rank: `mla.speculative.BlockDrafterConfig`.
+    prompt_len, new_tokens: each training sequence is prompt_len bytes of source, then
+        new_tokens the frozen target writes after it (its own continuation).
+    sequences, heldout_sequences: continuations per temperature (0 and 1) from training
+        windows and from held-out windows (half of those fit the calibration, half measure it).
+    generate_batch: rows generated at once.
+    batch_size, anchors: sequences per optimizer step, blocks per sequence.
+    position_decay: block position j weighs position_decay ** j in the drafting loss.
+    """
+
+    layers: MLAConfig
+    target_layers: tuple[int, ...]
+    block_size: int
+    markov_rank: int
+    prompt_len: int
+    new_tokens: int
+    sequences: int
+    heldout_sequences: int
+    generate_batch: int
+    batch_size: int
+    anchors: int
+    lr: float
+    position_decay: float = 0.8
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    min_lr_ratio: float = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +108,7 @@ class Preset:
     draft_lr: float
     draft_share: float  # fraction of the time budget given to the draft model
     eval_windows: int
+    block: BlockPreset
     warmup_steps: int = 30
     weight_decay: float = 0.1
     min_lr_ratio: float = 0.1
@@ -80,12 +132,22 @@ PRESETS = {
         target=_config(192, 4, 4, 64, 32, 16, 48, 512, 512),
         draft=_config(128, 2, 4, 32, 16, 16, 32, 384, 512),
         seq_len=512, batch_size=4, target_lr=3e-3, draft_lr=4e-3, draft_share=0.1, eval_windows=96,
+        block=BlockPreset(
+            layers=_config(192, 1, 4, 64, 32, 16, 48, 512, 512), target_layers=(2, 4), block_size=8, markov_rank=32,
+            prompt_len=256, new_tokens=96, sequences=128, heldout_sequences=24, generate_batch=128, batch_size=8,
+            anchors=32, lr=2e-3,
+        ),
     ),
     # For tests: trains in a fraction of a second per step.
     "tiny": Preset(
         target=_config(32, 1, 2, 16, 8, 8, 8, 64, 64),
         draft=_config(16, 1, 2, 8, 8, 8, 8, 32, 64),
         seq_len=32, batch_size=2, target_lr=1e-3, draft_lr=1e-3, draft_share=0.3, eval_windows=2, warmup_steps=1,
+        block=BlockPreset(
+            layers=_config(32, 1, 2, 16, 8, 8, 8, 64, 64), target_layers=(0, 1), block_size=4, markov_rank=8,
+            prompt_len=8, new_tokens=12, sequences=4, heldout_sequences=4, generate_batch=4, batch_size=2, anchors=3,
+            lr=1e-3, warmup_steps=1,
+        ),
     ),
 }
 
@@ -273,6 +335,220 @@ def evaluate(model: MLAForCausalLM, windows: torch.Tensor, batch_size: int, refe
     return {k: round(v, 4) for k, v in out.items()}
 
 
+# ----- the block drafter's stage: self-distillation from the frozen target -----
+
+
+@torch.no_grad()
+def continuations(target: MLAForCausalLM, stream: torch.Tensor, count: int, block: BlockPreset, temperature: float,
+                  generator: torch.Generator, bar=None) -> torch.Tensor:  # fmt: skip
+    """`count` sequences int64 [count, prompt_len + new_tokens]: a random window of `stream`,
+    then what the target writes after it at `temperature` (0: greedy), through the latent cache
+    as generation does, generate_batch rows at a time."""
+    out = []
+    for done in range(0, count, block.generate_batch):
+        prompts = sample_windows(stream, min(block.generate_batch, count - done), block.prompt_len, generator)
+        lm = MLACausalLM(target)
+        try:
+            logits, _ = lm.prefill(list(prompts), block.new_tokens)
+            tokens = []
+            for i in range(block.new_tokens):
+                token = logits.argmax(-1) if temperature == 0 else sample(probabilities(logits, temperature), generator)
+                tokens.append(token)
+                if i < block.new_tokens - 1:
+                    logits = lm.forward(token[:, None])[0][:, -1]
+                if bar is not None:
+                    bar.update(len(prompts))
+        finally:
+            lm.release()
+        out.append(torch.cat([prompts, torch.stack(tokens, dim=1)], dim=1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def target_view(target: MLAForCausalLM, sequences: torch.Tensor, block: BlockPreset, batch: int = 16) -> dict:
+    """What the drafter learns from, per sequence int64 [n, T]: the target's hidden states
+    (`target_layers`, concatenated) at every position, float16 [n, T, F], and its logits at the
+    continuation's positions (position prompt_len + i scores token prompt_len + i + 1), float16
+    [n, new_tokens, V]; the cache-free forward, teacher-forced on the sequences."""
+    features, logits = [], []
+    for rows in sequences.split(batch):
+        with capture_hidden(target, block.target_layers) as select:
+            out, final = target(rows, return_hidden=True)
+            features.append(select(final).half())
+        logits.append(out[:, block.prompt_len :].half())
+    return {"tokens": sequences, "features": torch.cat(features), "logits": torch.cat(logits)}
+
+
+def block_losses(model: BlockDraftModel, data: dict, rows: torch.Tensor, anchors: torch.Tensor, block: BlockPreset):
+    """Losses of blocks at `anchors` (int64 [B, N], pending positions) of sequences `rows` (int64 [B]) of `data`
+    (`target_view` plus "regime" int64 [n]: GREEDY or SAMPLED, how the sequence was written).
+
+    Drafting: per block position j, cross entropy against the target's argmax plus against its
+    whole distribution (temperature 1), weighted position_decay ** j; the Markov head reads the
+    sequence's previous token, i.e. the draft as it is when everything before was accepted.
+    Confidence (on detached inputs, so it does not pull the drafter): binary cross entropy of
+    each position's acceptance given the earlier ones', in the sequence's regime: greedy, whether
+    the draft's argmax is the target's; sampled, the acceptance probability sum(min(p, q)).
+
+    Returns (total loss, {"draft", "confidence", "greedy_accept", "sampled_accept"} floats).
+    """
+    tokens, regime = data["tokens"][rows], data["regime"][rows]
+    w = block.block_size
+    hidden, base, logits = model.teacher_forced(data["features"][rows].float(), tokens, anchors)  # [B, N, W, .]
+    positions = anchors[..., None] + torch.arange(w)  # [B, N, W]
+    index = (positions - block.prompt_len).flatten(1)[..., None].expand(-1, -1, base.shape[-1])
+    target_logits = data["logits"][rows].gather(1, index).view_as(logits).float()
+    p = torch.softmax(target_logits, dim=-1)
+    log_q = torch.log_softmax(logits, dim=-1)
+    best = target_logits.argmax(-1)
+    hard = -log_q.gather(-1, best[..., None]).squeeze(-1)
+    soft = -(p * log_q).sum(-1)
+    weights = block.position_decay ** torch.arange(w, dtype=torch.float32)
+    draft = ((hard + soft) * weights).mean() / weights.mean()
+    with torch.no_grad():
+        greedy_ok = (logits.argmax(-1) == best).float()
+        overlap = torch.minimum(p, log_q.exp()).sum(-1)
+        label = torch.where((regime == GREEDY)[:, None, None], greedy_ok, overlap)
+    confidence = model.confidence_logits(hidden.detach(), base.detach())  # [B, N, W, 2]
+    chosen = confidence.gather(-1, regime.view(-1, 1, 1, 1).expand(*label.shape, 1)).squeeze(-1)
+    confidence_loss = F.binary_cross_entropy_with_logits(chosen, label)
+    parts = {"draft": draft.detach(), "confidence": confidence_loss.detach(),
+             "greedy_accept": greedy_ok.mean(), "sampled_accept": overlap.mean()}  # fmt: skip
+    return draft + confidence_loss, parts
+
+
+def random_anchors(count: int, block: BlockPreset, generator: torch.Generator) -> torch.Tensor:
+    """int64 [count, anchors]: distinct pending positions in the continuation, prompt_len .. T - W."""
+    span = block.new_tokens - block.block_size + 1
+    return torch.rand(count, span, generator=generator).argsort(dim=1)[:, : block.anchors] + block.prompt_len
+
+
+def train_block(model: BlockDraftModel, data: dict, block: BlockPreset, deadline: float, max_steps: int | None,
+                seed: int) -> dict:  # fmt: skip
+    """Train the drafter on `data` until `deadline` or `max_steps` (the schedule as `train_model`'s);
+    returns {"steps", "blocks_seen", "wall_seconds", "final_loss"}. Eager: torch.compile of this
+    step took over a minute to build on 2 shared cores, a tenth of the stage, for no measured gain."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = make_optimizer(model, block.lr, block.weight_decay)
+    start = time.time()
+    clock = start
+    step, smoothed = 0, None
+    bar = tqdm(total=100, desc="block drafter", unit="%", dynamic_ncols=True, file=sys.stderr)
+    model.train()
+    n = len(data["tokens"])
+    while True:
+        progress = (time.time() - clock) / max(deadline - clock, 1e-9) if step > 0 else 0.0
+        if max_steps is not None:
+            progress = max(progress, step / max_steps)
+        if progress >= 1.0:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, progress, block.lr, block)
+        rows = torch.randint(0, n, (block.batch_size,), generator=generator)
+        loss, parts = block_losses(model, data, rows, random_anchors(block.batch_size, block, generator), block)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step == 1:
+            clock = time.time()
+        value = loss.item()
+        smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
+        bar.n = min(100, int(100 * progress))
+        bar.set_postfix(step=step, loss=f"{smoothed:.3f}", greedy_acc=f"{parts['greedy_accept'].item():.2f}",
+                        lr=f"{optimizer.param_groups[0]['lr']:.1e}", refresh=True)  # fmt: skip
+    bar.n = 100
+    bar.close()
+    model.eval()
+    return {"steps": step, "blocks_seen": step * block.batch_size * block.anchors,
+            "wall_seconds": round(time.time() - start, 1), "final_loss": round(smoothed, 4) if smoothed else None}
+
+
+@torch.no_grad()
+def block_outcomes(model: BlockDraftModel, data: dict, block: BlockPreset, batch: int = 4) -> dict:
+    """Every block of `data` (all pending positions of every continuation), teacher-forced:
+    per regime {"survival": raw estimates float32 [m, W], "observed": float32 [m, W]}, observed
+    survival being the running product of greedy matches (GREEDY) or of acceptance
+    probabilities sum(min(p, q)) (SAMPLED) in the sequence's own regime."""
+    span = block.new_tokens - block.block_size + 1
+    out = {GREEDY: ([], []), SAMPLED: ([], [])}
+    for rows in torch.arange(len(data["tokens"])).split(batch):
+        anchors = (torch.arange(span) + block.prompt_len).expand(len(rows), -1)
+        hidden, base, logits = model.teacher_forced(data["features"][rows].float(), data["tokens"][rows], anchors)
+        positions = anchors[..., None] + torch.arange(block.block_size)
+        index = (positions - block.prompt_len).flatten(1)[..., None].expand(-1, -1, base.shape[-1])
+        p = torch.softmax(data["logits"][rows].gather(1, index).view_as(logits).float(), dim=-1)
+        accept = {GREEDY: (logits.argmax(-1) == p.argmax(-1)).float(),
+                  SAMPLED: torch.minimum(p, torch.softmax(logits, dim=-1)).sum(-1)}  # fmt: skip
+        raw = torch.sigmoid(model.confidence_logits(hidden, base).float()).cumprod(dim=-2)  # [b, N, W, 2]
+        for i, r in enumerate(rows.tolist()):
+            regime = int(data["regime"][r])
+            out[regime][0].append(raw[i, :, :, regime])
+            out[regime][1].append(accept[regime][i].cumprod(dim=-1))
+    return {k: {"survival": torch.cat(s), "observed": torch.cat(o)} for k, (s, o) in out.items() if s}
+
+
+def fit_platt(survival: torch.Tensor, observed: torch.Tensor) -> tuple[float, float]:
+    """(scale, shift) minimising the cross entropy of calibrate(survival, scale, shift) against observed."""
+    params = torch.tensor([1.0, 0.0], requires_grad=True)
+    optimizer = torch.optim.LBFGS([params], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy(calibrate(survival, params[0], params[1]).clamp(1e-6, 1 - 1e-6), observed)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return tuple(round(v, 4) for v in params.tolist())
+
+
+def calibrate_block(model: BlockDraftModel, heldout: dict, block: BlockPreset) -> dict:
+    """Fit the confidence head's Platt scales on half of the held-out continuations (the even
+    ones), write them into model.calibration, and measure on the other half: per regime, ECE of the
+    survival estimates before and after, mean acceptance per block position and the expected
+    accepted length (1 + the summed survival) with all W drafts verified."""
+    n = len(heldout["tokens"])
+    # even and odd sequences: both halves hold both regimes
+    split = [{k: v[idx] for k, v in heldout.items()} for idx in (torch.arange(0, n, 2), torch.arange(1, n, 2))]
+    fit, test = (block_outcomes(model, part, block) for part in split)
+    report = {}
+    for regime, name in ((GREEDY, "greedy"), (SAMPLED, "sampled")):
+        if regime not in fit or regime not in test:
+            continue
+        scale, shift = fit_platt(fit[regime]["survival"].flatten(), fit[regime]["observed"].flatten())
+        model.calibration[regime] = torch.tensor([scale, shift])
+        raw, observed = test[regime]["survival"], test[regime]["observed"]
+        calibrated = calibrate(raw, scale, shift)
+        conditional = observed[:, 1:] / observed[:, :-1].clamp_min(1e-9)
+        report[name] = {
+            "platt": [scale, shift],
+            "ece_raw": round(expected_calibration_error(raw, observed), 4),
+            "ece": round(expected_calibration_error(calibrated, observed), 4),
+            "survival_by_position": [round(v, 4) for v in observed.mean(0).tolist()],
+            "first_acceptance": round(observed[:, 0].mean().item(), 4),
+            "later_acceptance": round((conditional * observed[:, :-1]).sum().item()
+                                      / observed[:, :-1].sum().clamp_min(1e-9).item(), 4),  # fmt: skip
+            "expected_accepted_length": round(1 + observed.sum(-1).mean().item(), 3),
+            "blocks": observed.shape[0],
+        }
+    return report
+
+
+def block_data(target: MLAForCausalLM, stream: torch.Tensor, count: int, block: BlockPreset, seed: int,
+               desc: str) -> dict:  # fmt: skip
+    """`count` greedy and `count` sampled (temperature 1) continuations of windows of `stream`,
+    with their `target_view` and regimes."""
+    generator = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=2 * count * block.new_tokens, desc=desc, unit="tok", dynamic_ncols=True, file=sys.stderr)
+    sequences = torch.cat([continuations(target, stream, count, block, t, generator, bar) for t in (0.0, 1.0)])
+    bar.close()
+    data = target_view(target, sequences, block)
+    data["regime"] = torch.tensor([GREEDY] * count + [SAMPLED] * count)
+    return data
+
+
 def save(model: torch.nn.Module, path: Path) -> int:
     """State dict as SAVE_DTYPE safetensors; returns the file size in bytes."""
     from safetensors.torch import save_file
@@ -294,17 +570,24 @@ def sample_text(model: MLAForCausalLM, prompt: str, max_new_tokens: int) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=20.0,
-                        help="wall-clock budget for everything (default 20); the draft gets a fixed share")
+                        help="wall-clock budget of the models stage (default 20); the draft gets a fixed share")
+    parser.add_argument("--block-minutes", type=float, default=25.0,
+                        help="wall-clock budget of the block drafter stage (default 25), its data generation included")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                        help="models: the target (with its MTP module) and the draft model; block: the block drafter "
+                             "for the target already in --out (default: both)")
     parser.add_argument("--steps", type=int, default=None, help="at most this many optimizer steps per model")
     parser.add_argument("--out", type=Path, default=shipped.WEIGHTS_DIR, help="output folder (default bench/weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model sizes (tiny: for tests)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
-                        help="train eagerly instead of through torch.compile (which is about 3x faster on CPU)")
+                        help="train the models stage eagerly instead of through torch.compile (about 3x faster on CPU); "
+                             "the block drafter always trains eagerly")
     args = parser.parse_args(argv)
-    if not args.minutes > 0:
-        parser.error(f"--minutes must be positive, got {args.minutes}")
+    for name in ("minutes", "block_minutes"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.threads < 1:
@@ -312,16 +595,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> dict:
-    """Train, evaluate and save; returns the metadata written to metadata.json."""
-    args = parse_args(argv)
+def params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def train_models(args, preset: Preset, corpus: dict) -> tuple[MLAForCausalLM, dict, dict]:
+    """The models stage: train the target (with its MTP module) and the draft, evaluate and save
+    them; returns (target, config, metadata) of the weights folder."""
     start = time.time()
     deadline = start + 60 * args.minutes
-    torch.set_num_threads(args.threads)
-    preset = PRESETS[args.preset]
-    corpus = load_corpus()
-    print(f"corpus: {corpus['train_files']} training files ({corpus['train'].numel() / 1e6:.1f} MB), "
-          f"{corpus['heldout_files']} held out ({corpus['heldout'].numel() / 1e6:.2f} MB)", file=sys.stderr)
     held_out = eval_windows(corpus["heldout"], preset.eval_windows, preset.seq_len + 2)
     # Seconds kept back at the end of each phase for the held-out evaluation and saving.
     reserve = 5.0 + 5e-4 * held_out.numel()
@@ -352,11 +634,6 @@ def main(argv=None) -> dict:
              (("target", target), ("draft", draft))}
     config = {"format": shipped.FORMAT, "dtype": str(SAVE_DTYPE).removeprefix("torch."), "mtp_depth": 1,
               "target": shipped.config_to_dict(preset.target), "draft": shipped.config_to_dict(preset.draft)}
-    (args.out / shipped.CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-
-    def params(model):
-        return sum(p.numel() for p in model.parameters())
-
     metadata = {
         "preset": args.preset,
         "seed": args.seed,
@@ -378,10 +655,66 @@ def main(argv=None) -> dict:
     }
     prompt = "import os\n\n\ndef "
     metadata["sample"] = sample_text(target, prompt, 160 if args.preset == "small" else 8)
+    print(f"models: target {target_eval['bpb']:.3f} bits/byte ({metadata['target']['parameters'] / 1e6:.2f} M "
+          f"parameters), draft {draft_eval['bpb']:.3f} bits/byte ({metadata['draft']['parameters'] / 1e6:.2f} M)"
+          f"\n--- sample ---\n{metadata['sample']}", file=sys.stderr)
+    return target, config, metadata
+
+
+def train_block_stage(args, preset: Preset, corpus: dict, target: MLAForCausalLM) -> tuple[dict, dict]:
+    """The block drafter stage, the target frozen: generate its continuations, train the drafter
+    on them, calibrate its confidence head on held-out continuations, save it; returns the
+    drafter's (config, metadata) entries."""
+    start = time.time()
+    block = preset.block
+    target.requires_grad_(False)
+    train_data = block_data(target, corpus["train"], block.sequences, block, args.seed + 2, "block data")
+    heldout = block_data(target, corpus["heldout"], block.heldout_sequences, block, args.seed + 3, "block held-out")
+    generated = time.time() - start
+    config = BlockDrafterConfig(block.layers, block.target_layers, block.block_size, block.markov_rank)
+    torch.manual_seed(args.seed + 4)
+    model = BlockDraftModel(config).attach(target)  # PyTorch's default initialisation
+    # kept back for calibration and saving: a forward over every held-out block, about 1 ms each
+    reserve = 5.0 + 2e-3 * len(heldout["tokens"]) * (block.new_tokens - block.block_size + 1)
+    run = train_block(model, train_data, block, start + 60 * args.block_minutes - reserve, args.steps, args.seed + 4)
+    round_trip(model)
+    calibration = calibrate_block(model, heldout, block)
+    size = save(model, args.out / shipped.WEIGHT_FILES["block_drafter"])
+    metadata = {
+        "parameters": params(model), "lr": block.lr, "minutes_budget": args.block_minutes,
+        "data": {"prompt_bytes": block.prompt_len, "new_tokens": block.new_tokens,
+                 "sequences": {"greedy": block.sequences, "sampled": block.sequences},
+                 "heldout_sequences": {"greedy": block.heldout_sequences, "sampled": block.heldout_sequences},
+                 "generation_seconds": round(generated, 1)},
+        "training": {"batch_size": block.batch_size, "anchors": block.anchors, "position_decay": block.position_decay,
+                     **run},
+        "heldout": calibration, "file_bytes": size, "wall_seconds": round(time.time() - start, 1),
+    }  # fmt: skip
+    greedy, sampled = calibration.get("greedy", {}), calibration.get("sampled", {})
+    print(f"block drafter: held-out expected accepted length {greedy.get('expected_accepted_length')} (greedy), "
+          f"{sampled.get('expected_accepted_length')} (sampled), survival ECE {greedy.get('ece')} / "
+          f"{sampled.get('ece')}, {metadata['wall_seconds']:.0f} s", file=sys.stderr)
+    return config.to_dict(), metadata
+
+
+def main(argv=None) -> dict:
+    """Train, evaluate and save the stages asked for; returns the metadata written to metadata.json."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset]
+    corpus = load_corpus()
+    print(f"corpus: {corpus['train_files']} training files ({corpus['train'].numel() / 1e6:.1f} MB), "
+          f"{corpus['heldout_files']} held out ({corpus['heldout'].numel() / 1e6:.2f} MB)", file=sys.stderr)
+    if "models" in args.stages:
+        target, config, metadata = train_models(args, preset, corpus)
+    else:
+        target = shipped.load_target(directory=args.out)
+        config, metadata = json.loads((args.out / shipped.CONFIG_FILE).read_text()), shipped.load_metadata(args.out)
+    if "block" in args.stages:
+        config["block_drafter"], metadata["block_drafter"] = train_block_stage(args, preset, corpus, target)
+    (args.out / shipped.CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     (args.out / shipped.METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-    print(f"wrote {args.out} in {metadata['wall_seconds']:.0f} s: target {target_eval['bpb']:.3f} bits/byte "
-          f"({metadata['target']['parameters'] / 1e6:.2f} M parameters), draft {draft_eval['bpb']:.3f} bits/byte "
-          f"({metadata['draft']['parameters'] / 1e6:.2f} M)\n--- sample ---\n{metadata['sample']}", file=sys.stderr)
+    print(f"wrote {args.out}", file=sys.stderr)
     return metadata
 
 

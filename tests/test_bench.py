@@ -20,7 +20,7 @@ from bench import __main__ as cli
 from bench import decode, plot, report
 from bench.common import REPO, Target, format_table
 from mla import MLAConfig, MLAForCausalLM
-from mla.speculative import MultiTokenPredictor, attach_mtp
+from mla.speculative import BlockDrafterConfig, BlockDraftModel, MultiTokenPredictor, attach_mtp
 
 CPU = torch.device("cpu")
 # Awkward unequal dims (nope 16, rope 8, v 12) and YaRN, so a swapped split or a dropped
@@ -36,6 +36,7 @@ TINY_SETTINGS = report.Settings(
     layer_config=TINY, layer_model="tiny", layer_contexts=(40, 130),
     generation_config=TINY, generation_contexts=(24,), generation_tokens={"unpatched": 2, "patched": 3},
     prompts=2, prompt_bytes=48, spec_new_tokens=6, compiled_configs=("write-bf16",),
+    drafters=(("ngram", 2), ("draft model", 2), ("mtp", 1), ("block", 4), ("block adaptive", 4)),
 )  # fmt: skip
 REQUIRED = {
     "memory": {"model", "kv_dtype", "bytes_per_token_per_layer", "mha_bytes_per_token_per_layer"},
@@ -60,7 +61,8 @@ def _models():
     target = MLAForCausalLM(TINY).eval()
     attach_mtp(target, MultiTokenPredictor(TINY).eval())
     draft = MLAForCausalLM(dataclasses.replace(TINY, num_hidden_layers=1)).eval()
-    return target, draft
+    block_config = BlockDrafterConfig(dataclasses.replace(TINY, num_hidden_layers=1), (1, 2), block_size=8)
+    return target, draft, BlockDraftModel(block_config).attach(target).eval()
 
 
 @pytest.fixture(scope="module")
@@ -123,15 +125,26 @@ def test_generation_patched_reproduces_tokens(tiny_report):
 
 def test_speculative_rows(tiny_report):
     rows = tiny_report["speculative"]
-    assert {(r["drafter"], r["temperature"]) for r in rows} == {
-        (d, t) for d in ("ngram", "draft model", "mtp") for t in (0.0, 1.0)
+    assert {(r["drafter"], r["num_draft_tokens"], r["temperature"]) for r in rows} == {
+        (d, k, t) for d, k in TINY_SETTINGS.drafters for t in (0.0, 1.0)
     }
     for row in rows:
         assert row["new_tokens"] == 2 * 6
         assert 1.0 <= row["mean_accepted_length"] <= 1 + row["num_draft_tokens"]
         assert 0.0 <= row["acceptance_rate"] <= 1.0
+        assert 0.0 <= row["mean_verify_length"] <= row["num_draft_tokens"]
+        assert row["draft_cost"] > 0
+        assert row["speedup_vs_mtp"] == pytest.approx(
+            row["tokens_per_second"] / next(r["tokens_per_second"] for r in rows
+                                            if r["drafter"] == "mtp" and r["temperature"] == row["temperature"])
+        )  # fmt: skip
+        block = row["drafter"].startswith("block")
+        assert (row["calibration_error"] is not None) == (block and row["mean_verify_length"] > 0)
+        if block:
+            assert 0.0 <= row["calibration_error"] <= 1.0
         # greedy speculative decoding is lossless: the plain greedy tokens exactly
         assert row["matches_baseline"] is (True if row["temperature"] == 0 else None)
+    assert set(tiny_report["cost_profiles"]) == {"0", "1"}
 
 
 def test_kernel_rows_and_ceilings_through_the_interpreter():
@@ -162,6 +175,22 @@ def _synthetic(stream_multiples, gen_speedup, spec_speedups, kernel_fractions):
     }
 
 
+BLOCK_SKIP = ["SKIP"] * 6  # the block drafter's targets, without block rows
+
+
+def _block_rows(speedup, vs_mtp, accepted_w6, speedup_t1, adaptive_ratio):
+    """Block drafter rows at W=6, fixed and adaptive verify, T=0 and 1: the fixed rows carry the
+    speeds, the adaptive ones adaptive_ratio times their tokens/s."""
+    rows = []
+    for t, x in ((0.0, speedup), (1.0, speedup_t1)):
+        fixed = {"drafter": "block", "temperature": t, "num_draft_tokens": 6, "tokens_per_second": 100.0,
+                 "speedup": x, "speedup_vs_mtp": vs_mtp, "mean_accepted_length": accepted_w6}  # fmt: skip
+        adaptive = {**fixed, "drafter": "block adaptive", "tokens_per_second": 100.0 * adaptive_ratio,
+                    "speedup": x * adaptive_ratio, "mean_accepted_length": 2.0}  # fmt: skip
+        rows += [fixed, adaptive]
+    return rows
+
+
 def _compiled(kernel, spills=0, stages=0, ctas=1, error=None):
     if error:
         return {"kernel": kernel, "spill_bytes": None, "kv_stages": None, "ctas_per_sm": None, "error": error}
@@ -174,30 +203,38 @@ def _compiled(kernel, spills=0, stages=0, ctas=1, error=None):
         pytest.param(
             _synthetic({1024: 1.15, 4096: 0.9}, 5.0, [("ngram", 0.0, 1.2), ("mtp", 0.0, 1.6), ("mtp", 1.0, 3.0)],
                        [(16, 1, 0.8, 0.1), (128, 2, 0.3, 0.5)]),
-            ["PASS"] * 6 + ["SKIP"] * 4, id="all-at-threshold",
+            ["PASS"] * 4 + BLOCK_SKIP + ["PASS"] * 2 + ["SKIP"] * 4, id="all-at-threshold",
         ),
         pytest.param(
             _synthetic({1024: 1.16, 4096: 2.0}, 4.99, [("ngram", 0.0, 1.59), ("mtp", 1.0, 3.0)],
                        [(16, 1, 0.79, 0.1), (128, 2, 0.3, 0.49)]),
-            ["MISS"] * 6 + ["SKIP"] * 4, id="all-just-past-naive-and-temperature-1-ignored",
+            ["MISS"] * 4 + BLOCK_SKIP + ["MISS"] * 2 + ["SKIP"] * 4, id="all-just-past-naive-and-temperature-1-ignored",
         ),
         pytest.param(
             _synthetic({1024: 1.0, 8192: 1.0}, 5.0, [("mtp", 0.0, 1.6)], []),
-            ["PASS", "SKIP", "PASS", "PASS", "SKIP", "SKIP"] + ["SKIP"] * 4, id="no-4k-row-no-kernel-rows",
+            ["PASS", "SKIP", "PASS", "PASS"] + BLOCK_SKIP + ["SKIP", "SKIP"] + ["SKIP"] * 4, id="no-4k-row-no-kernel-rows",
         ),
         pytest.param(
             {"decode": [], "generation": [], "speculative": [], "notes": {"speculative": "no weights"}},
-            ["SKIP"] * 10, id="nothing-measured",
+            ["SKIP"] * 16, id="nothing-measured",
         ),
         pytest.param(
             {"compiled": [_compiled("_mla_decode_kernel", spills=0, stages=2, ctas=1),
                           _compiled("_write_latent_kernel", spills=0, stages=0, ctas=6)]},
-            ["SKIP"] * 6 + ["PASS"] * 4, id="compiled-clean",
+            ["SKIP"] * 12 + ["PASS"] * 4, id="compiled-clean",
         ),
         pytest.param(
             {"compiled": [_compiled("_mla_decode_kernel", spills=8, stages=1, ctas=0),
                           _compiled("_mla_decode_kernel", error="fp8e4nv not supported")]},
-            ["SKIP"] * 6 + ["MISS"] * 4, id="compiled-spill-error-one-stage-no-cta",
+            ["SKIP"] * 12 + ["MISS"] * 4, id="compiled-spill-error-one-stage-no-cta",
+        ),
+        pytest.param(
+            {"speculative": _block_rows(1.8, 1.5, 3.5, 1.4, 1.0)},
+            ["SKIP"] * 3 + ["PASS"] * 7 + ["SKIP"] * 6, id="block-at-threshold",
+        ),
+        pytest.param(
+            {"speculative": _block_rows(1.79, 1.49, 3.49, 1.39, 0.99)},
+            ["SKIP"] * 3 + ["PASS"] + ["MISS"] * 6 + ["SKIP"] * 6, id="block-just-short",
         ),
     ],
 )  # fmt: skip

@@ -8,6 +8,7 @@ import torch
 from bench import model as shipped
 from bench import train
 from mla import MLAConfig, MLAForCausalLM, MLAttention
+from mla.speculative import BlockDrafter, generate
 from mla.speculative.mtp import MultiTokenPredictor, attach_mtp
 from tests.utils import assert_close, max_error
 
@@ -135,7 +136,7 @@ def test_heldout_split_is_stable_and_disjoint():
 
 
 def test_missing_weights_tell_how_to_train(tmp_path):
-    for load in (shipped.load_target, shipped.load_draft):
+    for load in (shipped.load_target, shipped.load_draft, shipped.load_block_drafter):
         with pytest.raises(FileNotFoundError, match="python -m bench.train"):
             load(directory=tmp_path)
 
@@ -168,6 +169,17 @@ def test_train_entry_point_smoke(tmp_path):
         assert figures[key] == pytest.approx(metadata["target"][key], abs=1e-3), key
     assert train.evaluate(draft, windows, preset.batch_size)["bpb"] == pytest.approx(metadata["draft"]["bpb"], abs=1e-3)
 
+    block = metadata["block_drafter"]
+    assert block["training"]["steps"] == 2
+    assert (tmp_path / shipped.WEIGHT_FILES["block_drafter"]).stat().st_size == block["file_bytes"]
+    drafter = shipped.load_block_drafter(target, directory=tmp_path)
+    assert drafter.config.layers == preset.block.layers and drafter.config.block_size == preset.block.block_size
+    assert drafter._shared == (target.model.embed_tokens, target.lm_head)
+    # the Platt scales fitted on held-out continuations are saved with the weights (in float16)
+    for regime, name in enumerate(("greedy", "sampled")):
+        assert drafter.calibration[regime].tolist() == pytest.approx(block["heldout"][name]["platt"], rel=1e-3)
+        assert 0.0 <= block["heldout"][name]["ece"] <= 1.0
+
 
 shipped_weights = pytest.mark.skipif(
     not (shipped.WEIGHTS_DIR / shipped.METADATA_FILE).is_file(), reason="no shipped weights: run python -m bench.train"
@@ -197,3 +209,17 @@ def test_shipped_model_generates_python():
     # a trained byte model writes printable ASCII (and newlines) after Python source
     assert sum(c.isprintable() or c == "\n" for c in text) >= 0.9 * len(text), repr(text)
     assert shipped.load_draft().generate_greedy([shipped.encode(prompt)], 8).shape == (1, 8)
+
+
+@shipped_weights
+def test_shipped_block_drafter_drafts_the_target_greedy_continuation():
+    calibration = shipped.load_metadata()["block_drafter"]["heldout"]
+    # measured at training: 0.032 (greedy) and 0.012 (sampled) after Platt scaling
+    assert calibration["greedy"]["ece"] < 0.1 and calibration["sampled"]["ece"] < 0.1
+    # the reference backend: the Triton interpreter these tests run under would take a minute
+    target = shipped.load_target(backend="reference")
+    block = shipped.load_block_drafter(target, backend="reference")
+    prompt = shipped.encode("import sys\n\n\ndef main(argv):\n    ")
+    out = generate(target, [prompt], BlockDrafter(block, adaptive=True), max_new_tokens=24, num_draft_tokens=8)
+    assert out.sequences[0, len(prompt) :].tolist() == target.generate_greedy([prompt], 24)[0].tolist()
+    assert out.stats.mean_accepted_length > 2

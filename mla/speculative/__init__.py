@@ -6,6 +6,14 @@
 """
 
 from .adapters import CausalLM, HFCausalLM, MLACausalLM, as_causal_lm
+from .block import (
+    BlockDrafter,
+    BlockDrafterConfig,
+    BlockDraftModel,
+    CostProfile,
+    expected_calibration_error,
+    measure_cost_profile,
+)
 from .drafters import Draft, DraftModelDrafter, Drafter, NgramDrafter, Verified
 from .loop import SpeculativeOutput, SpeculativeStats, generate
 from .mtp import MTPDrafter, MultiTokenPredictor, attach_mtp, load_mtp_state_dict
@@ -23,6 +31,12 @@ __all__ = [
     "NgramDrafter",
     "DraftModelDrafter",
     "MTPDrafter",
+    "BlockDrafter",
+    "BlockDraftModel",
+    "BlockDrafterConfig",
+    "CostProfile",
+    "measure_cost_profile",
+    "expected_calibration_error",
     "MultiTokenPredictor",
     "attach_mtp",
     "load_mtp_state_dict",

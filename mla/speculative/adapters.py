@@ -10,12 +10,20 @@ back to a given length, keep a subset of the rows. One adapter per model kind:
 - `HFCausalLM`: any transformers causal LM through its own forward and a `DynamicCache`.
 
 Use `as_causal_lm(model)` to pick the adapter.
+
+Hidden states (for drafters that read the target's, `return_hidden`): True gives the final
+hidden states, what the LM head reads; a tuple of indices gives those hidden states concatenated
+along the last dimension, numbered as transformers' `output_hidden_states`: 0 is the embedding
+output, j in 1 .. L - 1 the output of decoder layer j - 1, L (the number of layers) the final
+normed states. Both adapters number them alike, so a drafter trained on one kind reads the same
+states from the other.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 
@@ -32,9 +40,11 @@ class CausalLM(ABC):
     device: torch.device
     lengths: list[int]
 
+    num_layers: int
+
     @abstractmethod
     def prefill(
-        self, prompts: list[torch.Tensor], extra_tokens: int, return_hidden: bool = False
+        self, prompts: list[torch.Tensor], extra_tokens: int, return_hidden: bool | tuple[int, ...] = False
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Start a batch: run each prompt through the model into a fresh cache.
 
@@ -42,18 +52,21 @@ class CausalLM(ABC):
             prompts: b int64 1-D tensors (lengths may differ; a length of 0 gives an empty row
                 whose logits are unspecified).
             extra_tokens: most tokens any row will hold beyond its prompt (sizes the cache).
-            return_hidden: also return the final hidden states (the LM head's input).
+            return_hidden: also return hidden states: True the final ones (the LM head's input),
+                a tuple of layer indices those layers' (module docstring), concatenated.
 
         Returns:
             logits [b, V] at each prompt's last position, and with return_hidden the hidden
-            states of every prompt position, a list of b tensors [len_i, hidden_size].
+            states of every prompt position, a list of b tensors [len_i, F] (F: hidden_size,
+            or hidden_size times the number of layers asked for).
         """
 
     @abstractmethod
     def forward(
-        self, tokens: torch.Tensor, return_hidden: bool = False, num_new_tokens: list[int] | None = None
+        self, tokens: torch.Tensor, return_hidden: bool | tuple[int, ...] = False, num_new_tokens: list[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Append tokens int64 [b, n] to each row; returns logits [b, n, V] (and hidden [b, n, H]).
+        """Append tokens int64 [b, n] to each row; returns logits [b, n, V] (and hidden [b, n, F],
+        as `prefill`'s).
 
         num_new_tokens: None (every row appends n), or b counts c_i <= n: row i appends only its
         first c_i tokens (a ragged verify); its other columns are padding, appended nowhere, and
@@ -70,6 +83,19 @@ class CausalLM(ABC):
     @abstractmethod
     def release(self) -> None:
         """Free the whole batch's cache (a no-op before `prefill`)."""
+
+    def _hidden_layers(self, return_hidden) -> tuple[int, ...] | None:
+        """The layer indices return_hidden asks for (True: the final states, index num_layers), or None."""
+        if return_hidden is False or return_hidden is None:
+            return None
+        layers = (self.num_layers,) if return_hidden is True else tuple(return_hidden)
+        if not layers or any(isinstance(j, bool) or not isinstance(j, int) or not 0 <= j <= self.num_layers
+                             for j in layers):  # fmt: skip
+            raise ValueError(
+                f"return_hidden must be a bool or a non-empty tuple of hidden-state indices in [0, {self.num_layers}], "
+                f"got {return_hidden!r}"
+            )
+        return layers
 
     def _check_rollback(self, lengths: list[int]) -> None:
         if len(lengths) != len(self.lengths) or any(not 0 <= n <= m for n, m in zip(lengths, self.lengths)):
@@ -96,6 +122,40 @@ def as_causal_lm(model) -> CausalLM:
         f"model must be an mla.MLAForCausalLM, a transformers PreTrainedModel or a CausalLM adapter, "
         f"got {type(model).__name__}"
     )
+
+
+@contextmanager
+def capture_hidden(model, layers: tuple[int, ...] | None):
+    """Hidden states of an `mla.MLAForCausalLM` by index (module docstring), on any of its paths
+    (through a cache or the cache-free training forward).
+
+    Within the block, `select(final)` returns the asked-for states of the model's last call,
+    concatenated along the last dimension ([b, n, len(layers) * H]), given `final`, the final
+    states that call returned (`return_hidden=True`: index num_hidden_layers); None when
+    layers is None. The other indices are read by forward hooks on the embedding and the
+    decoder layers, removed on exit.
+    """
+    captured, hooks = {}, []
+    last = model.config.num_hidden_layers
+
+    def keep(index):
+        return lambda module, args, out: captured.__setitem__(index, out)
+
+    for j in set(layers or ()) - {last}:
+        module = model.model.embed_tokens if j == 0 else model.model.layers[j - 1]
+        hooks.append(module.register_forward_hook(keep(j)))
+
+    def select(final):
+        if layers is None:
+            return None
+        captured[last] = final
+        return torch.cat([captured[j] for j in layers], dim=-1)
+
+    try:
+        yield select
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _groups_by_length(prompts: list[torch.Tensor]) -> dict[int, list[int]]:
@@ -126,7 +186,7 @@ class MLACausalLM(CausalLM):
         if cache_backend not in (None, "triton", "reference"):
             raise ValueError(f"cache_backend must be 'triton', 'reference' or None, got {cache_backend!r}")
         self.model, self.page_size, self.cache_backend, self.cache_dtype = model, page_size, cache_backend, cache_dtype
-        self.vocab_size = model.config.vocab_size
+        self.vocab_size, self.num_layers = model.config.vocab_size, model.config.num_hidden_layers
         self.device = model.lm_head.weight.device
         self.cache, self.seq_ids = None, []
 
@@ -136,6 +196,7 @@ class MLACausalLM(CausalLM):
 
     @torch.no_grad()
     def prefill(self, prompts, extra_tokens, return_hidden=False):
+        layers = self._hidden_layers(return_hidden)
         pages = sum(-(-(len(p) + extra_tokens) // self.page_size) for p in prompts)
         self.cache = self.model.new_cache(pages, self.page_size, dtype=self.cache_dtype)
         if self.cache_backend is not None:
@@ -143,20 +204,26 @@ class MLACausalLM(CausalLM):
         self.seq_ids = [self.cache.add_sequence() for _ in prompts]
         weight = self.model.lm_head.weight
         logits = torch.zeros(len(prompts), self.vocab_size, dtype=weight.dtype, device=self.device)
-        hidden = [weight.new_zeros(0, weight.shape[1]) for _ in prompts]
-        for length, rows in _groups_by_length(prompts).items():
-            if length == 0:
-                continue
-            h = self.model.model(torch.stack([prompts[r] for r in rows]), self.cache, [self.seq_ids[r] for r in rows])
-            logits[rows] = self.model.lm_head(h[:, -1])
-            for i, r in enumerate(rows):
-                hidden[r] = h[i]
-        return logits, hidden if return_hidden else None
+        width = weight.shape[1] * len(layers or ())
+        hidden = [weight.new_zeros(0, width) for _ in prompts]
+        with capture_hidden(self.model, layers) as select:
+            for length, rows in _groups_by_length(prompts).items():
+                if length == 0:
+                    continue
+                ids = [self.seq_ids[r] for r in rows]
+                h = self.model.model(torch.stack([prompts[r] for r in rows]), self.cache, ids)
+                logits[rows] = self.model.lm_head(h[:, -1])
+                if layers is not None:
+                    for r, states in zip(rows, select(h)):
+                        hidden[r] = states
+        return logits, hidden if layers is not None else None
 
     @torch.no_grad()
     def forward(self, tokens, return_hidden=False, num_new_tokens=None):
-        out = self.model(tokens, self.cache, self.seq_ids, return_hidden=return_hidden, num_new_tokens=num_new_tokens)
-        return out if return_hidden else (out, None)
+        layers = self._hidden_layers(return_hidden)
+        with capture_hidden(self.model, layers) as select:
+            logits, final = self.model(tokens, self.cache, self.seq_ids, return_hidden=True, num_new_tokens=num_new_tokens)
+            return logits, select(final)
 
     def rollback(self, lengths):
         self._check_rollback(lengths)
@@ -192,6 +259,7 @@ class HFCausalLM(CausalLM):
     def __init__(self, model):
         self.model = model
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.num_layers = model.config.get_text_config().num_hidden_layers
         self.device = next(model.parameters()).device
         self.cache, self.lengths, self.trailing = None, [], []
 
@@ -208,20 +276,29 @@ class HFCausalLM(CausalLM):
             )
         return cache
 
+    @staticmethod
+    def _select(out, layers: tuple[int, ...] | None) -> torch.Tensor | None:
+        """The asked-for entries of a forward's output_hidden_states, concatenated: [b, n, F], or None."""
+        return None if layers is None else torch.cat([out.hidden_states[j] for j in layers], dim=-1)
+
     @torch.no_grad()
     def prefill(self, prompts, extra_tokens, return_hidden=False):
-        if return_hidden:
-            raise ValueError("HFCausalLM does not return hidden states; the MTP drafter needs an mla.MLAForCausalLM")
+        layers = self._hidden_layers(return_hidden)
         b, width = len(prompts), max(len(p) for p in prompts)
         weight = self.model.get_output_embeddings().weight
         logits = torch.zeros(b, self.vocab_size, dtype=weight.dtype, device=self.device)
+        hidden = [weight.new_zeros(0, weight.shape[1] * len(layers or ())) for _ in prompts]
         per_layer = None  # per layer: (keys [b, h, width, d], values [b, h, width, dv])
         for length, rows in _groups_by_length(prompts).items():
             if length == 0:
                 continue
             cache = self._new_cache()
-            out = self.model(input_ids=torch.stack([prompts[r] for r in rows]), cache=cache, use_cache=True)
+            out = self.model(input_ids=torch.stack([prompts[r] for r in rows]), cache=cache, use_cache=True,
+                             output_hidden_states=layers is not None)  # fmt: skip
             logits[rows] = out.logits[:, -1].to(logits.dtype)
+            if layers is not None:
+                for r, states in zip(rows, self._select(out, layers)):
+                    hidden[r] = states
             if per_layer is None:
                 per_layer = [
                     tuple(t.new_zeros(b, t.shape[1], width, t.shape[3]) for t in (layer.keys, layer.values))
@@ -237,7 +314,7 @@ class HFCausalLM(CausalLM):
         self.lengths = [len(p) for p in prompts]
         self.trailing = [0] * b
         self._set_mask(width)
-        return logits, None
+        return logits, hidden if layers is not None else None
 
     def _set_mask(self, width: int) -> None:
         """mask int64 [b, width]: 1 on each row's right-aligned valid slots."""
@@ -247,8 +324,7 @@ class HFCausalLM(CausalLM):
 
     @torch.no_grad()
     def forward(self, tokens, return_hidden=False, num_new_tokens=None):
-        if return_hidden:
-            raise ValueError("HFCausalLM does not return hidden states")
+        layers = self._hidden_layers(return_hidden)
         if any(self.trailing):
             self.rollback(self.lengths)  # right-align the rows after a ragged step before appending
         b, n = tokens.shape
@@ -258,12 +334,13 @@ class HFCausalLM(CausalLM):
         self.mask = torch.cat([self.mask, new.long()], dim=1)
         positions = self.positions[:, None] + torch.arange(n, device=self.device)
         out = self.model(
-            input_ids=tokens, attention_mask=self.mask, position_ids=positions, cache=self.cache, use_cache=True
-        )
+            input_ids=tokens, attention_mask=self.mask, position_ids=positions, cache=self.cache, use_cache=True,
+            output_hidden_states=layers is not None,
+        )  # fmt: skip
         self.positions = self.positions + torch.tensor(counts, device=self.device)
         self.lengths = [length + c for length, c in zip(self.lengths, counts)]
         self.trailing = [n - c for c in counts]
-        return out.logits, None
+        return out.logits, self._select(out, layers)
 
     def rollback(self, lengths):
         self._check_rollback(lengths)

@@ -23,6 +23,7 @@ from mla.config import MLAConfig
 from mla.model import DecoderLayer, MLAForCausalLM
 from mla.rope import RotaryEmbedding
 
+from .adapters import MLACausalLM
 from .drafters import Drafter, _chain
 
 _UNATTACHED = "the MTP module has no embedding/LM head: attach it to a model with attach_mtp(model, mtp)"
@@ -177,7 +178,8 @@ class MTPDrafter(Drafter):
 
     @torch.no_grad()
     def start(self, target, prompts, pending, hidden, extra_tokens, temperature, top_p, generator):
-        if hidden is None:
+        if not isinstance(target, MLACausalLM) or hidden is None:
+            # the module was trained on its own model's hidden states; another model's mean nothing to it
             raise ValueError("MTPDrafter needs the target's hidden states: the target must be an mla.MLAForCausalLM")
         if self.mtp._shared is None:
             raise ValueError(_UNATTACHED)
