@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensorMode
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.backends.driver import DriverBase
@@ -79,9 +79,17 @@ NUM_SMS = 132
 DEEPSEEK_V3 = {"d": 576, "dv": 512}
 SMALL_HEAD = {"d": 80, "dv": 64}
 # One decode step: 8 sequences of 4,096 cached tokens in 64-token pages. On 132 SMs the
-# launcher splits every configuration below, so the decode kernel runs with SPLIT=True
-# and the combine kernel runs after it, as on a real small-batch step.
+# launcher splits these steps, so the decode kernel runs with SPLIT=True and the combine
+# kernel runs after it, as on a real small-batch step; a LARGE_BATCH step fills the GPU
+# unsplit (SPLIT=False: the kernel writes the output, applies the sink, in q's dtype).
 DECODE_BATCH, DECODE_SEQLEN, PAGE_SIZE = 8, 4096, 64
+LARGE_BATCH = 256
+# Sparse decode (DeepSeek-V3.2's top-k attention): each query token attends SPARSE_TOPK slots
+# of the cache; with an extra cache (DeepSeek-V4's window + compressed entries) also
+# EXTRA_TOPK slots of a second cache in the same softmax.
+SPARSE_TOPK, EXTRA_TOPK = 2048, 512
+# Sparse prefill (flash_mla_sparse_fwd): query tokens of one chunk.
+PREFILL_TOKENS = 64
 # One cache write: a decode step of 64 sequences, DeepSeek-V3 rows (512 latent + 64 rope).
 WRITE_TOKENS = 64
 
@@ -137,30 +145,79 @@ def _fake_cuda(shape, dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="cuda")
 
 
-def _decode_call(h_q: int, s_q: int, d: int, dv: int, fp8: bool) -> None:
-    """flash_mla_with_kvcache as `mla.MLAttention` calls it: a contiguous absorbed q, the
-    cache's pages, causal, the plan of get_mla_metadata."""
-    from mla.kernels import flash_mla_with_kvcache, get_mla_metadata
+def _cache_row(d: int, dv: int, fp8: bool) -> tuple[int, torch.dtype]:
+    """(elements, dtype) of one cached token's row."""
     from mla.reference.quant import fp8_bytes_per_token
 
-    b, pages_per_seq = DECODE_BATCH, DECODE_SEQLEN // PAGE_SIZE
-    # The split plan reads the lengths, so it is computed on real CPU tensors; the launcher
-    # only uses the shapes of its results.
-    with unset_fake_temporarily():
-        meta, num_splits = get_mla_metadata(
-            torch.full((b,), DECODE_SEQLEN, dtype=torch.int32), s_q * h_q, 1, num_sm=NUM_SMS
-        )
-    row = (fp8_bytes_per_token(dv, d - dv), torch.uint8) if fp8 else (d, torch.bfloat16)
+    return (fp8_bytes_per_token(dv, d - dv), torch.uint8) if fp8 else (d, torch.bfloat16)
+
+
+def _decode_call(h_q: int, s_q: int, d: int, dv: int, fp8: bool, ragged: bool = False, b: int = DECODE_BATCH) -> None:
+    """flash_mla_with_kvcache as `mla.MLAttention` calls it: a contiguous absorbed q, the
+    cache's pages, causal; the schedule planned by the launcher for NUM_SMS processors.
+    ragged: with per-row query counts (seqlens_q, as a speculative verify step; s_q is the most)."""
+    from mla.kernels import flash_mla_with_kvcache, get_mla_metadata
+
+    pages_per_seq = DECODE_SEQLEN // PAGE_SIZE
+    meta, _ = get_mla_metadata(num_sm=NUM_SMS)
+    row = _cache_row(d, dv, fp8)
     flash_mla_with_kvcache(
         _fake_cuda((b, s_q, h_q, d), torch.bfloat16),
         _fake_cuda((b * pages_per_seq, PAGE_SIZE, 1, row[0]), row[1]),
         _fake_cuda((b, pages_per_seq), torch.int32),
         _fake_cuda((b,), torch.int32),
         dv,
-        _fake_cuda(meta.shape, torch.int32),
-        _fake_cuda(num_splits.shape, torch.int32),
+        meta,
         causal=True,
         is_fp8_kvcache=fp8,
+        seqlens_q=_fake_cuda((b,), torch.int32) if ragged else None,
+    )
+
+
+def _sparse_call(h_q: int, fp8: bool, extra: bool, sink: bool) -> None:
+    """One sparse decode step (s_q = 1) over DECODE_BATCH sequences' pages, DeepSeek-V3 rows:
+    SPARSE_TOPK slots per token with per-row lengths; extra: EXTRA_TOPK slots of a second
+    cache with its own lengths; sink: an attention sink per head."""
+    from mla.kernels import flash_mla_with_kvcache, get_mla_metadata
+
+    b, num_pages = DECODE_BATCH, DECODE_BATCH * DECODE_SEQLEN // PAGE_SIZE
+    d, dv = DEEPSEEK_V3["d"], DEEPSEEK_V3["dv"]
+    row = _cache_row(d, dv, fp8)
+    meta, _ = get_mla_metadata(num_sm=NUM_SMS)
+    kw = {}
+    if extra:
+        kw = dict(extra_k_cache=_fake_cuda((num_pages, PAGE_SIZE, 1, row[0]), row[1]),
+                  extra_indices_in_kvcache=_fake_cuda((b, 1, EXTRA_TOPK), torch.int32),
+                  extra_topk_length=_fake_cuda((b,), torch.int32))  # fmt: skip
+    flash_mla_with_kvcache(
+        _fake_cuda((b, 1, h_q, d), torch.bfloat16),
+        _fake_cuda((num_pages, PAGE_SIZE, 1, row[0]), row[1]),
+        None,
+        None,
+        dv,
+        meta,
+        is_fp8_kvcache=fp8,
+        indices=_fake_cuda((b, 1, SPARSE_TOPK), torch.int32),
+        topk_length=_fake_cuda((b,), torch.int32),
+        attn_sink=_fake_cuda((h_q,), torch.float32) if sink else None,
+        **kw,
+    )
+
+
+def _prefill_call(h_q: int) -> None:
+    """flash_mla_sparse_fwd over one chunk of PREFILL_TOKENS bf16 query tokens, SPARSE_TOPK
+    rows of a DECODE_SEQLEN-token KV array each, with an attention sink."""
+    from mla.kernels import flash_mla_sparse_fwd
+
+    d, dv = DEEPSEEK_V3["d"], DEEPSEEK_V3["dv"]
+    flash_mla_sparse_fwd(
+        _fake_cuda((PREFILL_TOKENS, h_q, d), torch.bfloat16),
+        _fake_cuda((DECODE_SEQLEN, 1, d), torch.bfloat16),
+        _fake_cuda((PREFILL_TOKENS, 1, SPARSE_TOPK), torch.int32),
+        d**-0.5,
+        dv,
+        attn_sink=_fake_cuda((h_q,), torch.float32),
+        topk_length=_fake_cuda((PREFILL_TOKENS,), torch.int32),
     )
 
 
@@ -182,18 +239,32 @@ def _write_call(fp8: bool) -> None:
 
 def _configs() -> dict[str, Config]:
     configs = {}
+
+    def add(name: str, kernel: str, call: Callable[[], None]) -> None:
+        configs[name] = Config(name, kernel, call)
+
     for fp8 in (False, True):
         for h_q in (16, 64, 128):
             for s_q in (1, 2, 4):
                 name = f"v3-{'fp8' if fp8 else 'bf16'}-h{h_q}-sq{s_q}"
-                call = functools.partial(_decode_call, h_q, s_q, fp8=fp8, **DEEPSEEK_V3)
-                configs[name] = Config(name, "_mla_decode_kernel", call)
-    small = functools.partial(_decode_call, 16, 1, fp8=False, **SMALL_HEAD)
-    configs["small-bf16-h16-sq1"] = Config("small-bf16-h16-sq1", "_mla_decode_kernel", small)
-    combine = functools.partial(_decode_call, 128, 1, fp8=False, **DEEPSEEK_V3)
-    configs["combine-v3-h128-sq1"] = Config("combine-v3-h128-sq1", "_mla_combine_kernel", combine)
-    configs["write-bf16"] = Config("write-bf16", "_write_latent_kernel", functools.partial(_write_call, False))
-    configs["write-fp8"] = Config("write-fp8", "_write_latent_fp8_kernel", functools.partial(_write_call, True))
+                add(name, "_mla_decode_kernel", functools.partial(_decode_call, h_q, s_q, fp8=fp8, **DEEPSEEK_V3))
+    add("small-bf16-h16-sq1", "_mla_decode_kernel", functools.partial(_decode_call, 16, 1, fp8=False, **SMALL_HEAD))
+    for fp8 in (False, True):
+        name = f"v3-{'fp8' if fp8 else 'bf16'}-h128-sq1-b{LARGE_BATCH}"
+        add(name, "_mla_decode_kernel", functools.partial(_decode_call, 128, 1, fp8=fp8, b=LARGE_BATCH, **DEEPSEEK_V3))
+    add("ragged-bf16-h128-sq4", "_mla_decode_kernel",
+        functools.partial(_decode_call, 128, 4, fp8=False, ragged=True, **DEEPSEEK_V3))  # fmt: skip
+    add("ragged-fp8-h64-sq4", "_mla_decode_kernel",
+        functools.partial(_decode_call, 64, 4, fp8=True, ragged=True, **DEEPSEEK_V3))  # fmt: skip
+    add("sparse-fp8-h128-topk2048", "_mla_decode_kernel", functools.partial(_sparse_call, 128, True, False, False))
+    add("sparse-bf16-h64-topk2048", "_mla_decode_kernel", functools.partial(_sparse_call, 64, False, False, False))
+    add("sparse-fp8-h64-extra-sink", "_mla_decode_kernel", functools.partial(_sparse_call, 64, True, True, True))
+    add("sparse-bf16-h128-extra-sink", "_mla_decode_kernel", functools.partial(_sparse_call, 128, False, True, True))
+    add("prefill-sparse-bf16-h128", "_mla_decode_kernel", functools.partial(_prefill_call, 128))
+    add("combine-v3-h128-sq1", "_mla_combine_kernel", functools.partial(_decode_call, 128, 1, fp8=False, **DEEPSEEK_V3))
+    add("combine-sparse-sink-h64", "_mla_combine_kernel", functools.partial(_sparse_call, 64, True, True, True))
+    add("write-bf16", "_write_latent_kernel", functools.partial(_write_call, False))
+    add("write-fp8", "_write_latent_fp8_kernel", functools.partial(_write_call, True))
     return configs
 
 
@@ -469,18 +540,21 @@ def compiled_rows(configs=None, archs=ARCHS) -> list[dict]:
     rows = []
     for name in names:
         config = CONFIGS[name]
-        try:
-            launches = [launch for launch in capture_launches(config.call) if launch.kernel.fn.__name__ == config.kernel]
-        except Exception as error:  # noqa: BLE001 - a launcher that cannot be captured is a row, not a crash
-            rows += [_row(config.kernel, name, arch, error=_error_message(error)) for arch in archs]
-            continue
-        if not launches:
-            rows += [_row(config.kernel, name, arch, error="the launcher did not launch this kernel") for arch in archs]
         for arch in archs:
+            try:
+                # captured per arch: the launcher picks its tiles for the target it reports
+                with _target(arch):
+                    launches = [launch for launch in capture_launches(config.call)
+                                if launch.kernel.fn.__name__ == config.kernel]  # fmt: skip
+            except Exception as error:  # noqa: BLE001 - a launcher that cannot be captured is a row, not a crash
+                rows.append(_row(config.kernel, name, arch, error=_error_message(error)))
+                continue
+            if not launches:
+                rows.append(_row(config.kernel, name, arch, error="the launcher did not launch this kernel"))
             for launch in launches:
                 try:
                     rows.append(_row(config.kernel, name, arch, **analyze(compile_launch(launch, arch), arch)))
-                except Exception as error:  # noqa: BLE001 - e.g. fp8e4nv on sm_80: recorded in the row
+                except Exception as error:  # noqa: BLE001 - a compile error is recorded in the row
                     rows.append(_row(config.kernel, name, arch, error=_error_message(error)))
     return rows
 
