@@ -33,6 +33,10 @@ Per compiled kernel and arch, a row:
                   i+1 overlaps the math on tile i (software pipelining).
     ctas_per_sm   CTAs resident per SM, the least of the register, shared-memory, thread
                   and CTA limits of the arch (SM_LIMITS), 0 when the CTA cannot launch
+    bytes, flops  the roofline of a decode configuration (None for the other kernels), by
+                  bench.decode's formulas: bytes that must cross HBM once (cache rows read,
+                  q, out, lse, key lists) and 2 FLOPs per multiply-add of QK^T and PV; their
+                  ratio against a GPU's bandwidth and bf16 rate says which bound a shape hits
     error         None, or why the configuration did not compile (then the numbers are None)
 
     python -m bench.compiled [--archs 80 89 90] [--configs NAME ...] [--json PATH]
@@ -72,7 +76,7 @@ from .common import REPO, format_table
 
 ARCHS = (80, 89, 90)
 FIELDS = ("kernel", "config", "arch", "registers", "spill_bytes", "shared_bytes", "mma", "kv_stages",
-          "ctas_per_sm", "error")  # fmt: skip
+          "ctas_per_sm", "bytes", "flops", "error")  # fmt: skip
 
 # The SMs a decode step is planned for (H100 / H200 SXM), which sets the split count.
 NUM_SMS = 132
@@ -139,6 +143,19 @@ class Config:
     name: str
     kernel: str
     call: Callable[[], None]
+    work: tuple[int, int] | None = None  # (bytes, flops) of a decode configuration
+
+
+def _decode_work(b: int, s_q: int, h_q: int, keys: int, d: int, dv: int, fp8: bool, rows: int | None = None):
+    """(bytes, flops) of a decode call whose b x s_q query tokens each attend `keys` cache rows
+    (`rows` distinct rows read from HBM, default b x keys: shared by a row's tokens, dense)."""
+    from mla.formats import cache_format
+
+    from .decode import decode_bytes, decode_flops
+
+    fmt = cache_format(torch.float8_e4m3fn if fp8 else torch.bfloat16, dv, d - dv)
+    nbytes = decode_bytes(b, s_q, h_q, keys if rows is None else rows // b, fmt, torch.bfloat16.itemsize)
+    return nbytes, decode_flops(b, s_q, h_q, keys, d, dv)
 
 
 def _fake_cuda(shape, dtype) -> torch.Tensor:
@@ -240,27 +257,35 @@ def _write_call(fp8: bool) -> None:
 def _configs() -> dict[str, Config]:
     configs = {}
 
-    def add(name: str, kernel: str, call: Callable[[], None]) -> None:
-        configs[name] = Config(name, kernel, call)
+    def add(name: str, kernel: str, call: Callable[[], None], work: tuple[int, int] | None = None) -> None:
+        configs[name] = Config(name, kernel, call, work)
+
+    def dense(h_q, s_q, fp8, b=DECODE_BATCH, ragged=False, shape=DEEPSEEK_V3):
+        """A dense decode configuration, its call and its roofline (ragged: at most s_q queries)."""
+        call = functools.partial(_decode_call, h_q, s_q, fp8=fp8, ragged=ragged, b=b, **shape)
+        return "_mla_decode_kernel", call, _decode_work(b, s_q, h_q, DECODE_SEQLEN, fp8=fp8, **shape)
+
+    def sparse(h_q, fp8, extra, sink):
+        keys = SPARSE_TOPK + (EXTRA_TOPK if extra else 0)
+        work = _decode_work(DECODE_BATCH, 1, h_q, keys, fp8=fp8, **DEEPSEEK_V3)
+        return "_mla_decode_kernel", functools.partial(_sparse_call, h_q, fp8, extra, sink), work
 
     for fp8 in (False, True):
         for h_q in (16, 64, 128):
             for s_q in (1, 2, 4):
-                name = f"v3-{'fp8' if fp8 else 'bf16'}-h{h_q}-sq{s_q}"
-                add(name, "_mla_decode_kernel", functools.partial(_decode_call, h_q, s_q, fp8=fp8, **DEEPSEEK_V3))
-    add("small-bf16-h16-sq1", "_mla_decode_kernel", functools.partial(_decode_call, 16, 1, fp8=False, **SMALL_HEAD))
+                add(f"v3-{'fp8' if fp8 else 'bf16'}-h{h_q}-sq{s_q}", *dense(h_q, s_q, fp8))
+    add("small-bf16-h16-sq1", *dense(16, 1, False, shape=SMALL_HEAD))
     for fp8 in (False, True):
-        name = f"v3-{'fp8' if fp8 else 'bf16'}-h128-sq1-b{LARGE_BATCH}"
-        add(name, "_mla_decode_kernel", functools.partial(_decode_call, 128, 1, fp8=fp8, b=LARGE_BATCH, **DEEPSEEK_V3))
-    add("ragged-bf16-h128-sq4", "_mla_decode_kernel",
-        functools.partial(_decode_call, 128, 4, fp8=False, ragged=True, **DEEPSEEK_V3))  # fmt: skip
-    add("ragged-fp8-h64-sq4", "_mla_decode_kernel",
-        functools.partial(_decode_call, 64, 4, fp8=True, ragged=True, **DEEPSEEK_V3))  # fmt: skip
-    add("sparse-fp8-h128-topk2048", "_mla_decode_kernel", functools.partial(_sparse_call, 128, True, False, False))
-    add("sparse-bf16-h64-topk2048", "_mla_decode_kernel", functools.partial(_sparse_call, 64, False, False, False))
-    add("sparse-fp8-h64-extra-sink", "_mla_decode_kernel", functools.partial(_sparse_call, 64, True, True, True))
-    add("sparse-bf16-h128-extra-sink", "_mla_decode_kernel", functools.partial(_sparse_call, 128, False, True, True))
-    add("prefill-sparse-bf16-h128", "_mla_decode_kernel", functools.partial(_prefill_call, 128))
+        add(f"v3-{'fp8' if fp8 else 'bf16'}-h128-sq1-b{LARGE_BATCH}", *dense(128, 1, fp8, b=LARGE_BATCH))
+    add("ragged-bf16-h128-sq4", *dense(128, 4, False, ragged=True))
+    add("ragged-fp8-h64-sq4", *dense(64, 4, True, ragged=True))
+    add("sparse-fp8-h128-topk2048", *sparse(128, True, False, False))
+    add("sparse-bf16-h64-topk2048", *sparse(64, False, False, False))
+    add("sparse-fp8-h64-extra-sink", *sparse(64, True, True, True))
+    add("sparse-bf16-h128-extra-sink", *sparse(128, False, True, True))
+    # the chunk's tokens share one KV array: each of its rows crosses HBM once
+    add("prefill-sparse-bf16-h128", "_mla_decode_kernel", functools.partial(_prefill_call, 128),
+        _decode_work(1, PREFILL_TOKENS, 128, SPARSE_TOPK, fp8=False, rows=DECODE_SEQLEN, **DEEPSEEK_V3))  # fmt: skip
     add("combine-v3-h128-sq1", "_mla_combine_kernel", functools.partial(_decode_call, 128, 1, fp8=False, **DEEPSEEK_V3))
     add("combine-sparse-sink-h64", "_mla_combine_kernel", functools.partial(_sparse_call, 64, True, True, True))
     add("write-bf16", "_write_latent_kernel", functools.partial(_write_call, False))
@@ -515,9 +540,10 @@ def _error_message(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[-1] if lines else ''}"
 
 
-def _row(kernel: str, config: str, arch: int, **fields) -> dict:
+def _row(config: Config, arch: int, **fields) -> dict:
     row = dict.fromkeys(FIELDS)
-    row.update(kernel=kernel, config=config, arch=arch, **fields)
+    nbytes, flops = config.work or (None, None)
+    row.update(kernel=config.kernel, config=config.name, arch=arch, bytes=nbytes, flops=flops, **fields)
     return row
 
 
@@ -547,15 +573,15 @@ def compiled_rows(configs=None, archs=ARCHS) -> list[dict]:
                     launches = [launch for launch in capture_launches(config.call)
                                 if launch.kernel.fn.__name__ == config.kernel]  # fmt: skip
             except Exception as error:  # noqa: BLE001 - a launcher that cannot be captured is a row, not a crash
-                rows.append(_row(config.kernel, name, arch, error=_error_message(error)))
+                rows.append(_row(config, arch, error=_error_message(error)))
                 continue
             if not launches:
-                rows.append(_row(config.kernel, name, arch, error="the launcher did not launch this kernel"))
+                rows.append(_row(config, arch, error="the launcher did not launch this kernel"))
             for launch in launches:
                 try:
-                    rows.append(_row(config.kernel, name, arch, **analyze(compile_launch(launch, arch), arch)))
+                    rows.append(_row(config, arch, **analyze(compile_launch(launch, arch), arch)))
                 except Exception as error:  # noqa: BLE001 - a compile error is recorded in the row
-                    rows.append(_row(config.kernel, name, arch, error=_error_message(error)))
+                    rows.append(_row(config, arch, error=_error_message(error)))
     return rows
 
 
@@ -591,9 +617,16 @@ def format_compiled_table(rows: list[dict]) -> str:
     columns = [
         ("kernel", "kernel", ""), ("config", "config", ""), ("arch", "arch", "d"), ("registers", "registers", "d"),
         ("spill B", "spill_bytes", "d"), ("shared B", "shared_bytes", "d"), ("mma", "mma", ""),
-        ("kv stages", "kv_stages", "d"), ("CTAs/SM", "ctas_per_sm", "d"), ("error", "error", ".80"),
+        ("kv stages", "kv_stages", "d"), ("CTAs/SM", "ctas_per_sm", "d"), ("MB", "mbytes", ".1f"),
+        ("GFLOP", "gflop", ".2f"), ("FLOP/B", "intensity", ".0f"), ("error", "error", ".80"),
     ]  # fmt: skip
-    return format_table(columns, rows)
+
+    def roofline(row):
+        if row["bytes"] is None:
+            return {}
+        return {"mbytes": row["bytes"] / 1e6, "gflop": row["flops"] / 1e9, "intensity": row["flops"] / row["bytes"]}
+
+    return format_table(columns, [{**row, **roofline(row)} for row in rows])
 
 
 def main(argv=None) -> list[dict]:

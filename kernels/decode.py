@@ -130,9 +130,18 @@ def _row_offsets(i_page, i_off, m_key, stride_kn, stride_kp, o_head):
 
 
 @triton.jit
-def _table_rows(p_table, o_n, m_n, stride_tn, num_blocks, page_size, stride_kn, stride_kp, o_head):
-    """Rows of cache positions o_n [BLOCK_N] of one sequence, through its block table row:
-    (offsets, mask of keys to read). Page ids outside the cache are skipped, never read."""
+def _table_rows(p_table, n0, o_n, m_n, m_page, stride_tn, num_blocks, page_size, stride_kn, stride_kp, o_head,
+                PAGE_BLOCKS: tl.constexpr):  # fmt: skip
+    """Rows of cache positions o_n = n0 + [0, BLOCK_N) of one sequence, through its block table
+    row: (offsets, mask of keys to read). Page ids outside the cache are skipped, never read.
+    PAGE_BLOCKS: the block lies in one page (page_size a multiple of BLOCK_N, n0 of BLOCK_N),
+    so its page id is one scalar load (m_page: the block holds keys), not one per key."""
+    if PAGE_BLOCKS:
+        i_blk = tl.load(p_table + (n0 // page_size) * stride_tn, mask=m_page, other=-1)
+        m_key = m_n & (i_blk >= 0) & (i_blk < num_blocks)
+        i_blk = tl.where((i_blk >= 0) & (i_blk < num_blocks), i_blk, 0)
+        o_off = (n0 % page_size + tl.arange(0, o_n.shape[0])).to(tl.int64)
+        return i_blk.to(tl.int64) * stride_kn + o_off * stride_kp + o_head, m_key
     i_blk = tl.load(p_table + (o_n // page_size) * stride_tn, mask=m_n, other=-1)
     m_key = m_n & (i_blk >= 0) & (i_blk < num_blocks)
     return _row_offsets(i_blk, o_n % page_size, m_key, stride_kn, stride_kp, o_head), m_key
@@ -151,22 +160,24 @@ def _list_rows(p_list, o_n, m_n, stride_ln, num_slots, page_size, stride_kn, str
 
 @triton.jit
 def _block_rows(
-    n0, n_stop, n_main,
+    n0, n_start, n_stop, n_main,
     k_ptr, p_keys, stride_key, num_keys, page_size, stride_kn, stride_kp, o_kh, stride_kd,
     x_ptr, p_x, stride_xkey, x_num_slots, x_page_size, stride_xn, stride_xp, o_xh, stride_xd,
-    SPARSE: tl.constexpr, HAS_EXTRA: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPARSE: tl.constexpr, HAS_EXTRA: tl.constexpr, PAGE_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """The rows of key-list entries [n0, n0 + BLOCK_N) below n_stop: (pointers [BLOCK_N],
+    """The rows of key-list entries [n0, n0 + BLOCK_N) in [n_start, n_stop): (pointers [BLOCK_N],
     mask of keys to read, channel strides). Entries below n_main are the main list's (k_cache
     through a slot list if SPARSE, else the block table), the rest the extra slot list's
     (x_ptr's cache), so one loop walks both and one software pipeline streams them."""
     o_n = n0 + tl.arange(0, BLOCK_N)
-    m_n = o_n < n_stop
+    m_n = (o_n >= n_start) & (o_n < n_stop)
     m_main = m_n & (o_n < n_main)
     if SPARSE:
         o_row, m_key = _list_rows(p_keys, o_n, m_main, stride_key, num_keys, page_size, stride_kn, stride_kp, o_kh)
     else:
-        o_row, m_key = _table_rows(p_keys, o_n, m_main, stride_key, num_keys, page_size, stride_kn, stride_kp, o_kh)
+        m_page = (n0 < n_stop) & (n0 < n_main)
+        o_row, m_key = _table_rows(p_keys, n0, o_n, m_main, m_page, stride_key, num_keys, page_size, stride_kn,
+                                   stride_kp, o_kh, PAGE_BLOCKS)  # fmt: skip
     p_row = k_ptr + o_row
     stride_d = stride_kd
     if HAS_EXTRA:
@@ -296,6 +307,7 @@ def _sink_scale(sink_ptr, i_head, b_lse, seen, m_row):
         "RAGGED": lambda a: a["seqlens_q_ptr"] is not None,
         "HAS_SINK": lambda a: a["sink_ptr"] is not None,
         "WRITE_MAX": lambda a: a["max_ptr"] is not None,
+        "PAGE_BLOCKS": lambda a: a["indices_ptr"] is None and a["page_size"] % a["BLOCK_N"] == 0,
     }
 )
 @triton.jit
@@ -343,6 +355,7 @@ def _mla_decode_kernel(
     RAGGED: tl.constexpr,
     HAS_SINK: tl.constexpr,
     WRITE_MAX: tl.constexpr,
+    PAGE_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -368,8 +381,9 @@ def _mla_decode_kernel(
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < n_rows
-    i_tok = (i_t0 + o_m // group).to(tl.int64)
-    i_head = (i_g * group + o_m % group).to(tl.int64)
+    # int32 while they live through the loop, widened where they become offsets
+    i_tok = (i_t0 + o_m // group).to(tl.int32)
+    i_head = (i_g * group + o_m % group).to(tl.int32)
     # q and out rows as the tile's first row (int64 scalars) plus int32 offsets from it: the
     # [BLOCK_M] offsets are computed before the loop and live through it, in half the registers
     i_tok0 = i_t0 + (i_m * BLOCK_M) // group
@@ -439,17 +453,20 @@ def _mla_decode_kernel(
     o_xh = i_g * stride_xh
     # The rows of block i + 1 are gathered (block table or slot lists) while block i is
     # computed: the cache loads then depend on no load of their own iteration, so Triton's
-    # pipeliner can issue them num_stages - 1 blocks ahead of the math.
+    # pipeliner can issue them num_stages - 1 blocks ahead of the math. Blocks start at
+    # multiples of BLOCK_N (the first one masked below n_start), so with PAGE_BLOCKS each
+    # block lies in one page whatever the split bounds.
+    n_first = n_start - n_start % BLOCK_N
     p_row, m_key, stride_d = _block_rows(
-        n_start, n_stop, n_main, k_ptr, p_keys, stride_key, num_keys, page_size, stride_kn, stride_kp, o_kh, stride_kd,
-        x_ptr, p_x, stride_jn, x_num_slots, x_page_size, stride_xn, stride_xp, o_xh, stride_xd,
-        SPARSE, HAS_EXTRA, BLOCK_N,
+        n_first, n_start, n_stop, n_main, k_ptr, p_keys, stride_key, num_keys, page_size, stride_kn, stride_kp, o_kh,
+        stride_kd, x_ptr, p_x, stride_jn, x_num_slots, x_page_size, stride_xn, stride_xp, o_xh, stride_xd,
+        SPARSE, HAS_EXTRA, PAGE_BLOCKS, BLOCK_N,
     )  # fmt: skip
-    for n0 in range(n_start, n_stop, BLOCK_N):
+    for n0 in range(n_first, n_stop, BLOCK_N):
         p_row_next, m_key_next, stride_d_next = _block_rows(
-            n0 + BLOCK_N, n_stop, n_main, k_ptr, p_keys, stride_key, num_keys, page_size, stride_kn, stride_kp, o_kh,
-            stride_kd, x_ptr, p_x, stride_jn, x_num_slots, x_page_size, stride_xn, stride_xp, o_xh, stride_xd,
-            SPARSE, HAS_EXTRA, BLOCK_N,
+            n0 + BLOCK_N, n_start, n_stop, n_main, k_ptr, p_keys, stride_key, num_keys, page_size, stride_kn,
+            stride_kp, o_kh, stride_kd, x_ptr, p_x, stride_jn, x_num_slots, x_page_size, stride_xn, stride_xp, o_xh,
+            stride_xd, SPARSE, HAS_EXTRA, PAGE_BLOCKS, BLOCK_N,
         )  # fmt: skip
         visible = m_key[None, :] & m_q[:, None]
         if not SPARSE:
@@ -468,7 +485,8 @@ def _mla_decode_kernel(
     b_o = b_acc / tl.where(seen, b_l, 1.0)[:, None]
     o_o0 = i_b * stride_ob + i_sp * stride_osp + i_tok0.to(tl.int64) * stride_os + i_head0.to(tl.int64) * stride_oh
     p_o = o_ptr + o_o0 + (r_tok * stride_os + r_head * stride_oh)  # [BLOCK_M]
-    p_lse = lse_ptr + i_b * stride_lb + i_sp * stride_lsp + i_tok * stride_ls + i_head * stride_lh
+    o_lse = i_b * stride_lb + i_tok.to(tl.int64) * stride_ls + i_head.to(tl.int64) * stride_lh  # [BLOCK_M]
+    p_lse = lse_ptr + i_sp * stride_lsp + o_lse
     if SPLIT:
         b_lse = tl.where(seen, b_m + tl.log2(tl.where(seen, b_l, 1.0)), float("-inf"))
         m_store = m_q & (n_start < n_end)
@@ -478,7 +496,7 @@ def _mla_decode_kernel(
             b_o = b_o * _sink_scale(sink_ptr, i_head, b_lse, seen, m_m)[:, None]
         m_store = m_m
         if WRITE_MAX:
-            tl.store(max_ptr + i_b * stride_lb + i_tok * stride_ls + i_head * stride_lh, b_m * LN2, mask=m_store)
+            tl.store(max_ptr + o_lse, b_m * LN2, mask=m_store)
     m_o = m_store[:, None] & m_dv[None, :]
     tl.store(p_o[:, None] + o_dv[None, :] * stride_od, b_o.to(o_ptr.dtype.element_ty), mask=m_o)
     tl.store(p_lse, b_lse, mask=m_store)
