@@ -384,12 +384,6 @@ def _mla_decode_kernel(
     # int32 while they live through the loop, widened where they become offsets
     i_tok = (i_t0 + o_m // group).to(tl.int32)
     i_head = (i_g * group + o_m % group).to(tl.int32)
-    # q and out rows as the tile's first row (int64 scalars) plus int32 offsets from it: the
-    # [BLOCK_M] offsets are computed before the loop and live through it, in half the registers
-    i_tok0 = i_t0 + (i_m * BLOCK_M) // group
-    i_head0 = i_g * group + (i_m * BLOCK_M) % group
-    r_tok = (o_m // group - (i_m * BLOCK_M) // group).to(tl.int32)
-    r_head = (o_m % group).to(tl.int32) - ((i_m * BLOCK_M) % group).to(tl.int32)
     n_q = s_q
     if RAGGED:
         n_q = tl.load(seqlens_q_ptr + i_b)
@@ -416,8 +410,7 @@ def _mla_decode_kernel(
     m_dv = o_dv < dv
     o_dr = tl.arange(0, BLOCK_DR)
     m_dr = o_dr < d_rope
-    o_q0 = i_b * stride_qb + i_tok0.to(tl.int64) * stride_qs + i_head0.to(tl.int64) * stride_qh
-    p_q = q_ptr + o_q0 + (r_tok * stride_qs + r_head * stride_qh)  # [BLOCK_M]
+    p_q = q_ptr + i_b * stride_qb + i_tok.to(tl.int64) * stride_qs + i_head.to(tl.int64) * stride_qh  # [BLOCK_M]
     b_qv = tl.load(p_q[:, None] + o_dv[None, :] * stride_qd, mask=m_q[:, None] & m_dv[None, :], other=0.0)
     if UPCAST:
         b_qv = b_qv.to(tl.float32)
@@ -483,8 +476,8 @@ def _mla_decode_kernel(
     # l != 0 (not l > 0): a NaN key that was selected must reach the output
     seen = b_l != 0
     b_o = b_acc / tl.where(seen, b_l, 1.0)[:, None]
-    o_o0 = i_b * stride_ob + i_sp * stride_osp + i_tok0.to(tl.int64) * stride_os + i_head0.to(tl.int64) * stride_oh
-    p_o = o_ptr + o_o0 + (r_tok * stride_os + r_head * stride_oh)  # [BLOCK_M]
+    o_o = i_b * stride_ob + i_sp * stride_osp + i_tok.to(tl.int64) * stride_os + i_head.to(tl.int64) * stride_oh
+    p_o = o_ptr + o_o  # [BLOCK_M]
     o_lse = i_b * stride_lb + i_tok.to(tl.int64) * stride_ls + i_head.to(tl.int64) * stride_lh  # [BLOCK_M]
     p_lse = lse_ptr + i_sp * stride_lsp + o_lse
     if SPLIT:
