@@ -10,9 +10,12 @@ latent head and reads each block of key rows once for all of them, for both QK^T
     keys, positions [0, cache_seqlens) through the block table, causal per row;
   - per-token calls (sparse indices or an extra cache): each query token has its own slot
     list, so a program holds the h_q/h_kv rows of one token.
-A program walks its key list in blocks: gather the block's slots (block table or indices),
-load the rows (`_load_latent`, `_load_rope`: plain or FP8 dequantised on load), update the
-online softmax (`_online_softmax`). The extra cache is a second walk into the same state.
+A program walks its key list in blocks: gather the block's slots (block table or indices,
+`_block_rows`, one block ahead of the math so the cache loads can be pipelined), load the rows
+(`_load_latent`, `_load_rope`: plain or FP8 dequantised on load), update the online softmax
+(`_online_softmax`). The extra cache's entries follow the main list's in the same walk.
+How a launch is cut (tiles, warps, stages) per GPU arch: `decode_tiles`, which the
+compiled-code report (`python -m bench.compiled`) checks for spills, MMA kind and pipelining.
 
 The key list is cut into splits (flash-decoding) so a small batch with a long context still
 fills the GPU: stage 1 writes a normalised partial output and its log-sum-exp per split,
@@ -22,8 +25,8 @@ host synchronisation, so a decode step can be captured in a CUDA graph; only the
 (a grid dimension) is decided on the host, from shapes.
 
 Argument checks: `mla.reference.contract`, shared with the twin `mla.reference.decode`.
-Byte layout of FP8 rows: `mla.formats.Fp8Format`, whose offsets and tile reach the kernel as
-arguments.
+Byte layout of FP8 rows: `mla.formats.Fp8Format`, whose offsets and scale count reach the
+kernel as arguments.
 """
 
 from __future__ import annotations
