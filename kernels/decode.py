@@ -368,9 +368,14 @@ def _mla_decode_kernel(
     """Stage 1. Row r of a tile is query token t0 + r // group of head g * group + r % group:
         s = (q . k) * scale over the split's part of the row's key list (main list, then the
         extra list), online softmax in base 2, o = softmax(s) @ k[:, :dv]."""
-    i_b = tl.program_id(0).to(tl.int64)
-    i_x = tl.program_id(1)
-    i_sp = tl.program_id(2).to(tl.int64)
+    # program (sequence b, tile x) is b * tiles + x: a sequence's row tiles are neighbours in
+    # launch order, so they run together and all but the first read its cache from L2
+    tiles = h_kv * m_tiles
+    if PER_TOKEN:
+        tiles *= s_q
+    i_b = (tl.program_id(0) // tiles).to(tl.int64)
+    i_x = tl.program_id(0) % tiles
+    i_sp = tl.program_id(1).to(tl.int64)
     if PER_TOKEN:
         i_t0 = i_x // (h_kv * m_tiles)
         i_gm = i_x % (h_kv * m_tiles)
@@ -790,7 +795,7 @@ def flash_mla_with_kvcache(
     table_args = (0, 0) if sparse else block_table.stride()
     index_args = (*indices.stride()[:2], 0, indices.stride(2)) if sparse else (0, 0, 0, 0)
     x_index_args = extra_indices_in_kvcache.stride() if extra else (0, 0, 0)
-    _mla_decode_kernel[(b, tiles, n_split)](
+    _mla_decode_kernel[(b * tiles, n_split)](
         q, k_arg, x_arg,
         None if sparse else block_table, None if sparse else cache_seqlens,
         indices, topk_length, extra_indices_in_kvcache, extra_topk_length,
@@ -874,7 +879,7 @@ def flash_mla_sparse_fwd(
     # each query token is a "row" of one query over a one-page cache holding all of kv
     # (made on the device: a host tensor would be a blocking copy)
     bounds = (torch.arange(2, dtype=torch.int32, device=q.device) * topk).expand(s_q, 2)  # [0, topk] per token
-    _mla_decode_kernel[(s_q, h_kv * m_tiles, 1)](
+    _mla_decode_kernel[(s_q * h_kv * m_tiles, 1)](
         q, kv, None, None, None, indices, topk_length, None, None, None,
         attn_sink, bounds, out, lse, max_logits,
         1, group, m_tiles, h_kv,
