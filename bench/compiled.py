@@ -33,6 +33,10 @@ Per compiled kernel and arch, a row:
                   i+1 overlaps the math on tile i (software pipelining).
     ctas_per_sm   CTAs resident per SM, the least of the register, shared-memory, thread
                   and CTA limits of the arch (SM_LIMITS), 0 when the CTA cannot launch
+    bytes, flops  the roofline of a decode configuration (None for the other kernels), by
+                  bench.decode's formulas: bytes that must cross HBM once (cache rows read,
+                  q, out, lse, key lists) and 2 FLOPs per multiply-add of QK^T and PV; their
+                  ratio against a GPU's bandwidth and bf16 rate says which bound a shape hits
     error         None, or why the configuration did not compile (then the numbers are None)
 
     python -m bench.compiled [--archs 80 89 90] [--configs NAME ...] [--json PATH]
@@ -59,7 +63,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensorMode
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.backends.driver import DriverBase
@@ -72,16 +76,24 @@ from .common import REPO, format_table
 
 ARCHS = (80, 89, 90)
 FIELDS = ("kernel", "config", "arch", "registers", "spill_bytes", "shared_bytes", "mma", "kv_stages",
-          "ctas_per_sm", "error")  # fmt: skip
+          "ctas_per_sm", "bytes", "flops", "error")  # fmt: skip
 
 # The SMs a decode step is planned for (H100 / H200 SXM), which sets the split count.
 NUM_SMS = 132
 DEEPSEEK_V3 = {"d": 576, "dv": 512}
 SMALL_HEAD = {"d": 80, "dv": 64}
 # One decode step: 8 sequences of 4,096 cached tokens in 64-token pages. On 132 SMs the
-# launcher splits every configuration below, so the decode kernel runs with SPLIT=True
-# and the combine kernel runs after it, as on a real small-batch step.
+# launcher splits these steps, so the decode kernel runs with SPLIT=True and the combine
+# kernel runs after it, as on a real small-batch step; a LARGE_BATCH step fills the GPU
+# unsplit (SPLIT=False: the kernel writes the output, applies the sink, in q's dtype).
 DECODE_BATCH, DECODE_SEQLEN, PAGE_SIZE = 8, 4096, 64
+LARGE_BATCH = 256
+# Sparse decode (DeepSeek-V3.2's top-k attention): each query token attends SPARSE_TOPK slots
+# of the cache; with an extra cache (DeepSeek-V4's window + compressed entries) also
+# EXTRA_TOPK slots of a second cache in the same softmax.
+SPARSE_TOPK, EXTRA_TOPK = 2048, 512
+# Sparse prefill (flash_mla_sparse_fwd): query tokens of one chunk.
+PREFILL_TOKENS = 64
 # One cache write: a decode step of 64 sequences, DeepSeek-V3 rows (512 latent + 64 rope).
 WRITE_TOKENS = 64
 
@@ -131,36 +143,98 @@ class Config:
     name: str
     kernel: str
     call: Callable[[], None]
+    work: tuple[int, int] | None = None  # (bytes, flops) of a decode configuration
+
+
+def _decode_work(b: int, s_q: int, h_q: int, keys: int, d: int, dv: int, fp8: bool, rows: int | None = None):
+    """(bytes, flops) of a decode call whose b x s_q query tokens each attend `keys` cache rows
+    (`rows` distinct rows read from HBM, default b x keys: shared by a row's tokens, dense)."""
+    from mla.formats import cache_format
+
+    from .decode import decode_bytes, decode_flops
+
+    fmt = cache_format(torch.float8_e4m3fn if fp8 else torch.bfloat16, dv, d - dv)
+    nbytes = decode_bytes(b, s_q, h_q, keys if rows is None else rows // b, fmt, torch.bfloat16.itemsize)
+    return nbytes, decode_flops(b, s_q, h_q, keys, d, dv)
 
 
 def _fake_cuda(shape, dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="cuda")
 
 
-def _decode_call(h_q: int, s_q: int, d: int, dv: int, fp8: bool) -> None:
-    """flash_mla_with_kvcache as `mla.MLAttention` calls it: a contiguous absorbed q, the
-    cache's pages, causal, the plan of get_mla_metadata."""
-    from mla.kernels import flash_mla_with_kvcache, get_mla_metadata
+def _cache_row(d: int, dv: int, fp8: bool) -> tuple[int, torch.dtype]:
+    """(elements, dtype) of one cached token's row."""
     from mla.reference.quant import fp8_bytes_per_token
 
-    b, pages_per_seq = DECODE_BATCH, DECODE_SEQLEN // PAGE_SIZE
-    # The split plan reads the lengths, so it is computed on real CPU tensors; the launcher
-    # only uses the shapes of its results.
-    with unset_fake_temporarily():
-        meta, num_splits = get_mla_metadata(
-            torch.full((b,), DECODE_SEQLEN, dtype=torch.int32), s_q * h_q, 1, num_sm=NUM_SMS
-        )
-    row = (fp8_bytes_per_token(dv, d - dv), torch.uint8) if fp8 else (d, torch.bfloat16)
+    return (fp8_bytes_per_token(dv, d - dv), torch.uint8) if fp8 else (d, torch.bfloat16)
+
+
+def _decode_call(h_q: int, s_q: int, d: int, dv: int, fp8: bool, ragged: bool = False, b: int = DECODE_BATCH) -> None:
+    """flash_mla_with_kvcache as `mla.MLAttention` calls it: a contiguous absorbed q, the
+    cache's pages, causal; the schedule planned by the launcher for NUM_SMS processors.
+    ragged: with per-row query counts (seqlens_q, as a speculative verify step; s_q is the most)."""
+    from mla.kernels import flash_mla_with_kvcache, get_mla_metadata
+
+    pages_per_seq = DECODE_SEQLEN // PAGE_SIZE
+    meta, _ = get_mla_metadata(num_sm=NUM_SMS)
+    row = _cache_row(d, dv, fp8)
     flash_mla_with_kvcache(
         _fake_cuda((b, s_q, h_q, d), torch.bfloat16),
         _fake_cuda((b * pages_per_seq, PAGE_SIZE, 1, row[0]), row[1]),
         _fake_cuda((b, pages_per_seq), torch.int32),
         _fake_cuda((b,), torch.int32),
         dv,
-        _fake_cuda(meta.shape, torch.int32),
-        _fake_cuda(num_splits.shape, torch.int32),
+        meta,
         causal=True,
         is_fp8_kvcache=fp8,
+        seqlens_q=_fake_cuda((b,), torch.int32) if ragged else None,
+    )
+
+
+def _sparse_call(h_q: int, fp8: bool, extra: bool, sink: bool) -> None:
+    """One sparse decode step (s_q = 1) over DECODE_BATCH sequences' pages, DeepSeek-V3 rows:
+    SPARSE_TOPK slots per token with per-row lengths; extra: EXTRA_TOPK slots of a second
+    cache with its own lengths; sink: an attention sink per head."""
+    from mla.kernels import flash_mla_with_kvcache, get_mla_metadata
+
+    b, num_pages = DECODE_BATCH, DECODE_BATCH * DECODE_SEQLEN // PAGE_SIZE
+    d, dv = DEEPSEEK_V3["d"], DEEPSEEK_V3["dv"]
+    row = _cache_row(d, dv, fp8)
+    meta, _ = get_mla_metadata(num_sm=NUM_SMS)
+    kw = {}
+    if extra:
+        kw = dict(extra_k_cache=_fake_cuda((num_pages, PAGE_SIZE, 1, row[0]), row[1]),
+                  extra_indices_in_kvcache=_fake_cuda((b, 1, EXTRA_TOPK), torch.int32),
+                  extra_topk_length=_fake_cuda((b,), torch.int32))  # fmt: skip
+    flash_mla_with_kvcache(
+        _fake_cuda((b, 1, h_q, d), torch.bfloat16),
+        _fake_cuda((num_pages, PAGE_SIZE, 1, row[0]), row[1]),
+        None,
+        None,
+        dv,
+        meta,
+        is_fp8_kvcache=fp8,
+        indices=_fake_cuda((b, 1, SPARSE_TOPK), torch.int32),
+        topk_length=_fake_cuda((b,), torch.int32),
+        attn_sink=_fake_cuda((h_q,), torch.float32) if sink else None,
+        **kw,
+    )
+
+
+def _prefill_call(h_q: int) -> None:
+    """flash_mla_sparse_fwd over one chunk of PREFILL_TOKENS bf16 query tokens, SPARSE_TOPK
+    rows of a DECODE_SEQLEN-token KV array each, with an attention sink."""
+    from mla.kernels import flash_mla_sparse_fwd
+
+    d, dv = DEEPSEEK_V3["d"], DEEPSEEK_V3["dv"]
+    flash_mla_sparse_fwd(
+        _fake_cuda((PREFILL_TOKENS, h_q, d), torch.bfloat16),
+        _fake_cuda((DECODE_SEQLEN, 1, d), torch.bfloat16),
+        _fake_cuda((PREFILL_TOKENS, 1, SPARSE_TOPK), torch.int32),
+        d**-0.5,
+        dv,
+        attn_sink=_fake_cuda((h_q,), torch.float32),
+        topk_length=_fake_cuda((PREFILL_TOKENS,), torch.int32),
     )
 
 
@@ -182,18 +256,40 @@ def _write_call(fp8: bool) -> None:
 
 def _configs() -> dict[str, Config]:
     configs = {}
+
+    def add(name: str, kernel: str, call: Callable[[], None], work: tuple[int, int] | None = None) -> None:
+        configs[name] = Config(name, kernel, call, work)
+
+    def dense(h_q, s_q, fp8, b=DECODE_BATCH, ragged=False, shape=DEEPSEEK_V3):
+        """A dense decode configuration, its call and its roofline (ragged: at most s_q queries)."""
+        call = functools.partial(_decode_call, h_q, s_q, fp8=fp8, ragged=ragged, b=b, **shape)
+        return "_mla_decode_kernel", call, _decode_work(b, s_q, h_q, DECODE_SEQLEN, fp8=fp8, **shape)
+
+    def sparse(h_q, fp8, extra, sink):
+        keys = SPARSE_TOPK + (EXTRA_TOPK if extra else 0)
+        work = _decode_work(DECODE_BATCH, 1, h_q, keys, fp8=fp8, **DEEPSEEK_V3)
+        return "_mla_decode_kernel", functools.partial(_sparse_call, h_q, fp8, extra, sink), work
+
     for fp8 in (False, True):
         for h_q in (16, 64, 128):
             for s_q in (1, 2, 4):
-                name = f"v3-{'fp8' if fp8 else 'bf16'}-h{h_q}-sq{s_q}"
-                call = functools.partial(_decode_call, h_q, s_q, fp8=fp8, **DEEPSEEK_V3)
-                configs[name] = Config(name, "_mla_decode_kernel", call)
-    small = functools.partial(_decode_call, 16, 1, fp8=False, **SMALL_HEAD)
-    configs["small-bf16-h16-sq1"] = Config("small-bf16-h16-sq1", "_mla_decode_kernel", small)
-    combine = functools.partial(_decode_call, 128, 1, fp8=False, **DEEPSEEK_V3)
-    configs["combine-v3-h128-sq1"] = Config("combine-v3-h128-sq1", "_mla_combine_kernel", combine)
-    configs["write-bf16"] = Config("write-bf16", "_write_latent_kernel", functools.partial(_write_call, False))
-    configs["write-fp8"] = Config("write-fp8", "_write_latent_fp8_kernel", functools.partial(_write_call, True))
+                add(f"v3-{'fp8' if fp8 else 'bf16'}-h{h_q}-sq{s_q}", *dense(h_q, s_q, fp8))
+    add("small-bf16-h16-sq1", *dense(16, 1, False, shape=SMALL_HEAD))
+    for fp8 in (False, True):
+        add(f"v3-{'fp8' if fp8 else 'bf16'}-h128-sq1-b{LARGE_BATCH}", *dense(128, 1, fp8, b=LARGE_BATCH))
+    add("ragged-bf16-h128-sq4", *dense(128, 4, False, ragged=True))
+    add("ragged-fp8-h64-sq4", *dense(64, 4, True, ragged=True))
+    add("sparse-fp8-h128-topk2048", *sparse(128, True, False, False))
+    add("sparse-bf16-h64-topk2048", *sparse(64, False, False, False))
+    add("sparse-fp8-h64-extra-sink", *sparse(64, True, True, True))
+    add("sparse-bf16-h128-extra-sink", *sparse(128, False, True, True))
+    # the chunk's tokens share one KV array: each of its rows crosses HBM once
+    add("prefill-sparse-bf16-h128", "_mla_decode_kernel", functools.partial(_prefill_call, 128),
+        _decode_work(1, PREFILL_TOKENS, 128, SPARSE_TOPK, fp8=False, rows=DECODE_SEQLEN, **DEEPSEEK_V3))  # fmt: skip
+    add("combine-v3-h128-sq1", "_mla_combine_kernel", functools.partial(_decode_call, 128, 1, fp8=False, **DEEPSEEK_V3))
+    add("combine-sparse-sink-h64", "_mla_combine_kernel", functools.partial(_sparse_call, 64, True, True, True))
+    add("write-bf16", "_write_latent_kernel", functools.partial(_write_call, False))
+    add("write-fp8", "_write_latent_fp8_kernel", functools.partial(_write_call, True))
     return configs
 
 
@@ -444,9 +540,10 @@ def _error_message(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[-1] if lines else ''}"
 
 
-def _row(kernel: str, config: str, arch: int, **fields) -> dict:
+def _row(config: Config, arch: int, **fields) -> dict:
     row = dict.fromkeys(FIELDS)
-    row.update(kernel=kernel, config=config, arch=arch, **fields)
+    nbytes, flops = config.work or (None, None)
+    row.update(kernel=config.kernel, config=config.name, arch=arch, bytes=nbytes, flops=flops, **fields)
     return row
 
 
@@ -469,19 +566,22 @@ def compiled_rows(configs=None, archs=ARCHS) -> list[dict]:
     rows = []
     for name in names:
         config = CONFIGS[name]
-        try:
-            launches = [launch for launch in capture_launches(config.call) if launch.kernel.fn.__name__ == config.kernel]
-        except Exception as error:  # noqa: BLE001 - a launcher that cannot be captured is a row, not a crash
-            rows += [_row(config.kernel, name, arch, error=_error_message(error)) for arch in archs]
-            continue
-        if not launches:
-            rows += [_row(config.kernel, name, arch, error="the launcher did not launch this kernel") for arch in archs]
         for arch in archs:
+            try:
+                # captured per arch: the launcher picks its tiles for the target it reports
+                with _target(arch):
+                    launches = [launch for launch in capture_launches(config.call)
+                                if launch.kernel.fn.__name__ == config.kernel]  # fmt: skip
+            except Exception as error:  # noqa: BLE001 - a launcher that cannot be captured is a row, not a crash
+                rows.append(_row(config, arch, error=_error_message(error)))
+                continue
+            if not launches:
+                rows.append(_row(config, arch, error="the launcher did not launch this kernel"))
             for launch in launches:
                 try:
-                    rows.append(_row(config.kernel, name, arch, **analyze(compile_launch(launch, arch), arch)))
-                except Exception as error:  # noqa: BLE001 - e.g. fp8e4nv on sm_80: recorded in the row
-                    rows.append(_row(config.kernel, name, arch, error=_error_message(error)))
+                    rows.append(_row(config, arch, **analyze(compile_launch(launch, arch), arch)))
+                except Exception as error:  # noqa: BLE001 - a compile error is recorded in the row
+                    rows.append(_row(config, arch, error=_error_message(error)))
     return rows
 
 
@@ -517,9 +617,16 @@ def format_compiled_table(rows: list[dict]) -> str:
     columns = [
         ("kernel", "kernel", ""), ("config", "config", ""), ("arch", "arch", "d"), ("registers", "registers", "d"),
         ("spill B", "spill_bytes", "d"), ("shared B", "shared_bytes", "d"), ("mma", "mma", ""),
-        ("kv stages", "kv_stages", "d"), ("CTAs/SM", "ctas_per_sm", "d"), ("error", "error", ".80"),
+        ("kv stages", "kv_stages", "d"), ("CTAs/SM", "ctas_per_sm", "d"), ("MB", "mbytes", ".1f"),
+        ("GFLOP", "gflop", ".2f"), ("FLOP/B", "intensity", ".0f"), ("error", "error", ".80"),
     ]  # fmt: skip
-    return format_table(columns, rows)
+
+    def roofline(row):
+        if row["bytes"] is None:
+            return {}
+        return {"mbytes": row["bytes"] / 1e6, "gflop": row["flops"] / 1e9, "intensity": row["flops"] / row["bytes"]}
+
+    return format_table(columns, [{**row, **roofline(row)} for row in rows])
 
 
 def main(argv=None) -> list[dict]:

@@ -10,9 +10,12 @@ latent head and reads each block of key rows once for all of them, for both QK^T
     keys, positions [0, cache_seqlens) through the block table, causal per row;
   - per-token calls (sparse indices or an extra cache): each query token has its own slot
     list, so a program holds the h_q/h_kv rows of one token.
-A program walks its key list in blocks: gather the block's slots (block table or indices),
-load the rows (`_load_latent`, `_load_rope`: plain or FP8 dequantised on load), update the
-online softmax (`_online_softmax`). The extra cache is a second walk into the same state.
+A program walks its key list in blocks: gather the block's slots (block table or indices,
+`_block_rows`, one block ahead of the math so the cache loads can be pipelined), load the rows
+(`_load_latent`, `_load_rope`: plain or FP8 dequantised on load), update the online softmax
+(`_online_softmax`). The extra cache's entries follow the main list's in the same walk.
+How a launch is cut (tiles, warps, stages) per GPU arch: `decode_tiles`, which the
+compiled-code report (`python -m bench.compiled`) checks for spills, MMA kind and pipelining.
 
 The key list is cut into splits (flash-decoding) so a small batch with a long context still
 fills the GPU: stage 1 writes a normalised partial output and its log-sum-exp per split,
@@ -22,12 +25,13 @@ host synchronisation, so a decode step can be captured in a CUDA graph; only the
 (a grid dimension) is decided on the host, from shapes.
 
 Argument checks: `mla.reference.contract`, shared with the twin `mla.reference.decode`.
-Byte layout of FP8 rows: `mla.formats.Fp8Format`, whose offsets and tile reach the kernel as
-arguments.
+Byte layout of FP8 rows: `mla.formats.Fp8Format`, whose offsets and scale count reach the
+kernel as arguments.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -54,13 +58,59 @@ MAX_SPLITS = 64
 
 LN2 = tl.constexpr(math.log(2.0))
 RCP_LN2 = tl.constexpr(1.0 / math.log(2.0))
+# An e4m3 code's bits placed as fp16 bits read as its value times 2^-8 (exponent biases 7, 15).
+E4M3_AS_FP16_SCALE = tl.constexpr(256.0)
 
 
-def _block_m(rows: int) -> int:
-    # tl.dot needs at least 16 rows. The interpreter is fastest with few, large tiles; on
-    # the GPU a 32 x 512 fp32 accumulator is what 4 warps hold without spilling.
-    cap = 64 if interpreting() else 32
-    return min(cap, max(16, triton.next_power_of_2(rows)))
+@dataclasses.dataclass(frozen=True)
+class DecodeTiles:
+    """How a decode launch is cut: query rows per program (block_m), keys per loop step
+    (block_n), warps, software-pipeline stages (cache blocks in flight: num_stages - 1), and
+    whether FP8 codes are decoded with integer ops (soft_e4m3) or fp8 conversions."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    soft_e4m3: bool
+
+
+# Tensor-core row tiles: mma.sync needs 16 rows; a Hopper warp-group MMA (wgmma) needs 64 per
+# warp group, so on sm_90 a latent head's rows are padded to 64, as FlashMLA does.
+MMA_ROWS = 16
+WGMMA_ROWS = 64
+
+
+def decode_tiles(rows: int, is_fp8: bool, arch: int | None) -> DecodeTiles:
+    """The tiles of a launch with `rows` query rows per latent head, for sm_<arch> (None: the
+    interpreter), as the compiled-code report (`python -m bench.compiled`) checks them: no
+    register spills with DeepSeek's 512-channel latent, two or more cache blocks in flight,
+    and a CTA that fits the arch's shared memory.
+
+    GPU: 8 warps hold a [32, 512] fp32 accumulator in 64 registers per thread (4 warps need
+    128 and spill) and a [64, 512] one in 128; 3 stages keep two cache blocks in flight.
+    Blocks of 32 keys on sm_80 (164 KB of shared memory per SM), 16 where memory is tighter:
+    sm_86 / sm_89 (100 KB), FP8 (its decoded tile is staged in shared memory too) and the
+    64-row Hopper tiles (whose registers are full)."""
+    if arch is None:
+        # the interpreter is fastest with few, large tiles
+        return DecodeTiles(min(64, max(MMA_ROWS, triton.next_power_of_2(rows))), 64, 4, 1, False)
+    if arch >= 90:
+        return DecodeTiles(WGMMA_ROWS, 16, 8, 3, False)
+    block_m = min(32, max(MMA_ROWS, triton.next_power_of_2(rows)))
+    tight = arch != 80 or is_fp8
+    # sm_80 has no fp8 conversion instructions: its codes are decoded with integer ops
+    return DecodeTiles(block_m, 16 if tight else 32, 8, 3, soft_e4m3=arch < 89)
+
+
+def _target_arch() -> int | None:
+    """The compute capability kernels are compiled for (80, 89, 90, ...), None under the
+    interpreter. Asked of Triton's active driver: the current CUDA device's on a GPU, the
+    stub target's in `bench.compiled` (which compiles without a GPU)."""
+    if interpreting():
+        return None
+    target = triton.runtime.driver.active.get_current_target()
+    return target.arch if target.backend == "cuda" else None
 
 
 def _block_d(channels: int) -> int:
@@ -83,9 +133,18 @@ def _row_offsets(i_page, i_off, m_key, stride_kn, stride_kp, o_head):
 
 
 @triton.jit
-def _table_rows(p_table, o_n, m_n, stride_tn, num_blocks, page_size, stride_kn, stride_kp, o_head):
-    """Rows of cache positions o_n [BLOCK_N] of one sequence, through its block table row:
-    (offsets, mask of keys to read). Page ids outside the cache are skipped, never read."""
+def _table_rows(p_table, n0, o_n, m_n, m_page, stride_tn, num_blocks, page_size, stride_kn, stride_kp, o_head,
+                PAGE_BLOCKS: tl.constexpr):  # fmt: skip
+    """Rows of cache positions o_n = n0 + [0, BLOCK_N) of one sequence, through its block table
+    row: (offsets, mask of keys to read). Page ids outside the cache are skipped, never read.
+    PAGE_BLOCKS: the block lies in one page (page_size a multiple of BLOCK_N, n0 of BLOCK_N),
+    so its page id is one scalar load (m_page: the block holds keys), not one per key."""
+    if PAGE_BLOCKS:
+        i_blk = tl.load(p_table + (n0 // page_size) * stride_tn, mask=m_page, other=-1)
+        m_key = m_n & (i_blk >= 0) & (i_blk < num_blocks)
+        i_blk = tl.where((i_blk >= 0) & (i_blk < num_blocks), i_blk, 0)
+        o_off = (n0 % page_size + tl.arange(0, o_n.shape[0])).to(tl.int64)
+        return i_blk.to(tl.int64) * stride_kn + o_off * stride_kp + o_head, m_key
     i_blk = tl.load(p_table + (o_n // page_size) * stride_tn, mask=m_n, other=-1)
     m_key = m_n & (i_blk >= 0) & (i_blk < num_blocks)
     return _row_offsets(i_blk, o_n % page_size, m_key, stride_kn, stride_kp, o_head), m_key
@@ -103,29 +162,100 @@ def _list_rows(p_list, o_n, m_n, stride_ln, num_slots, page_size, stride_kn, str
 
 
 @triton.jit
-def _load_latent(k_ptr, k_scale_ptr, o_row, m_key, o_dv, m_dv, stride_kd, scale_offset, fp8_tile, IS_FP8: tl.constexpr):
-    """The first dv channels (the latent, also V) of the rows at o_row: [BLOCK_N, BLOCK_DV].
-    FP8: code * tile scale in float32; code times a power of two is exact in bf16 too."""
-    m = m_key[:, None] & m_dv[None, :]
-    if IS_FP8:
-        b_code = tl.load(k_ptr + o_row[:, None] + o_dv[None, :], mask=m, other=0.0)
-        # the scale of channel c is float32 number c // tile at byte scale_offset of the row
-        p_sc = k_scale_ptr + (o_row[:, None] + scale_offset + 4 * (o_dv // fp8_tile)[None, :]) // 4
-        b_kv = b_code.to(tl.float32) * tl.load(p_sc, mask=m, other=0.0)
+def _block_rows(
+    n0, n_start, n_stop, n_main,
+    k_ptr, p_keys, stride_key, num_keys, page_size, stride_kn, stride_kp, o_kh, stride_kd,
+    x_ptr, p_x, stride_xkey, x_num_slots, x_page_size, stride_xn, stride_xp, o_xh, stride_xd,
+    SPARSE: tl.constexpr, HAS_EXTRA: tl.constexpr, PAGE_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The rows of key-list entries [n0, n0 + BLOCK_N) in [n_start, n_stop): (pointers [BLOCK_N],
+    mask of keys to read, channel strides). Entries below n_main are the main list's (k_cache
+    through a slot list if SPARSE, else the block table), the rest the extra slot list's
+    (x_ptr's cache), so one loop walks both and one software pipeline streams them."""
+    o_n = n0 + tl.arange(0, BLOCK_N)
+    m_n = (o_n >= n_start) & (o_n < n_stop)
+    m_main = m_n & (o_n < n_main)
+    if SPARSE:
+        o_row, m_key = _list_rows(p_keys, o_n, m_main, stride_key, num_keys, page_size, stride_kn, stride_kp, o_kh)
     else:
-        b_kv = tl.load(k_ptr + o_row[:, None] + o_dv[None, :] * stride_kd, mask=m, other=0.0)
+        m_page = (n0 < n_stop) & (n0 < n_main)
+        o_row, m_key = _table_rows(p_keys, n0, o_n, m_main, m_page, stride_key, num_keys, page_size, stride_kn,
+                                   stride_kp, o_kh, PAGE_BLOCKS)  # fmt: skip
+    p_row = k_ptr + o_row
+    stride_d = stride_kd
+    if HAS_EXTRA:
+        o_x = o_n - n_main
+        x_row, m_x = _list_rows(p_x, o_x, m_n & (o_x >= 0), stride_xkey, x_num_slots, x_page_size, stride_xn,
+                                stride_xp, o_xh)  # fmt: skip
+        p_row = tl.where(o_x >= 0, x_ptr + x_row, p_row)
+        m_key = m_key | m_x
+        stride_d = tl.where(o_x >= 0, stride_xd, stride_kd)[:, None]
+    return p_row, m_key, stride_d
+
+
+@triton.jit
+def _e4m3_to_f32(b_code, SOFT_E4M3: tl.constexpr):
+    """float32 values of float8_e4m3fn codes (int32 holding 0..255), exactly.
+
+    SOFT_E4M3 (GPUs without fp8 conversions, sm_80): integer ops. The sign bit and the 7
+    exponent + mantissa bits placed as fp16 bits are the e4m3 value times 2^-8 (biases 7 and
+    15), subnormals included, so the fp16 read times 256 is exact. The NaN codes 0x7F / 0xFF
+    read as +-480; only poisoned tiles hold them, and their NaN scale makes the product NaN."""
+    if SOFT_E4M3:
+        b_bits = ((b_code & 0x80) << 8) | ((b_code & 0x7F) << 7)
+        return b_bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * E4M3_AS_FP16_SCALE
+    else:
+        return b_code.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _load_latent(p_row, m_key, o_dv, m_dv, dv, stride_d, scale_offset, num_tiles,
+                 IS_FP8: tl.constexpr, SOFT_E4M3: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+    """The first dv channels (the latent, also V) of the rows at p_row: [BLOCK_N, BLOCK_DV].
+
+    FP8 (p_row: the rows' bytes): code * tile scale in float32, exact for the power-of-two
+    scales of our quantizer. The codes are read as int32 words of 4 and split with shifts:
+    Triton's pipeliner streams such a load through a shared-memory ring, while a uint8 load
+    whose conversion it moves into both dots' operand layouts is left unpipelined. A row's
+    num_tiles scales (float32 at byte scale_offset) are loaded once, [BLOCK_N, BLOCK_T], and
+    broadcast over their tiles: every tile is BLOCK_DV // BLOCK_T channels (tile 128, or a
+    single tile; the format allows nothing else)."""
+    if IS_FP8:
+        BLOCK_N: tl.constexpr = p_row.shape[0]
+        BLOCK_DV: tl.constexpr = o_dv.shape[0]
+        BLOCK_W: tl.constexpr = BLOCK_DV // 4
+        o_w = tl.arange(0, BLOCK_W)
+        p_w = p_row.to(tl.pointer_type(tl.int32), bitcast=True)  # [BLOCK_N]
+        m_w = m_key[:, None] & (o_w < dv // 4)[None, :]  # the format keeps dv a multiple of 4
+        b_w = tl.load(p_w[:, None] + o_w[None, :], mask=m_w, other=0)  # [BLOCK_N, BLOCK_W]
+        o_t = tl.arange(0, BLOCK_T)
+        p_sc = (p_row + scale_offset).to(tl.pointer_type(tl.float32), bitcast=True)  # [BLOCK_N]
+        b_sc = tl.load(p_sc[:, None] + o_t[None, :], mask=m_key[:, None] & (o_t < num_tiles)[None, :], other=0.0)
+        b_sc = tl.reshape(tl.broadcast_to(b_sc[:, :, None], [BLOCK_N, BLOCK_T, BLOCK_W // BLOCK_T]), [BLOCK_N, BLOCK_W])
+        # byte k of word w is channel 4 w + k (little-endian); join stacks on a new last axis,
+        # so joining (v0, v2) with (v1, v3) puts byte 2 j + i at [w, j, i]
+        b_v0 = _e4m3_to_f32(b_w & 0xFF, SOFT_E4M3) * b_sc
+        b_v1 = _e4m3_to_f32((b_w >> 8) & 0xFF, SOFT_E4M3) * b_sc
+        b_v2 = _e4m3_to_f32((b_w >> 16) & 0xFF, SOFT_E4M3) * b_sc
+        b_v3 = _e4m3_to_f32((b_w >> 24) & 0xFF, SOFT_E4M3) * b_sc
+        b_kv = tl.reshape(tl.join(tl.join(b_v0, b_v2), tl.join(b_v1, b_v3)), [BLOCK_N, BLOCK_DV])
+    else:
+        m = m_key[:, None] & m_dv[None, :]
+        b_kv = tl.load(p_row[:, None] + o_dv[None, :] * stride_d, mask=m, other=0.0)
     return b_kv
 
 
 @triton.jit
-def _load_rope(k_ptr, k_rope_ptr, o_row, m_key, o_dr, m_dr, stride_kd, rope_offset, IS_FP8: tl.constexpr):
-    """The rope channels of the rows at o_row: [BLOCK_N, BLOCK_DR]. FP8: bfloat16 at byte
-    rope_offset of the row; plain: channels rope_offset + [0, d_rope)."""
+def _load_rope(p_row, m_key, o_dr, m_dr, stride_d, rope_offset, IS_FP8: tl.constexpr):
+    """The rope channels of the rows at p_row: [BLOCK_N, BLOCK_DR]. FP8: bfloat16 at byte
+    rope_offset of the row (a pointer cast, not a division of byte offsets, so the loads keep
+    the rows' 16-byte alignment and vectorise); plain: channels rope_offset + [0, d_rope)."""
     m = m_key[:, None] & m_dr[None, :]
     if IS_FP8:
-        b_kr = tl.load(k_rope_ptr + ((o_row + rope_offset) // 2)[:, None] + o_dr[None, :], mask=m, other=0.0)
+        p_kr = (p_row + rope_offset).to(tl.pointer_type(tl.bfloat16), bitcast=True)  # [BLOCK_N]
+        b_kr = tl.load(p_kr[:, None] + o_dr[None, :], mask=m, other=0.0)
     else:
-        b_kr = tl.load(k_ptr + o_row[:, None] + (rope_offset + o_dr)[None, :] * stride_kd, mask=m, other=0.0)
+        b_kr = tl.load(p_row[:, None] + (rope_offset + o_dr)[None, :] * stride_d, mask=m, other=0.0)
     return b_kr
 
 
@@ -146,16 +276,17 @@ def _online_softmax(b_s, visible, b_kv, b_m, b_l, b_acc, scale_log2, DOT_PRECISI
 
 @triton.jit
 def _attend_block(
-    b_qv, b_qr, k_ptr, k_scale_ptr, k_rope_ptr, o_row, m_key, visible, b_m, b_l, b_acc,
-    o_dv, m_dv, o_dr, m_dr, stride_kd, scale_offset, rope_offset, fp8_tile, scale_log2,
-    IS_FP8: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    b_qv, b_qr, p_row, m_key, stride_d, visible, b_m, b_l, b_acc,
+    o_dv, m_dv, dv, o_dr, m_dr, scale_offset, rope_offset, num_tiles, scale_log2,
+    IS_FP8: tl.constexpr, SOFT_E4M3: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """One block of keys: load (in q's compute dtype), score, fold into the softmax state."""
-    b_kv = _load_latent(k_ptr, k_scale_ptr, o_row, m_key, o_dv, m_dv, stride_kd, scale_offset, fp8_tile, IS_FP8)
+    b_kv = _load_latent(p_row, m_key, o_dv, m_dv, dv, stride_d, scale_offset, num_tiles, IS_FP8, SOFT_E4M3, BLOCK_T)
     b_kv = b_kv.to(b_qv.dtype)  # [BLOCK_N, BLOCK_DV]
     b_s = tl.dot(b_qv, tl.trans(b_kv), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     if HAS_ROPE:
-        b_kr = _load_rope(k_ptr, k_rope_ptr, o_row, m_key, o_dr, m_dr, stride_kd, rope_offset, IS_FP8)
+        b_kr = _load_rope(p_row, m_key, o_dr, m_dr, stride_d, rope_offset, IS_FP8)
         b_s += tl.dot(b_qr, tl.trans(b_kr.to(b_qr.dtype)), input_precision=DOT_PRECISION)
     return _online_softmax(b_s, visible, b_kv, b_m, b_l, b_acc, scale_log2, DOT_PRECISION)
 
@@ -179,17 +310,14 @@ def _sink_scale(sink_ptr, i_head, b_lse, seen, m_row):
         "RAGGED": lambda a: a["seqlens_q_ptr"] is not None,
         "HAS_SINK": lambda a: a["sink_ptr"] is not None,
         "WRITE_MAX": lambda a: a["max_ptr"] is not None,
+        "PAGE_BLOCKS": lambda a: a["indices_ptr"] is None and a["page_size"] % a["BLOCK_N"] == 0,
     }
 )
 @triton.jit
 def _mla_decode_kernel(
     q_ptr,  # [b, s_q, h_q, d]
-    k_ptr,  # [num_blocks, page_size, h_kv, d]; FP8: the bytes as float8_e4m3fn [..., row bytes]
-    k_scale_ptr,  # FP8: the same bytes as float32 (tile scales)
-    k_rope_ptr,  # FP8: the same bytes as bfloat16 (k_pe)
-    x_ptr,  # extra cache, the same three views (None without)
-    x_scale_ptr,
-    x_rope_ptr,
+    k_ptr,  # [num_blocks, page_size, h_kv, d]; FP8: the rows' bytes, uint8 [..., row bytes]
+    x_ptr,  # extra cache, the same format (None without)
     block_table_ptr,  # dense: int32 [b, table_width]
     seqlens_ptr,  # dense: int32 [b]
     indices_ptr,  # sparse: int32 [b, s_q, (h_kv,) topk] slots of k_cache, -1 = skip
@@ -205,7 +333,7 @@ def _mla_decode_kernel(
     s_q, group, m_tiles, h_kv,
     page_size, num_blocks, num_slots, table_width, topk,
     x_page_size, x_num_slots, x_topk,
-    dv, d_rope, scale_offset, rope_offset, fp8_tile, scale_log2,
+    dv, d_rope, scale_offset, rope_offset, num_tiles, scale_log2,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kn, stride_kp, stride_kh, stride_kd,
     stride_xn, stride_xp, stride_xh, stride_xd,
@@ -219,6 +347,7 @@ def _mla_decode_kernel(
     SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
     IS_FP8: tl.constexpr,
+    SOFT_E4M3: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_ROPE: tl.constexpr,
     PER_TOKEN: tl.constexpr,
@@ -229,17 +358,24 @@ def _mla_decode_kernel(
     RAGGED: tl.constexpr,
     HAS_SINK: tl.constexpr,
     WRITE_MAX: tl.constexpr,
+    PAGE_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_DR: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """Stage 1. Row r of a tile is query token t0 + r // group of head g * group + r % group:
         s = (q . k) * scale over the split's part of the row's key list (main list, then the
         extra list), online softmax in base 2, o = softmax(s) @ k[:, :dv]."""
-    i_b = tl.program_id(0).to(tl.int64)
-    i_x = tl.program_id(1)
-    i_sp = tl.program_id(2).to(tl.int64)
+    # program (sequence b, tile x) is b * tiles + x: a sequence's row tiles are neighbours in
+    # launch order, so they run together and all but the first read its cache from L2
+    tiles = h_kv * m_tiles
+    if PER_TOKEN:
+        tiles *= s_q
+    i_b = (tl.program_id(0) // tiles).to(tl.int64)
+    i_x = tl.program_id(0) % tiles
+    i_sp = tl.program_id(1).to(tl.int64)
     if PER_TOKEN:
         i_t0 = i_x // (h_kv * m_tiles)
         i_gm = i_x % (h_kv * m_tiles)
@@ -253,15 +389,15 @@ def _mla_decode_kernel(
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < n_rows
-    i_tok = (i_t0 + o_m // group).to(tl.int64)
-    i_head = (i_g * group + o_m % group).to(tl.int64)
+    # int32 while they live through the loop, widened where they become offsets
+    i_tok = (i_t0 + o_m // group).to(tl.int32)
+    i_head = (i_g * group + o_m % group).to(tl.int32)
     n_q = s_q
     if RAGGED:
         n_q = tl.load(seqlens_q_ptr + i_b)
     m_q = m_m & (i_tok < n_q)
     has_q = i_t0 + (i_m * BLOCK_M) // group < n_q  # the tile's first row is a query: else skip
 
-    # the row's key list: main part [0, n_main), then the extra part [n_main, n_all)
     if SPARSE:
         n_main = topk
         if HAS_TOPK_LENGTH:
@@ -282,7 +418,7 @@ def _mla_decode_kernel(
     m_dv = o_dv < dv
     o_dr = tl.arange(0, BLOCK_DR)
     m_dr = o_dr < d_rope
-    p_q = q_ptr + i_b * stride_qb + i_tok * stride_qs + i_head * stride_qh  # [BLOCK_M]
+    p_q = q_ptr + i_b * stride_qb + i_tok.to(tl.int64) * stride_qs + i_head.to(tl.int64) * stride_qh  # [BLOCK_M]
     b_qv = tl.load(p_q[:, None] + o_dv[None, :] * stride_qd, mask=m_q[:, None] & m_dv[None, :], other=0.0)
     if UPCAST:
         b_qv = b_qv.to(tl.float32)
@@ -292,48 +428,66 @@ def _mla_decode_kernel(
         if UPCAST:
             b_qr = b_qr.to(tl.float32)
 
-    o_kh = i_g * stride_kh
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for n0 in range(n_start, tl.minimum(n_end, n_main), BLOCK_N):
-        o_n = n0 + tl.arange(0, BLOCK_N)
-        m_n = o_n < tl.minimum(n_end, n_main)
-        if SPARSE:
-            p_i = indices_ptr + i_b * stride_ib + i_t0 * stride_it + i_g * stride_ig
-            o_row, m_key = _list_rows(p_i, o_n, m_n, stride_in, num_slots, page_size, stride_kn, stride_kp, o_kh)
-            visible = m_key[None, :] & m_q[:, None]
-        else:
-            p_t = block_table_ptr + i_b * stride_tb
-            o_row, m_key = _table_rows(p_t, o_n, m_n, stride_tn, num_blocks, page_size, stride_kn, stride_kp, o_kh)
-            visible = m_key[None, :] & (o_n[None, :] <= last[:, None]) & m_q[:, None]
-        b_m, b_l, b_acc = _attend_block(
-            b_qv, b_qr, k_ptr, k_scale_ptr, k_rope_ptr, o_row, m_key, visible, b_m, b_l, b_acc,
-            o_dv, m_dv, o_dr, m_dr, stride_kd, scale_offset, rope_offset, fp8_tile, scale_log2,
-            IS_FP8, HAS_ROPE, DOT_PRECISION,
-        )  # fmt: skip
+    # the row's key list: main entries [0, n_main), then extra entries [n_main, n_all)
+    n_all = n_main
     if HAS_EXTRA:
         n_x = x_topk
         if HAS_X_TOPK_LENGTH:
             n_x = tl.minimum(tl.maximum(tl.load(x_topk_length_ptr + i_b), 0), x_topk)
-        p_j = x_indices_ptr + i_b * stride_jb + i_t0 * stride_jt
-        for n0 in range(tl.maximum(n_start, n_main), tl.minimum(n_end, n_main + n_x), BLOCK_N):
-            o_n = n0 - n_main + tl.arange(0, BLOCK_N)
-            m_n = o_n < tl.minimum(n_end - n_main, n_x)
-            o_row, m_key = _list_rows(
-                p_j, o_n, m_n, stride_jn, x_num_slots, x_page_size, stride_xn, stride_xp, i_g * stride_xh
-            )
-            b_m, b_l, b_acc = _attend_block(
-                b_qv, b_qr, x_ptr, x_scale_ptr, x_rope_ptr, o_row, m_key, m_key[None, :] & m_q[:, None], b_m, b_l,
-                b_acc, o_dv, m_dv, o_dr, m_dr, stride_xd, scale_offset, rope_offset, fp8_tile,
-                scale_log2, IS_FP8, HAS_ROPE, DOT_PRECISION,
-            )  # fmt: skip
+        n_all += n_x
+    n_stop = tl.minimum(n_end, n_all)
+    if SPARSE:
+        p_keys = indices_ptr + i_b * stride_ib + i_t0 * stride_it + i_g * stride_ig
+        stride_key = stride_in
+        num_keys = num_slots
+    else:
+        p_keys = block_table_ptr + i_b * stride_tb
+        stride_key = stride_tn
+        num_keys = num_blocks
+    p_x = p_keys
+    if HAS_EXTRA:
+        p_x = x_indices_ptr + i_b * stride_jb + i_t0 * stride_jt
+    o_kh = i_g * stride_kh
+    o_xh = i_g * stride_xh
+    # The rows of block i + 1 are gathered (block table or slot lists) while block i is
+    # computed: the cache loads then depend on no load of their own iteration, so Triton's
+    # pipeliner can issue them num_stages - 1 blocks ahead of the math. Blocks start at
+    # multiples of BLOCK_N (the first one masked below n_start), so with PAGE_BLOCKS each
+    # block lies in one page whatever the split bounds.
+    n_first = n_start - n_start % BLOCK_N
+    p_row, m_key, stride_d = _block_rows(
+        n_first, n_start, n_stop, n_main, k_ptr, p_keys, stride_key, num_keys, page_size, stride_kn, stride_kp, o_kh,
+        stride_kd, x_ptr, p_x, stride_jn, x_num_slots, x_page_size, stride_xn, stride_xp, o_xh, stride_xd,
+        SPARSE, HAS_EXTRA, PAGE_BLOCKS, BLOCK_N,
+    )  # fmt: skip
+    for n0 in range(n_first, n_stop, BLOCK_N):
+        p_row_next, m_key_next, stride_d_next = _block_rows(
+            n0 + BLOCK_N, n_start, n_stop, n_main, k_ptr, p_keys, stride_key, num_keys, page_size, stride_kn,
+            stride_kp, o_kh, stride_kd, x_ptr, p_x, stride_jn, x_num_slots, x_page_size, stride_xn, stride_xp, o_xh,
+            stride_xd, SPARSE, HAS_EXTRA, PAGE_BLOCKS, BLOCK_N,
+        )  # fmt: skip
+        visible = m_key[None, :] & m_q[:, None]
+        if not SPARSE:
+            # causal (or up to the cache length) on the main keys; extra keys are never masked
+            o_n = n0 + tl.arange(0, BLOCK_N)
+            visible &= (o_n[None, :] <= last[:, None]) | (o_n[None, :] >= n_main)
+        b_m, b_l, b_acc = _attend_block(
+            b_qv, b_qr, p_row, m_key, stride_d, visible, b_m, b_l, b_acc,
+            o_dv, m_dv, dv, o_dr, m_dr, scale_offset, rope_offset, num_tiles, scale_log2,
+            IS_FP8, SOFT_E4M3, HAS_ROPE, DOT_PRECISION, BLOCK_T,
+        )  # fmt: skip
+        p_row, m_key, stride_d = p_row_next, m_key_next, stride_d_next
 
     # l != 0 (not l > 0): a NaN key that was selected must reach the output
     seen = b_l != 0
     b_o = b_acc / tl.where(seen, b_l, 1.0)[:, None]
-    p_o = o_ptr + i_b * stride_ob + i_sp * stride_osp + i_tok * stride_os + i_head * stride_oh  # [BLOCK_M]
-    p_lse = lse_ptr + i_b * stride_lb + i_sp * stride_lsp + i_tok * stride_ls + i_head * stride_lh
+    o_o = i_b * stride_ob + i_sp * stride_osp + i_tok.to(tl.int64) * stride_os + i_head.to(tl.int64) * stride_oh
+    p_o = o_ptr + o_o  # [BLOCK_M]
+    o_lse = i_b * stride_lb + i_tok.to(tl.int64) * stride_ls + i_head.to(tl.int64) * stride_lh  # [BLOCK_M]
+    p_lse = lse_ptr + i_sp * stride_lsp + o_lse
     if SPLIT:
         b_lse = tl.where(seen, b_m + tl.log2(tl.where(seen, b_l, 1.0)), float("-inf"))
         m_store = m_q & (n_start < n_end)
@@ -343,7 +497,7 @@ def _mla_decode_kernel(
             b_o = b_o * _sink_scale(sink_ptr, i_head, b_lse, seen, m_m)[:, None]
         m_store = m_m
         if WRITE_MAX:
-            tl.store(max_ptr + i_b * stride_lb + i_tok * stride_ls + i_head * stride_lh, b_m * LN2, mask=m_store)
+            tl.store(max_ptr + o_lse, b_m * LN2, mask=m_store)
     m_o = m_store[:, None] & m_dv[None, :]
     tl.store(p_o[:, None] + o_dv[None, :] * stride_od, b_o.to(o_ptr.dtype.element_ty), mask=m_o)
     tl.store(p_lse, b_lse, mask=m_store)
@@ -440,11 +594,12 @@ def _plan(
         target = torch.clamp(_cdiv(lengths.sum(), batch * max_splits), min=MIN_SPLIT_TOKENS)
         want = torch.clamp(_cdiv(lengths, target), 1, max_splits)
         chunk = torch.clamp(_cdiv(_cdiv(lengths, want), SPLIT_ALIGN) * SPLIT_ALIGN, min=SPLIT_ALIGN)
-        starts = torch.arange(max_splits + 1, device=device, dtype=torch.int64)[None, :] * chunk[:, None]
-        bounds = torch.minimum(starts, lengths[:, None])
+        # unsqueeze, not [None, :]: indexing needs a device guard, which the compile-only
+        # report (bench.compiled, fake CUDA tensors on a CPU-only torch) does not have
+        starts = torch.arange(max_splits + 1, device=device, dtype=torch.int64).unsqueeze(0) * chunk.unsqueeze(1)
+        bounds = torch.minimum(starts, lengths.unsqueeze(1))
         n_splits = _cdiv(lengths, chunk)
-    cu_splits = torch.zeros(batch + 1, dtype=torch.int64, device=device)
-    cu_splits[1:] = torch.cumsum(n_splits, 0)
+    cu_splits = torch.cat([n_splits.new_zeros(1), torch.cumsum(n_splits, 0)])
     return bounds.to(torch.int32), cu_splits.to(torch.int32)
 
 
@@ -461,7 +616,9 @@ def _dense_schedule(
         raise ValueError(
             f"num_q_tokens_per_head_k and num_heads_k must be >= 1, got {num_q_tokens_per_head_k}, {num_heads_k}"
         )
-    m_tiles = triton.cdiv(num_q_tokens_per_head_k, _block_m(num_q_tokens_per_head_k))
+    # planned for the tiles the launcher will cut (the old form does not know the cache format)
+    arch = _target_arch() if cache_seqlens.is_cuda else None
+    m_tiles = triton.cdiv(num_q_tokens_per_head_k, decode_tiles(num_q_tokens_per_head_k, False, arch).block_m)
     return _plan(cache_seqlens.to(torch.int64), cache_seqlens.numel() * num_heads_k * m_tiles, num_sm)
 
 
@@ -509,29 +666,23 @@ def _key_lengths(call: DecodeCall, cache_seqlens, topk_length, extra_topk_length
     return lengths
 
 
-def _fp8_views(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
-    """One FP8 cache as the kernel reads it: codes, float32 scales and bfloat16 k_pe views of
-    the same bytes, and the byte strides of the rows."""
-    raw = cache.view(torch.uint8)
-    return raw.view(torch.float8_e4m3fn), raw.view(torch.float32), raw.view(torch.bfloat16), raw.stride()
-
-
 def _row_layout(fmt) -> tuple[int, int, int]:
-    """(scale_offset, rope_offset, tile) of a row as the kernel indexes it: FP8 byte offsets
-    and scale tile from the format; plain rows: rope channels start at channel kv_lora_rank."""
+    """(scale_offset, rope_offset, num_tiles) of a row as the kernel indexes it: FP8 byte
+    offsets and scale count from the format; plain rows: rope channels start at channel
+    kv_lora_rank, no scales."""
     if fmt.is_fp8:
-        return fmt.scale_offset, fmt.rope_offset, fmt.tile
+        return fmt.scale_offset, fmt.rope_offset, fmt.num_tiles
     return 0, fmt.kv_lora_rank, 1
 
 
-def _cache_args(cache: torch.Tensor | None, is_fp8: bool):
-    """(pointer views x3, strides x4) of a cache for the kernel; zeros without a cache."""
+def _cache_args(cache: torch.Tensor | None, is_fp8: bool) -> tuple[torch.Tensor | None, tuple[int, ...]]:
+    """(pointer, strides) of a cache for the kernel: FP8 rows as their bytes (uint8, byte
+    strides), plain rows as they are; (None, zeros) without a cache."""
     if cache is None:
-        return (None, None, None), (0, 0, 0, 0)
+        return None, (0, 0, 0, 0)
     if is_fp8:
-        main, scale, rope, strides = _fp8_views(cache)
-        return (main, scale, rope), strides
-    return (cache, cache, cache), cache.stride()
+        cache = cache.view(torch.uint8)
+    return cache, cache.stride()
 
 
 def flash_mla_with_kvcache(
@@ -602,8 +753,9 @@ def flash_mla_with_kvcache(
     h_kv, dv = call.h_kv, head_dim_v
     group = h_q // h_kv
     rows = group if call.per_token else s_q * group
-    block_m = _block_m(rows)
-    m_tiles = triton.cdiv(rows, block_m)
+    fmt = call.fmt
+    cut = decode_tiles(rows, fmt.is_fp8, _target_arch())
+    m_tiles = triton.cdiv(rows, cut.block_m)
     tiles = (s_q if call.per_token else 1) * h_kv * m_tiles
 
     meta = tile_scheduler_metadata
@@ -637,15 +789,14 @@ def flash_mla_with_kvcache(
         lse_stage = torch.empty(b, n_split, s_q, h_q, dtype=torch.float32, device=q.device)
         o_strides, lse_strides = o_stage.stride(), lse_stage.stride()
 
-    fmt = call.fmt
-    k_views, k_strides = _cache_args(k_cache, fmt.is_fp8)
-    x_views, x_strides = _cache_args(extra_k_cache, fmt.is_fp8)
+    k_arg, k_strides = _cache_args(k_cache, fmt.is_fp8)
+    x_arg, x_strides = _cache_args(extra_k_cache, fmt.is_fp8)
     sparse, extra = call.sparse, call.has_extra
     table_args = (0, 0) if sparse else block_table.stride()
     index_args = (*indices.stride()[:2], 0, indices.stride(2)) if sparse else (0, 0, 0, 0)
     x_index_args = extra_indices_in_kvcache.stride() if extra else (0, 0, 0)
-    _mla_decode_kernel[(b, tiles, n_split)](
-        q, *k_views, *x_views,
+    _mla_decode_kernel[(b * tiles, n_split)](
+        q, k_arg, x_arg,
         None if sparse else block_table, None if sparse else cache_seqlens,
         indices, topk_length, extra_indices_in_kvcache, extra_topk_length,
         seqlens_q, attn_sink if n_split == 1 else None, bounds, o_stage, lse_stage, None,
@@ -659,15 +810,17 @@ def flash_mla_with_kvcache(
         SPLIT=n_split > 1,
         UPCAST=interpret,
         IS_FP8=fmt.is_fp8,
+        SOFT_E4M3=cut.soft_e4m3,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HAS_ROPE=d > dv,
         PER_TOKEN=call.per_token,
-        BLOCK_M=block_m,
-        BLOCK_N=64 if interpret else 32,
+        BLOCK_M=cut.block_m,
+        BLOCK_N=cut.block_n,
         BLOCK_DV=_block_d(dv),
         BLOCK_DR=_block_d(d - dv),
-        num_warps=4,
-        num_stages=2,
+        BLOCK_T=triton.next_power_of_2(fmt.num_tiles) if fmt.is_fp8 else 1,
+        num_warps=cut.num_warps,
+        num_stages=cut.num_stages,
     )  # fmt: skip
     if n_split > 1:
         block_h = min(16, triton.next_power_of_2(h_q))
@@ -721,15 +874,13 @@ def flash_mla_sparse_fwd(
     if s_q == 0:
         return out.to(q.dtype), max_logits, lse
     group = h_q // h_kv
-    block_m = _block_m(group)
-    m_tiles = triton.cdiv(group, block_m)
+    cut = decode_tiles(group, False, _target_arch())
+    m_tiles = triton.cdiv(group, cut.block_m)
     # each query token is a "row" of one query over a one-page cache holding all of kv
     # (made on the device: a host tensor would be a blocking copy)
-    bounds = torch.full((1, 2), topk, dtype=torch.int32, device=q.device)
-    bounds[:, 0] = 0
-    bounds = bounds.expand(s_q, 2)
-    _mla_decode_kernel[(s_q, h_kv * m_tiles, 1)](
-        q, kv, kv, kv, None, None, None, None, None, indices, topk_length, None, None, None,
+    bounds = (torch.arange(2, dtype=torch.int32, device=q.device) * topk).expand(s_q, 2)  # [0, topk] per token
+    _mla_decode_kernel[(s_q * h_kv * m_tiles, 1)](
+        q, kv, None, None, None, indices, topk_length, None, None, None,
         attn_sink, bounds, out, lse, max_logits,
         1, group, m_tiles, h_kv,
         max(call.s_kv, 1), 1, call.s_kv, 0, topk, 1, 0, 0,
@@ -741,14 +892,16 @@ def flash_mla_sparse_fwd(
         SPLIT=False,
         UPCAST=interpret,
         IS_FP8=False,
+        SOFT_E4M3=False,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HAS_ROPE=d > dv,
         PER_TOKEN=True,
-        BLOCK_M=block_m,
-        BLOCK_N=64 if interpret else 32,
+        BLOCK_M=cut.block_m,
+        BLOCK_N=cut.block_n,
         BLOCK_DV=_block_d(dv),
         BLOCK_DR=_block_d(d - dv),
-        num_warps=4,
-        num_stages=2,
+        BLOCK_T=1,
+        num_warps=cut.num_warps,
+        num_stages=cut.num_stages,
     )  # fmt: skip
     return out.to(q.dtype), max_logits, lse
