@@ -50,6 +50,7 @@ class Settings:
         {"unpatched": n, "patched": n}.
     prompts, prompt_bytes, spec_new_tokens, drafters: section 4's workload; prompt + new tokens
         (+ a draft's overshoot) must fit the shipped model's max_position_embeddings.
+    profile_repeats: timings per verify length of the block drafter's cost profiles.
     compiled_configs: the configurations of section 5 (`bench.compiled.CONFIGS` names; None: all).
     """
 
@@ -66,6 +67,7 @@ class Settings:
     prompt_bytes: int = 256
     spec_new_tokens: int = 128
     drafters: tuple = speculative.DRAFTERS
+    profile_repeats: int = 15
     compiled_configs: tuple | None = QUICK_COMPILED
 
     @classmethod
@@ -301,7 +303,8 @@ def run(settings: Settings, device: torch.device, sections=SECTIONS, models=None
             prompts = speculative.make_prompts(settings.prompts, settings.prompt_bytes)
             profiles = None
             if block is not None:
-                profiles = speculative.cost_profiles(target, block, (0.0, 1.0), settings.prompt_bytes)
+                profiles = speculative.cost_profiles(target, block, (0.0, 1.0), settings.prompt_bytes,
+                                                      settings.profile_repeats)
                 report["cost_profiles"] = {f"{t:g}": asdict(p) for t, p in profiles.items()}
             rows = speculative.speculative_rows(target, draft, prompts, settings.spec_new_tokens,
                                                 drafters=settings.drafters, progress=_bar("4. speculative"),

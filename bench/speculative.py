@@ -171,11 +171,11 @@ def _drafter(name: str, target, draft, block=None, profile=None):
     raise ValueError(f"unknown drafter {name!r}")
 
 
-def cost_profiles(target, block, temperatures, prompt_bytes: int) -> dict:
+def cost_profiles(target, block, temperatures, prompt_bytes: int, repeats: int = 15) -> dict:
     """{temperature: CostProfile} of the block drafter's steps, measured now (b = 1, a context of
-    prompt_bytes, `mla.speculative.measure_cost_profile` with 15 timings per verify length: on a
-    shared CPU its default 7 left the profile noisy enough to move the chosen lengths)."""
-    return {t: measure_cost_profile(target, block, temperature=t, prompt_length=prompt_bytes, repeats=15)
+    prompt_bytes, `mla.speculative.measure_cost_profile` with `repeats` timings per verify length:
+    on a shared CPU its default 7 left the profile noisy enough to move the chosen lengths)."""
+    return {t: measure_cost_profile(target, block, temperature=t, prompt_length=prompt_bytes, repeats=repeats)
             for t in temperatures}  # fmt: skip
 
 

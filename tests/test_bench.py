@@ -35,7 +35,7 @@ TINY_SETTINGS = report.Settings(
     ceiling_copy_bytes=1 << 20, ceiling_matmul_n=64,
     layer_config=TINY, layer_model="tiny", layer_contexts=(40, 130),
     generation_config=TINY, generation_contexts=(24,), generation_tokens={"unpatched": 2, "patched": 3},
-    prompts=2, prompt_bytes=48, spec_new_tokens=6, compiled_configs=("write-bf16",),
+    prompts=2, prompt_bytes=48, spec_new_tokens=6, profile_repeats=1, compiled_configs=("write-bf16",),
     drafters=(("ngram", 2), ("draft model", 2), ("mtp", 1), ("block", 4), ("block adaptive", 4)),
 )  # fmt: skip
 REQUIRED = {
@@ -57,12 +57,15 @@ def _one_thread():
 
 
 def _models():
+    # the reference backend: this file tests the report's code paths; the kernels under the
+    # interpreter would make the speculative section alone take minutes (tests/test_speculative*
+    # run the drafters through them)
     torch.manual_seed(0)
-    target = MLAForCausalLM(TINY).eval()
-    attach_mtp(target, MultiTokenPredictor(TINY).eval())
-    draft = MLAForCausalLM(dataclasses.replace(TINY, num_hidden_layers=1)).eval()
+    target = MLAForCausalLM(TINY, backend="reference").eval()
+    attach_mtp(target, MultiTokenPredictor(TINY, backend="reference").eval())
+    draft = MLAForCausalLM(dataclasses.replace(TINY, num_hidden_layers=1), backend="reference").eval()
     block_config = BlockDrafterConfig(dataclasses.replace(TINY, num_hidden_layers=1), (1, 2), block_size=8)
-    return target, draft, BlockDraftModel(block_config).attach(target).eval()
+    return target, draft, BlockDraftModel(block_config, backend="reference").attach(target).eval()
 
 
 @pytest.fixture(scope="module")
