@@ -233,6 +233,13 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
+def _progress(step: int, clock: float, deadline: float, max_steps: int | None) -> float:
+    """The schedule's fraction done: of the time from `clock` (the end of the first step, which
+    includes compiling) to `deadline`, or of max_steps, whichever is further."""
+    progress = (time.time() - clock) / max(deadline - clock, 1e-9) if step > 0 else 0.0
+    return progress if max_steps is None else max(progress, step / max_steps)
+
+
 def lr_at(step: int, progress: float, peak: float, preset: Preset) -> float:
     """Linear warmup over the first warmup_steps, then cosine from peak to min_lr_ratio * peak over progress."""
     warm = min(1.0, (step + 1) / preset.warmup_steps)
@@ -258,9 +265,7 @@ def train_model(model, corpus, preset: Preset, lr: float, deadline: float, max_s
     bar = tqdm(total=100, desc=desc, unit="%", dynamic_ncols=True, file=sys.stderr)
     model.train()
     while True:
-        progress = (time.time() - clock) / max(deadline - clock, 1e-9) if step > 0 else 0.0
-        if max_steps is not None:
-            progress = max(progress, step / max_steps)
+        progress = _progress(step, clock, deadline, max_steps)
         if progress >= 1.0:
             break
         for group in optimizer.param_groups:
@@ -437,9 +442,7 @@ def train_block(model: BlockDraftModel, data: dict, block: BlockPreset, deadline
     model.train()
     n = len(data["tokens"])
     while True:
-        progress = (time.time() - clock) / max(deadline - clock, 1e-9) if step > 0 else 0.0
-        if max_steps is not None:
-            progress = max(progress, step / max_steps)
+        progress = _progress(step, clock, deadline, max_steps)
         if progress >= 1.0:
             break
         for group in optimizer.param_groups:
