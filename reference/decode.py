@@ -81,15 +81,16 @@ def _row_values(fmt, rows, read, dtype, compute_dtype):
     return fmt.values(rows, dtype).to(compute_dtype)
 
 
-def _slot_rows(pages, slots, limit):
-    """Rows at flat slots [..., topk] of pages [num_blocks, page, h_kv, row], the first `limit`
-    entries of each list (limit broadcasts against slots[..., :1]).
+def _slot_rows(pages, slots, lengths):
+    """Rows at flat slots [b, s_q, topk] of pages [num_blocks, page, h_kv, row], the first
+    lengths[i] entries of row i's lists (all of them when lengths is None).
 
-    Returns (rows [..., topk, h_kv, row], read [..., topk]: the entry is below its limit and
-    names a slot of the cache; other entries gather slot 0)."""
+    Returns (rows [b, s_q, topk, h_kv, row], read [b, s_q, topk]: the entry is within its
+    row's length and names a slot of the cache; other entries gather slot 0)."""
     num_slots = pages.shape[0] * pages.shape[1]
-    position = torch.arange(slots.shape[-1], device=slots.device)
-    read = (slots >= 0) & (slots < num_slots) & (position < limit)
+    read = (slots >= 0) & (slots < num_slots)
+    if lengths is not None:
+        read &= torch.arange(slots.shape[-1], device=slots.device) < lengths[:, None, None]
     return pages.flatten(0, 1)[torch.where(read, slots, 0).long()], read
 
 
@@ -208,27 +209,24 @@ def run_decode(
     `dense_visibility` of this call's tables when the caller already has it (a dense call)."""
     fmt, dtype = call.fmt, q.dtype
     b, s_q = call.b, call.s_q
-    device = q.device
     qg = q.to(compute_dtype).view(b, s_q, call.h_kv, -1, q.shape[-1]).permute(0, 2, 3, 1, 4)  # [b, h_kv, group, s_q, d]
 
     parts, visible = [], []
-    if call.sparse:
-        limit = topk_length if topk_length is not None else torch.full((b,), call.topk, device=device)
-        rows, read = _slot_rows(k_cache.view(fmt.storage_dtype), indices, limit[:, None, None])
-        parts.append(_row_values(fmt, rows, read, dtype, compute_dtype))  # [b, s_q, topk, h_kv, *]
-        visible.append(_queries_only(read, seqlens_q))
-    else:
+    if not call.sparse:
         table, read, seen = visibility or dense_visibility(
             block_table, cache_seqlens, seqlens_q, s_q, k_cache.shape[0], call.page_size, call.causal
         )
         rows = gather_pages(k_cache.view(fmt.storage_dtype), table, read.shape[1])
         parts.append(_row_values(fmt, rows, read, dtype, compute_dtype))  # [b, n, h_kv, *]
         visible.append(seen)
+    listed = []  # key sets given as slot lists: (pages, slots, lengths)
+    if call.sparse:
+        listed.append((k_cache, indices, topk_length))
     if call.has_extra:
-        limit = extra_topk_length if extra_topk_length is not None else torch.full((b,), call.extra_topk, device=device)
-        pages = extra_k_cache.view(fmt.storage_dtype)
-        rows, read = _slot_rows(pages, extra_indices_in_kvcache, limit[:, None, None])
-        parts.append(_row_values(fmt, rows, read, dtype, compute_dtype))
+        listed.append((extra_k_cache, extra_indices_in_kvcache, extra_topk_length))
+    for pages, slots, lengths in listed:
+        rows, read = _slot_rows(pages.view(fmt.storage_dtype), slots, lengths)
+        parts.append(_row_values(fmt, rows, read, dtype, compute_dtype))  # [b, s_q, topk, h_kv, *]
         visible.append(_queries_only(read, seqlens_q))
 
     sink = None if attn_sink is None else attn_sink.view(call.h_kv, -1, 1)
