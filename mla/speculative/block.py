@@ -58,7 +58,7 @@ from mla.plan import StepPlan
 from mla.rope import RotaryEmbedding
 
 from .adapters import CausalLM, as_causal_lm
-from .drafters import Draft, Drafter, _choose
+from .drafters import Draft, _CachedDrafter, _choose
 from .sampling import rejection_sample
 
 GREEDY, SAMPLED = 0, 1  # the confidence head's two regimes: temperature 0, temperature > 0
@@ -425,7 +425,7 @@ class CostProfile:
         return cls(**json.loads(Path(path).read_text()))
 
 
-class BlockDrafter(Drafter):
+class BlockDrafter(_CachedDrafter):
     """Drafts with a `BlockDraftModel`: one drafter forward per step, k <= W tokens per row.
 
     The drafter's cache holds one context entry per token in the target's cache. Each
@@ -456,8 +456,8 @@ class BlockDrafter(Drafter):
             raise TypeError(f"adaptive must be a CostProfile, True, False or None, got {type(adaptive).__name__}")
         self.model, self.profile = model, adaptive or None
         self.page_size, self.cache_backend, self.record = page_size, cache_backend, record
+        super().__init__()
         self.needs_hidden = model.config.target_layers
-        self.cache, self.seq_ids = None, []
         self.calibration_pairs: list[tuple[float, float]] = []
 
     @torch.no_grad()
@@ -526,19 +526,6 @@ class BlockDrafter(Drafter):
         self.hidden = verified.hidden
         self.counts = list(verified.num_emitted_host)
 
-    def retain(self, rows):
-        kept = [self.seq_ids[r] for r in rows]
-        for sid in set(self.seq_ids) - set(kept):
-            self.cache.free(sid)
-        index = torch.tensor(rows, dtype=torch.long, device=self.hidden.device)
-        self.seq_ids, self.hidden = kept, self.hidden[index]
-        self.counts = [self.counts[r] for r in rows]
-
-    def release(self):
-        if self.cache is not None:
-            for sid in self.seq_ids:
-                self.cache.free(sid)
-            self.cache, self.seq_ids = None, []
 
 
 def _synchronize(device: torch.device) -> None:

@@ -108,6 +108,29 @@ class Drafter(ABC):
         """Free whatever the drafter holds for the batch."""
 
 
+
+class _CachedDrafter(Drafter):
+    """A drafter network with its own latent cache (`self.cache`, one sequence per row in
+    `self.seq_ids`) fed the target's hidden states: `self.hidden` [b, ...] still to consume and
+    `self.counts` (b ints) per row. Keeps that per-row state in step with the batch."""
+
+    def __init__(self):
+        self.cache, self.seq_ids = None, []
+
+    def retain(self, rows):
+        kept = [self.seq_ids[r] for r in rows]
+        for sid in set(self.seq_ids) - set(kept):
+            self.cache.free(sid)
+        index = torch.tensor(rows, dtype=torch.long, device=self.hidden.device)
+        self.seq_ids, self.hidden = kept, self.hidden[index]
+        self.counts = [self.counts[r] for r in rows]
+
+    def release(self):
+        if self.cache is not None:
+            for sid in self.seq_ids:
+                self.cache.free(sid)
+            self.cache, self.seq_ids = None, []
+
 def _choose(
     logits: torch.Tensor, temperature: float, top_p: float, generator
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

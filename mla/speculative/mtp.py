@@ -24,7 +24,7 @@ from mla.model import DecoderLayer, MLAForCausalLM
 from mla.rope import RotaryEmbedding
 
 from .adapters import MLACausalLM
-from .drafters import Drafter, _chain
+from .drafters import _CachedDrafter, _chain
 
 _UNATTACHED = "the MTP module has no embedding/LM head: attach it to a model with attach_mtp(model, mtp)"
 
@@ -148,7 +148,7 @@ def load_mtp_state_dict(
     return mtp
 
 
-class MTPDrafter(Drafter):
+class MTPDrafter(_CachedDrafter):
     """Drafts k tokens with an MTP module chained k times; the target must be an MLAForCausalLM
     (it provides the hidden states).
 
@@ -173,8 +173,8 @@ class MTPDrafter(Drafter):
             mtp = mtp.mtp
         if not isinstance(mtp, MultiTokenPredictor):
             raise TypeError(f"mtp must be a MultiTokenPredictor or a model carrying one, got {type(mtp).__name__}")
+        super().__init__()
         self.mtp, self.page_size, self.cache_backend = mtp, page_size, cache_backend
-        self.cache, self.seq_ids = None, []
 
     @torch.no_grad()
     def start(self, target, prompts, pending, hidden, extra_tokens, temperature, top_p, generator):
@@ -230,16 +230,6 @@ class MTPDrafter(Drafter):
         self.counts = list(verified.num_emitted_host)
 
     def retain(self, rows):
-        kept = [self.seq_ids[r] for r in rows]
-        for sid in set(self.seq_ids) - set(kept):
-            self.cache.free(sid)
-        index = torch.tensor(rows, dtype=torch.long, device=self.hidden.device)
-        self.seq_ids, self.hidden = kept, self.hidden[index]
-        self.tokens = None if self.tokens is None else self.tokens[index]
-        self.counts = [self.counts[r] for r in rows]
-
-    def release(self):
-        if self.cache is not None:
-            for sid in self.seq_ids:
-                self.cache.free(sid)
-            self.cache, self.seq_ids = None, []
+        super().retain(rows)
+        if self.tokens is not None:
+            self.tokens = self.tokens[torch.tensor(rows, dtype=torch.long, device=self.tokens.device)]
