@@ -193,17 +193,19 @@ class Fp8Format(CacheFormat):
 
     Rules, checked here: r is a whole number of tiles (r < 128 or a multiple of 128); r is a
     multiple of 4 and dr is even, so that in every row the scales start on a 4-byte boundary and
-    k_pe on a 2-byte one (readers load them as float32 / bfloat16 words); dr >= 1.
+    k_pe on a 2-byte one (readers load them as float32 / bfloat16 words); dr >= 1 (dr = 0 only
+    for the indexer key row, `index_key_format`).
     """
 
     is_fp8 = True
     dtype = torch.float8_e4m3fn
     storage_dtype = torch.uint8
     input_dtypes = PLAIN_DTYPES
+    min_rope_dim = 1
 
     def __init__(self, kv_lora_rank: int, rope_dim: int):
         r = _check_dim("kv_lora_rank", kv_lora_rank, 1)
-        dr = _check_dim("rope_dim", rope_dim, 1)
+        dr = _check_dim("rope_dim", rope_dim, self.min_rope_dim)
         tile = min(FP8_TILE, r)
         if r % tile:
             raise ValueError(
@@ -263,9 +265,11 @@ class Fp8Format(CacheFormat):
         flat = rows.reshape(-1, self.row_width)
         codes = flat[:, : self.scale_offset].view(torch.float8_e4m3fn).float()
         scale = _fresh(flat[:, self.scale_offset : self.rope_offset]).view(torch.float32)
-        rope = _fresh(flat[:, self.rope_offset :]).view(torch.bfloat16)
         latent = (codes.view(-1, self.num_tiles, self.tile) * scale[..., None]).reshape(*lead, self.kv_lora_rank)
-        k_pe = rope.reshape(*lead, self.rope_dim)
+        if self.rope_dim:
+            k_pe = _fresh(flat[:, self.rope_offset :]).view(torch.bfloat16).reshape(*lead, self.rope_dim)
+        else:
+            k_pe = latent.new_zeros(*lead, 0)
         dtype = dtype or torch.float32
         return latent.to(dtype), k_pe.to(dtype)
 
@@ -279,6 +283,23 @@ def cache_format(dtype, kv_lora_rank: int, rope_dim: int) -> PlainFormat | Fp8Fo
     if is_fp8_dtype(dtype):
         return Fp8Format(kv_lora_rank, rope_dim)
     return PlainFormat(kv_lora_rank, rope_dim, dtype)
+
+
+def index_key_format(dtype, index_head_dim: int) -> PlainFormat | Fp8Format:
+    """The row of one cached indexer key (DeepSeek-V3.2's lightning indexer): index_head_dim
+    values in bfloat16 / float16 / float32, or in FP8 ("fp8", torch.float8_e4m3fn) the latent
+    row's rules without k_pe: index_head_dim e4m3 codes, then one float32 power-of-two scale per
+    128 channels (132 bytes for V3.2's 128, as DeepSeek stores them). Read it with
+    `unpack(rows)[0]`; rope_dim is 0."""
+    if is_fp8_dtype(dtype):
+        return _Fp8KeyFormat(index_head_dim, 0)
+    return PlainFormat(index_head_dim, 0, dtype)
+
+
+class _Fp8KeyFormat(Fp8Format):
+    """The FP8 row without k_pe (the indexer key)."""
+
+    min_rope_dim = 0
 
 
 def decode_format(k_cache: torch.Tensor, head_dim_v: int, head_dim: int, is_fp8: bool) -> PlainFormat | Fp8Format:
