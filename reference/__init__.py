@@ -6,6 +6,7 @@ Files mirror `mla.kernels` by name and functions keep the kernels' signatures.
 from .cache import write_latent
 from .contract import FlashMLASchedMeta
 from .decode import flash_mla_sparse_fwd, flash_mla_with_kvcache, get_mla_metadata
+from .indexer import index_scores, index_topk
 from .mla import absorb_query, mla_absorbed, mla_naive, split_kv_b
 from .quant import dequantize_cache, dequantize_latent_fp8, fp8_bytes_per_token, quantize_latent_fp8, write_latent_fp8
 
@@ -14,6 +15,8 @@ __all__ = [
     "flash_mla_with_kvcache",
     "flash_mla_sparse_fwd",
     "get_mla_metadata",
+    "index_scores",
+    "index_topk",
     "write_latent",
     "write_latent_fp8",
     "quantize_latent_fp8",

@@ -1,0 +1,364 @@
+"""The lightning indexer: `index_scores` against the formula evaluated plainly in float64 (plain
+and FP8 index keys, shuffled block tables, NaN in every cache row no query may read, ragged
+steps), and `index_topk`'s exact selection, tie rule and slot lists; both twins, identical
+errors for bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from mla import reference
+from mla.formats import index_key_format
+
+TWINS = {"reference": reference}
+IMPLS = [pytest.param(module, id=name) for name, module in TWINS.items()]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EPS32 = torch.finfo(torch.float32).eps
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexCase:
+    """One index_scores call: b = len(lens) rows of cached lengths `lens`, s_q query columns
+    (seqlens_q: real queries per row, None: all), `heads` x `dim` queries in `dtype`, keys in
+    `dtype` or FP8 (fp8), pages of page_size; max_seqlen = max(lens) + pad."""
+
+    s_q: int
+    heads: int
+    dim: int
+    page_size: int
+    lens: tuple[int, ...]
+    dtype: str
+    fp8: bool = False
+    seqlens_q: tuple[int, ...] | None = None
+    pad: int = 0
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        keys = "-fp8" if self.fp8 else ""
+        ragged = "-ragged" if self.seqlens_q else ""
+        lens = "x".join(map(str, self.lens))
+        shape = f"b{len(self.lens)}-sq{self.s_q}-h{self.heads}-d{self.dim}-page{self.page_size}"
+        return f"{shape}-{self.dtype}{keys}-len{lens}{ragged}"
+
+    def build(self) -> tuple[dict, torch.Tensor]:
+        """(index_scores' arguments, keys float64 [b, max(lens), dim]: the values the cache
+        holds at each position, dequantized for FP8). Pages are shuffled across rows; every
+        slot past a row's length, and every spare page, holds NaN (FP8: NaN codes and scales);
+        table columns past a row's pages hold page ids far outside the cache."""
+        g = torch.Generator().manual_seed(self.seed)
+        dtype = DTYPES[self.dtype]
+        b, longest, p = len(self.lens), max(self.lens), self.page_size
+        fmt = index_key_format("fp8" if self.fp8 else dtype, self.dim)
+        pages_per_row = [-(-n // p) for n in self.lens]
+        num_pages = sum(pages_per_row) + 2
+        order = torch.randperm(num_pages, generator=g)
+        width = max(pages_per_row) + 1
+        table = torch.full((b, width), 10**6, dtype=torch.int32)
+        cache = fmt.allocate(num_pages, p, "cpu")
+        cache.fill_(255) if self.fp8 else cache.fill_(math.nan)
+        keys = torch.randn(b, longest, self.dim, generator=g).to(dtype)
+        start = 0
+        for r, n in enumerate(self.lens):
+            table[r, : pages_per_row[r]] = order[start : start + pages_per_row[r]].int()
+            start += pages_per_row[r]
+            for j in range(n):
+                cache[table[r, j // p], j % p, 0] = fmt.pack(keys[r, j], keys.new_zeros(0))
+        values = fmt.unpack(cache)[0].double()  # [num_pages, p, 1, dim]
+        position = torch.arange(longest)
+        # positions past a row's length read a NaN row (or none: the table's far-off ids)
+        pages = table[:, position // p].clamp(max=num_pages - 1)  # [b, longest]
+        keys = values[pages, position % p, 0]
+        q = torch.randn(b, self.s_q, self.heads, self.dim, generator=g).to(dtype)
+        weights = torch.randn(b, self.s_q, self.heads, generator=g) * self.heads**-0.5
+        args = dict(
+            q=q, weights=weights, index_cache=cache, block_table=table,
+            cache_seqlens=torch.tensor(self.lens, dtype=torch.int32), max_seqlen=longest + self.pad,
+            seqlens_q=None if self.seqlens_q is None else torch.tensor(self.seqlens_q, dtype=torch.int32),
+            is_fp8=self.fp8,
+        )  # fmt: skip
+        return args, keys
+
+
+SCORE_CASES = [
+    IndexCase(1, 4, 32, 4, (1, 37), "fp32", pad=5),
+    IndexCase(3, 64, 128, 16, (200, 3), "bf16", seed=1),
+    IndexCase(3, 4, 32, 64, (130, 2), "fp16", seqlens_q=(3, 2), seed=2),
+    IndexCase(3, 3, 48, 16, (70, 45), "fp32", seqlens_q=(0, 2), pad=100, seed=3),
+    IndexCase(1, 64, 128, 64, (129, 64), "bf16", fp8=True, seed=4),
+    IndexCase(3, 4, 32, 4, (23, 50), "fp32", fp8=True, seqlens_q=(1, 3), seed=5),
+    IndexCase(2, 4, 256, 16, (40, 17), "fp16", fp8=True, seed=6),
+]
+
+
+def formula(args: dict, keys: torch.Tensor) -> torch.Tensor:
+    """The scores as specified, in float64, one query token at a time: query i of row r is the
+    token at position L - n + i and sees positions 0..L - n + i; -inf elsewhere."""
+    q, w = args["q"].double(), args["weights"].double()
+    b, s_q = q.shape[:2]
+    out = torch.full((b, s_q, args["max_seqlen"]), -math.inf, dtype=torch.float64)
+    for r in range(b):
+        length = args["cache_seqlens"][r].item()
+        n = s_q if args["seqlens_q"] is None else args["seqlens_q"][r].item()
+        for i in range(n):
+            seen = length - n + i + 1
+            if seen > 0:
+                logits = q[r, i] @ keys[r, :seen].T  # [heads, seen]
+                out[r, i, :seen] = (w[r, i, :, None] * logits.relu()).sum(0)
+    return out
+
+
+def error_bound(args: dict, keys: torch.Tensor) -> torch.Tensor:
+    """Elementwise bound on the float32 rounding error of a score: the heads' dot products and
+    their weighted sum add at most (dim + heads) roundings of the magnitudes involved (standard
+    summation error analysis, unit roundoff eps / 2, doubled for margin). A wrong key, head or
+    weight misses by a sizeable fraction of these magnitudes, far beyond the bound."""
+    q, w = args["q"].double().abs(), args["weights"].double().abs()
+    magnitude = torch.einsum("bshd,bnd,bsh->bsn", q, keys.nan_to_num().abs(), w)
+    dim, heads = q.shape[-1], q.shape[-2]
+    bound = EPS32 * (dim + heads) * magnitude
+    return torch.nn.functional.pad(bound, (0, args["max_seqlen"] - bound.shape[-1]))
+
+
+def assert_scores(name: str, actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor) -> None:
+    """-inf exactly where expected, finite elsewhere, |actual - expected| <= bound elementwise."""
+    assert actual.dtype == torch.float32 and actual.shape == expected.shape, (name, actual.dtype, actual.shape)
+    blind = expected.isneginf()
+    got = actual.isneginf()
+    assert torch.equal(got, blind), f"{name}: -inf at {got.sum()} places, expected at {blind.sum()}"
+    assert actual[~blind].isfinite().all(), f"{name}: {(~actual[~blind].isfinite()).sum()} non-finite scores"
+    error = (actual.double() - expected).abs().masked_fill(blind, 0)
+    excess = error - bound
+    if (excess > 0).any():
+        worst = tuple(torch.nonzero(excess == excess.max())[0].tolist())
+        raise AssertionError(
+            f"{name}: {(excess > 0).sum()} scores over the bound; worst at {worst}: {actual[worst].item()} vs "
+            f"{expected[worst].item()} (error {error[worst].item():.3g}, bound {bound[worst].item():.3g})"
+        )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in SCORE_CASES])
+def test_scores_match_formula(nan_empty, impl, case):
+    """Scores from every visible cached position, -inf elsewhere (past the length, causally
+    hidden, padding queries, the max_seqlen padding); the NaN rows are never read."""
+    args, keys = case.build()
+    scores = impl.index_scores(**args)
+    assert_scores(impl.__name__, scores, formula(args, keys), error_bound(args, keys))
+
+
+def test_reference_in_float64_matches_formula():
+    """A float64 q (over FP8 keys, dequantized exactly): the reference computes in float64 and
+    rounds once to float32."""
+    args, keys = IndexCase(3, 4, 32, 4, (23, 50), "fp32", fp8=True, seqlens_q=(1, 3), seed=7).build()
+    args["q"] = args["q"].double()
+    expected = formula(args, keys)
+    assert torch.equal(reference.index_scores(**args), expected.float())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in SCORE_CASES if c.fp8])
+def test_fp8_scores_within_quantization_error_of_plain(impl, case):
+    """FP8 keys score like the plain keys they were quantized from, within what quantization
+    moves a score: each key value by at most 2^-4 of itself (3 mantissa bits) plus 2^-10 of its
+    tile's scale (subnormal codes); relu and the weighted sum do not magnify that."""
+    fp8_args, fp8_keys = case.build()
+    plain_case = dataclasses.replace(case, fp8=False)
+    plain_args, plain_keys = plain_case.build()
+    assert torch.equal(fp8_args["q"], plain_args["q"])
+    cache = fp8_args["index_cache"]
+    fmt = index_key_format("fp8", case.dim)
+    scale = cache[..., fmt.scale_offset : fmt.scale_offset + 4 * fmt.num_tiles].contiguous().view(torch.float32)
+    key_error = 2.0**-4 * plain_keys.abs() + 2.0**-10 * scale.nan_to_num().max()
+    q, w = plain_args["q"].double().abs(), plain_args["weights"].double().abs()
+    moved = torch.einsum("bshd,bnd,bsh->bsn", q, key_error, w)
+    moved = torch.nn.functional.pad(moved, (0, fp8_args["max_seqlen"] - moved.shape[-1]))
+    plain = impl.index_scores(**plain_args)
+    fp8 = impl.index_scores(**fp8_args)
+    assert_scores("fp8 vs plain", fp8, plain.double(), moved + error_bound(plain_args, plain_keys))
+    assert not torch.equal(fp8, plain), "quantization left every score unchanged: the FP8 path was not taken"
+
+
+def topk_rule(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection rule, stated plainly: candidates are the positions whose score is neither
+    -inf nor NaN; rank them by score, the lower position first among equals; keep the first
+    topk, list them by position, pad with -1."""
+    b, s_q, n = scores.shape
+    indices = torch.full((b, s_q, topk), -1, dtype=torch.int32)
+    counts = torch.zeros(b, s_q, dtype=torch.int32)
+    for r in range(b):
+        for i in range(s_q):
+            row = scores[r, i].tolist()
+            candidates = [j for j in range(n) if not (math.isnan(row[j]) or row[j] == -math.inf)]
+            chosen = sorted(sorted(candidates, key=lambda j: (-row[j], j))[:topk])
+            indices[r, i, : len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+            counts[r, i] = len(chosen)
+    return indices, counts
+
+
+def make_scores(kind: str, b: int, s_q: int, n: int, seed: int) -> torch.Tensor:
+    """float32 [b, s_q, n] scores with a causal -inf tail per query.
+    distinct: continuous values; ties: a few values (both zeros among them, and +inf), NaN
+    sprinkled; sparse: at most a handful of candidates per row."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(b, s_q, n, generator=g) * 10
+    if kind == "ties":
+        scores = (scores / 5).round() / 2
+        scores[scores == 0] = torch.where(torch.rand(int((scores == 0).sum()), generator=g) < 0.5, -0.0, 0.0)
+        scores[torch.rand(b, s_q, n, generator=g) < 0.05] = math.nan
+        scores[torch.rand(b, s_q, n, generator=g) < 0.02] = math.inf
+    if kind == "sparse":
+        scores[torch.rand(b, s_q, n, generator=g) < 0.97] = -math.inf
+    lengths = torch.randint(0, n + 1, (b, s_q), generator=g)
+    lengths[0, 0] = n  # one full row
+    scores[torch.arange(n) >= lengths[..., None]] = -math.inf
+    return scores
+
+
+TOPK_CASES = [
+    pytest.param("distinct", 2, 3, 200, 1, id="distinct-n200-topk1"),
+    pytest.param("distinct", 2, 3, 200, 64, id="distinct-n200-topk64"),
+    pytest.param("distinct", 2, 1, 37, 300, id="distinct-n37-topk300"),
+    pytest.param("ties", 2, 3, 200, 16, id="ties-n200-topk16"),
+    pytest.param("ties", 2, 3, 130, 100, id="ties-n130-topk100"),
+    pytest.param("sparse", 2, 3, 200, 8, id="sparse-n200-topk8"),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind,b,s_q,n,topk", TOPK_CASES)
+def test_topk_follows_the_rule(impl, kind, b, s_q, n, topk):
+    """Exact selection, lower position first among ties, ascending positions, -1 padding."""
+    scores = make_scores(kind, b, s_q, n, seed=topk + n)
+    indices, counts = impl.index_topk(scores, topk)
+    expected, expected_counts = topk_rule(scores, topk)
+    assert indices.dtype == counts.dtype == torch.int32
+    assert torch.equal(counts, expected_counts)
+    assert torch.equal(indices, expected), f"{(indices != expected).sum()} entries differ"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_topk_of_distinct_scores_is_torch_topk(impl):
+    """With distinct scores the selected set is torch.topk's over the masked scores."""
+    scores = make_scores("distinct", 2, 3, 200, seed=11)
+    topk = 24
+    indices, counts = impl.index_topk(scores, topk)
+    for r in range(2):
+        for i in range(3):
+            row = scores[r, i]
+            k = min(topk, int(row.isfinite().sum()))
+            expected = torch.topk(row, k).indices.sort().values
+            assert counts[r, i] == k
+            assert torch.equal(indices[r, i, :k].long(), expected) and (indices[r, i, k:] == -1).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_short_contexts_select_everything_visible(impl):
+    """Fewer candidates than topk: every candidate in position order, then -1; none at all: -1s
+    and count 0."""
+    scores = torch.full((1, 3, 10), -math.inf)
+    scores[0, 0, [2, 5, 7]] = torch.tensor([1.0, -3.0, 0.5])
+    scores[0, 1, 4] = math.nan
+    indices, counts = impl.index_topk(scores, 4)
+    assert indices.tolist() == [[[2, 5, 7, -1], [-1] * 4, [-1] * 4]]
+    assert counts.tolist() == [[3, 0, 0]]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_topk_slots_through_block_table(impl):
+    """With a block table the positions become cache slots (page id * page_size + offset);
+    positions the table does not reach (>= width * page_size) are not candidates."""
+    scores = make_scores("ties", 2, 3, 40, seed=5)
+    page_size = 4
+    table = torch.randperm(20, generator=torch.Generator().manual_seed(0)).int().view(2, 10)[:, :9]  # reaches 36
+    indices, counts = impl.index_topk(scores, 12, table, page_size)
+    positions, expected_counts = topk_rule(scores[..., :36], 12)
+    pages = table.gather(1, (positions.clamp(min=0) // page_size).flatten(1).long()).view_as(positions)
+    expected = torch.where(positions >= 0, pages * page_size + positions % page_size, -1)
+    assert torch.equal(counts, expected_counts)
+    assert torch.equal(indices, expected)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_scores_then_topk_is_a_sparse_decode_slot_list(impl):
+    """The indexer's output feeds sparse decode: every listed slot holds one of the row's
+    visible tokens, none twice, and -1 after the last."""
+    case = IndexCase(3, 4, 32, 16, (50, 9), "bf16", seqlens_q=(3, 2), seed=8)
+    args, _ = case.build()
+    scores = impl.index_scores(**args)
+    indices, counts = impl.index_topk(scores, 16, args["block_table"], case.page_size)
+    table, p = args["block_table"], case.page_size
+    for r, length in enumerate(case.lens):
+        n = case.s_q if case.seqlens_q is None else case.seqlens_q[r]
+        for i in range(case.s_q):
+            seen = max(length - n + i + 1, 0) if i < n else 0
+            visible = {table[r, j // p].item() * p + j % p for j in range(seen)}
+            listed = indices[r, i, : counts[r, i]].tolist()
+            assert counts[r, i] == min(16, seen) and len(set(listed)) == len(listed) and set(listed) <= visible
+            assert (indices[r, i, counts[r, i] :] == -1).all()
+
+
+def scores_args() -> dict:
+    return IndexCase(2, 4, 32, 4, (5, 9), "fp32", seqlens_q=(2, 1)).build()[0]
+
+
+def replace(**changes):
+    return lambda a: a.update({k: v(a) if callable(v) else v for k, v in changes.items()})
+
+
+BAD_SCORES = [
+    pytest.param(replace(q=lambda a: a["q"].double().half()), TypeError, r"index_cache dtype torch.float32 must match q dtype torch.float16", id="cache-dtype"),
+    pytest.param(replace(q=lambda a: a["q"].int()), TypeError, r"q must be bfloat16, float16 or float32 .* got torch.int32", id="q-dtype"),
+    pytest.param(replace(q=lambda a: a["q"][0]), ValueError, r"q must be \[b, s_q, heads, dim\], got shape \(2, 4, 32\)", id="q-rank"),
+    pytest.param(replace(q=lambda a: a["q"][..., :16]), ValueError, r"index_cache must be \[num_pages, page_size, 1, 16\] .* got shape \(\d+, 4, 1, 32\)", id="dim-mismatch"),
+    pytest.param(replace(weights=lambda a: a["weights"].bfloat16()), TypeError, r"weights must be float32 \[b, s_q, heads\], got torch.bfloat16", id="weights-dtype"),
+    pytest.param(replace(weights=lambda a: a["weights"][:, :, :3]), ValueError, r"weights must be \[b=2, s_q=2, heads=4\], got shape \(2, 2, 3\)", id="weights-shape"),
+    pytest.param(replace(index_cache=lambda a: a["index_cache"].view(torch.uint8)), TypeError, r"index_cache is torch.uint8 but is_fp8=False", id="fp8-cache-unflagged"),
+    pytest.param(replace(is_fp8=True), ValueError, r"index_cache must be \[num_pages, page_size, 1, 36\] \(FP8 rows", id="plain-cache-as-fp8"),
+    pytest.param(replace(is_fp8=1), TypeError, r"is_fp8 must be a bool, got 1", id="fp8-flag-type"),
+    pytest.param(replace(block_table=lambda a: a["block_table"].long()), TypeError, r"block_table must be an int32 tensor \[b, max_pages\], got torch.int64", id="table-dtype"),
+    pytest.param(replace(cache_seqlens=lambda a: a["cache_seqlens"][:1]), ValueError, r"batch mismatch: q has 2, block_table 2, cache_seqlens 1", id="lengths-batch"),
+    pytest.param(replace(max_seqlen=8), ValueError, r"max_seqlen = 8 is below cache_seqlens\[1\] = 9", id="max-seqlen-short"),
+    pytest.param(replace(max_seqlen=9.0), ValueError, r"max_seqlen must be an int >= 0, got 9.0", id="max-seqlen-float"),
+    pytest.param(replace(seqlens_q=torch.tensor([2, 3], dtype=torch.int32)), ValueError, r"seqlens_q\[1\] = 3 is outside \[0, s_q = 2\]", id="seqlens-q-value"),
+    pytest.param(replace(cache_seqlens=torch.tensor([5, 90], dtype=torch.int32), max_seqlen=90), ValueError, r"block_table has \d+ columns but the longest sequence \(90 tokens", id="table-short"),
+    pytest.param(lambda a: a["block_table"].__setitem__((0, 0), -3), ValueError, r"block_table\[0, 0\] = -3 is outside \[0, \d+\)", id="page-id"),
+]
+
+
+@pytest.mark.parametrize("mutate,error,message", BAD_SCORES)
+def test_bad_scores_arguments_raise_the_same_error(mutate, error, message):
+    errors = []
+    for impl in TWINS.values():
+        args = scores_args()
+        mutate(args)
+        with pytest.raises(error, match=message) as info:
+            impl.index_scores(**args)
+        errors.append(str(info.value))
+    assert len(set(errors)) == 1, errors
+
+
+BAD_TOPK = [
+    pytest.param(dict(topk=0), ValueError, r"topk must be an int >= 1, got 0", id="topk-zero"),
+    pytest.param(dict(topk=True), ValueError, r"topk must be an int >= 1, got True", id="topk-bool"),
+    pytest.param(dict(scores=torch.zeros(2, 3, 8, dtype=torch.float64)), TypeError, r"scores must be a float32 tensor \[b, s_q, n\], got torch.float64", id="scores-dtype"),
+    pytest.param(dict(scores=torch.zeros(6, 8)), TypeError, r"scores must be a float32 tensor \[b, s_q, n\], got torch.float32 tensor of shape \(6, 8\)", id="scores-rank"),
+    pytest.param(dict(block_table=torch.zeros(2, 2, dtype=torch.int32)), ValueError, r"block_table and page_size come together", id="table-without-page"),
+    pytest.param(dict(block_table=torch.zeros(3, 2, dtype=torch.int32), page_size=4), ValueError, r"block_table must be \[b=2, max_pages\], got shape \(3, 2\)", id="table-batch"),
+    pytest.param(dict(block_table=torch.zeros(2, 2, dtype=torch.int32), page_size=0), ValueError, r"page_size must be an int >= 1, got 0", id="page-size"),
+]
+
+
+@pytest.mark.parametrize("changes,error,message", BAD_TOPK)
+def test_bad_topk_arguments_raise_the_same_error(changes, error, message):
+    errors = []
+    for impl in TWINS.values():
+        args = dict(scores=torch.zeros(2, 3, 8), topk=4) | changes
+        with pytest.raises(error, match=message) as info:
+            impl.index_topk(**args)
+        errors.append(str(info.value))
+    assert len(set(errors)) == 1, errors
