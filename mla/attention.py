@@ -18,6 +18,17 @@ multiply-add count shared with `mla.hf`):
   token once is shared by all queries.
 - training (`cache=None`): the same decompressed form over the fresh latents of whole
   sequences, causal, through autograd (a cache write would cut the gradient).
+
+DeepSeek-V3.2 sparse attention (config.has_indexer): a lightning indexer (`Indexer`) scores
+every visible cached token for each query and the query attends only the index_topk best, in
+every form: absorbed decode through the sparse kernel over the chosen slots, prefill and
+training through a mask of the chosen positions. Semantics, as in DeepSeek's reference code
+(inference/model.py of DeepSeek-V3.2-Exp): query t chooses among the positions it can see
+(<= t), so one-shot prefill and token-by-token decode choose alike; fewer than index_topk
+visible positions means all of them. transformers 5.24's DeepseekV32 follows the same rule in
+its one-shot forward, but its cached decode does not agree with it once the context exceeds
+index_topk (see the README); our tests hold our decode to our own one-shot forward, and to
+transformers only where transformers agrees with itself (index_topk >= context).
 """
 
 from __future__ import annotations
@@ -51,6 +62,53 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+class Indexer(nn.Module):
+    """DeepSeek-V3.2's lightning indexer: which cached tokens each query attends.
+
+    For query token t and cached token j (positions j <= t):
+        q_I = wq_b(q_resid) as index_n_heads heads of index_head_dim, k_I = k_norm(wk(x_j)),
+        both roped on their first qk_rope_head_dim channels in the half-split (not interleaved)
+        layout, w = weights_proj(x_t) * index_n_heads^-0.5 * index_head_dim^-0.5,
+        score(t, j) = sum_h w[h] * relu(q_I[h] . k_I).
+    DeepSeek's inference code also rotates q_I and k_I by a Hadamard transform before scoring
+    them in FP8; the transform is orthogonal, so in exact arithmetic the scores are these.
+
+    Parameters (transformers' DeepseekV32Indexer names): wq_b [H * D, q_lora_rank], wk [D, hidden],
+    k_norm (LayerNorm with bias, eps 1e-6), weights_proj [H, hidden].
+    """
+
+    def __init__(self, config: MLAConfig):
+        super().__init__()
+        c = config
+        self.config = config
+        self.wq_b = nn.Linear(c.q_lora_rank, c.index_n_heads * c.index_head_dim, bias=False)
+        self.wk = nn.Linear(c.hidden_size, c.index_head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(c.index_head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(c.hidden_size, c.index_n_heads, bias=False)
+
+    def forward(self, hidden_states, q_resid, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden_states [b, s, hidden], q_resid [b, s, q_lora_rank], float32 rotary tables
+        [b or 1, s, dr / 2] -> (q_I [b, s, H, D], k_I [b, s, D] in hidden_states' dtype, head
+        weights float32 [b, s, H]). Reads only the parameters and config fields transformers'
+        DeepseekV32Indexer has too, so `mla.hf` runs it on that module."""
+        c = self.config
+        b, s, _ = hidden_states.shape
+        q = self.wq_b(q_resid).view(b, s, c.index_n_heads, c.index_head_dim)
+        q_pe, q_rest = q.split([c.qk_rope_head_dim, c.index_head_dim - c.qk_rope_head_dim], -1)
+        q = torch.cat([apply_rope(q_pe, cos[:, :, None], sin[:, :, None], False), q_rest], dim=-1)
+        k = self.k_norm(self.wk(hidden_states))
+        k_pe, k_rest = k.split([c.qk_rope_head_dim, c.index_head_dim - c.qk_rope_head_dim], -1)
+        k = torch.cat([apply_rope(k_pe, cos, sin, False), k_rest], dim=-1)
+        # DeepSeek keeps weights_proj in float32 (transformers too: _keep_in_fp32_modules)
+        weights = self.weights_proj(hidden_states.to(self.weights_proj.weight.dtype)).float()
+        weights = weights * (c.index_n_heads * c.index_head_dim) ** -0.5
+        return q, k, weights
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"heads={c.index_n_heads}, head_dim={c.index_head_dim}, topk={c.index_topk}"
+
+
 class MLAttention(nn.Module):
     """Multi-head latent attention with the parameters of transformers' DeepseekV3Attention.
 
@@ -65,7 +123,8 @@ class MLAttention(nn.Module):
     Parameters (names as in transformers, so its state dicts load as they are):
         q_proj [h * qk_head_dim, hidden] when q_lora_rank is None, else q_a_proj, q_a_layernorm,
         q_b_proj; kv_a_proj_with_mqa [r + dr, hidden], kv_a_layernorm [r], kv_b_proj
-        [h * (nope + v), r], o_proj [hidden, h * v].
+        [h * (nope + v), r], o_proj [hidden, h * v]; with config.has_indexer (DeepSeek-V3.2) also
+        `indexer` (`Indexer`, transformers' DeepseekV32Attention names).
     """
 
     def __init__(self, config: MLAConfig, layer_idx: int = 0, backend: str | None = None):
@@ -90,10 +149,11 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(h * c.v_head_dim, c.hidden_size, bias=bias)
         self.rotary = RotaryEmbedding(config)
         self.softmax_scale = softmax_scale(config)
+        self.indexer = Indexer(config) if c.has_indexer else None
 
     @classmethod
     def from_hf(cls, hf_attention: nn.Module, backend: str | None = None) -> MLAttention:
-        """Copy a transformers DeepseekV2Attention / DeepseekV3Attention (weights, dtype, device)."""
+        """Copy a transformers DeepseekV2Attention / V3Attention / V32Attention (weights, dtype, device)."""
         config = MLAConfig.from_hf(hf_attention.config)
         module = cls(config, hf_attention.layer_idx, backend=backend)
         weight = hf_attention.kv_b_proj.weight
@@ -153,12 +213,18 @@ class MLAttention(nn.Module):
 
     def _forward_planned(self, hidden_states: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         b, s, _ = hidden_states.shape
-        q_nope, q_pe, latent, k_pe = self._project(hidden_states, plan.cos, plan.sin)
+        q_nope, q_pe, latent, k_pe, q_resid = self._project(hidden_states, plan.cos, plan.sin)
         plan.write(self.layer_idx, latent.reshape(b * s, -1), k_pe.reshape(b * s, -1))
+        chosen = None
+        if self.indexer is not None:
+            q_index, k_index, weights = self.indexer(hidden_states, q_resid, plan.cos, plan.sin)
+            plan.write_index(self.layer_idx, k_index.reshape(b * s, -1))
+            chosen, _ = plan.select(self.layer_idx, q_index, weights, self.config.index_topk, as_slots=plan.absorbed)
         if plan.absorbed:
-            out = self._attend_absorbed(q_nope, q_pe, plan)
+            out = self._attend_absorbed(q_nope, q_pe, plan, chosen)
         else:
-            out = self._attend_decompressed(q_nope, q_pe, plan)
+            visible = plan.visible() if chosen is None else _chosen_mask(chosen, plan.visible())
+            out = self._attend_decompressed(q_nope, q_pe, plan, visible)
         return self.o_proj(out.flatten(2))  # [b, s, h * v] -> [b, s, hidden]
 
     def _forward_uncached(self, hidden_states, positions) -> torch.Tensor:
@@ -167,23 +233,48 @@ class MLAttention(nn.Module):
         if positions is None:
             positions = torch.arange(s, device=hidden_states.device)[None]  # [1, s], broadcast over b
         cos, sin = self.rotary(positions.to(hidden_states.device))
-        q_nope, q_pe, latent, k_pe = self._project(hidden_states, cos, sin)
+        q_nope, q_pe, latent, k_pe, q_resid = self._project(hidden_states, cos, sin)
         k, v = self._decompress(latent, k_pe)
         q = torch.cat([q_nope, q_pe], dim=-1)  # [b, s, h, qk]
+        if self.indexer is None:
+            mask, causal = None, True
+        else:
+            mask, causal = self._select_uncached(hidden_states, q_resid, cos, sin)[:, None], False
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
-        )  # [b, h, s, v]
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal,
+            scale=self.softmax_scale,
+        )  # fmt: skip  # [b, h, s, v]
         return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    def _select_uncached(self, hidden_states, q_resid, cos, sin) -> torch.Tensor:
+        """The indexer's choice among the s fresh tokens of each sequence (causal), as a bool
+        mask [b, s, s]: the reference selection over the keys viewed as one page per sequence."""
+        from mla.reference.indexer import index_scores, index_topk
+
+        b, s, _ = hidden_states.shape
+        q_index, k_index, weights = self.indexer(hidden_states, q_resid, cos, sin)
+        if k_index.dtype == torch.float64:  # scored in float32, as a cache of a float64 model stores them
+            q_index, k_index = q_index.float(), k_index.float()
+        table = torch.arange(b, dtype=torch.int32, device=hidden_states.device)[:, None]
+        lengths = torch.full((b,), s, dtype=torch.int32, device=hidden_states.device)
+        with torch.no_grad():  # a choice of positions: nothing to differentiate
+            scores = index_scores(q_index, weights, k_index[:, :, None], table, lengths, s)
+            positions, _ = index_topk(scores, self.config.index_topk)
+        causal = torch.ones(s, s, dtype=torch.bool, device=hidden_states.device).tril()
+        return _chosen_mask(positions, causal.expand(b, s, s))
 
     def _project(self, hidden_states, cos, sin):
         """[b, s, hidden] and float32 rotary tables [b or 1, s, dr / 2] -> q_nope [b, s, h, nope],
-        roped q_pe [b, s, h, dr], normalized latent [b, s, r], roped k_pe [b, s, dr]."""
+        roped q_pe [b, s, h, dr], normalized latent [b, s, r], roped k_pe [b, s, dr], and the
+        compressed query q_resid [b, s, q_lora_rank] (None without q_lora_rank), which the indexer reads."""
         cfg = self.config
         b, s, _ = hidden_states.shape
+        q_resid = None
         if cfg.q_lora_rank is None:
             q = self.q_proj(hidden_states)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+            q_resid = self.q_a_layernorm(self.q_a_proj(hidden_states))
+            q = self.q_b_proj(q_resid)
         q = q.view(b, s, cfg.num_heads, cfg.qk_head_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], -1)
         q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None], cfg.rope_interleave)
@@ -191,7 +282,7 @@ class MLAttention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], -1)
         latent = self.kv_a_layernorm(latent)
         k_pe = apply_rope(k_pe, cos, sin, cfg.rope_interleave)
-        return q_nope, q_pe, latent, k_pe
+        return q_nope, q_pe, latent, k_pe, q_resid
 
     def _decompress(self, latent, k_pe) -> tuple[torch.Tensor, torch.Tensor]:
         """latent [b, L, r], k_pe [b, L, dr] -> per-head K [b, L, h, nope + dr], V [b, L, h, v]."""
@@ -202,24 +293,25 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, cfg.num_heads, -1)], dim=-1)
         return k, v
 
-    def _attend_absorbed(self, q_nope, q_pe, plan: StepPlan) -> torch.Tensor:
+    def _attend_absorbed(self, q_nope, q_pe, plan: StepPlan, indices=None) -> torch.Tensor:
         """[b, s, h, nope], [b, s, h, dr] -> [b, s, h, v]: W_UK folded into q, the plan's decode
-        attention over the latent cache, W_UV applied to its output."""
+        attention over the latent cache (over the slots `indices` when given), W_UV applied to its output."""
         w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)
         q = torch.cat([q_latent, q_pe], dim=-1)  # [b, s, h, r + dr]
-        out = plan.attend(self.layer_idx, q, self.softmax_scale)
+        out = plan.attend(self.layer_idx, q, self.softmax_scale, indices)
         return torch.einsum("bshr,hvr->bshv", out.to(q_nope.dtype), w_uv)
 
-    def _attend_decompressed(self, q_nope, q_pe, plan: StepPlan) -> torch.Tensor:
-        """[b, s, h, nope], [b, s, h, dr] -> [b, s, h, v]: decompress the gathered cache, masked SDPA."""
+    def _attend_decompressed(self, q_nope, q_pe, plan: StepPlan, visible: torch.Tensor) -> torch.Tensor:
+        """[b, s, h, nope], [b, s, h, dr] -> [b, s, h, v]: decompress the gathered cache, SDPA
+        masked by `visible` (bool [b, s, max_seqlen])."""
         cfg = self.config
         latent, k_pe = plan.context(self.layer_idx, q_nope.dtype).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], -1)
         k, v = self._decompress(latent, k_pe)  # [b, L, h, qk], [b, L, h, v]
         q = torch.cat([q_nope, q_pe], dim=-1)  # [b, s, h, qk]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=plan.visible()[:, None], scale=self.softmax_scale,
+            attn_mask=visible[:, None], scale=self.softmax_scale,
         )  # fmt: skip  # [b, h, s, v]
         return out.transpose(1, 2)
 
@@ -268,10 +360,25 @@ def check_cache(cache, config: MLAConfig, num_layers: int, device: torch.device)
         got = getattr(cache, name)
         if got != want:
             raise ValueError(f"cache {name} is {got}, the layers need {want}: the cache was built for another config")
+    if config.has_indexer and cache.index_head_dim != config.index_head_dim:
+        raise ValueError(
+            f"cache index_head_dim is {cache.index_head_dim}, the layers' indexer needs {config.index_head_dim}: "
+            "build the cache with LatentCache(..., index_head_dim=config.index_head_dim) (or model.new_cache)"
+        )
     if cache.num_layers < num_layers:
         raise ValueError(f"cache has {cache.num_layers} layers, the model needs {num_layers}")
     if cache.pages[0].device != device:
         raise ValueError(f"cache is on {cache.pages[0].device} but hidden_states are on {device}")
+
+
+def _chosen_mask(positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """bool [b, s, L]: True at the chosen positions (int [b, s, k], -1 = none). A column that
+    chose nothing (a ragged step's padding) keeps `visible`, so its softmax stays finite."""
+    b, s, length = visible.shape
+    slot = torch.where(positions >= 0, positions.long(), length)  # -1 -> a dropped extra column
+    chosen = torch.zeros(b, s, length + 1, dtype=torch.bool, device=visible.device)
+    chosen = chosen.scatter(2, slot, True)[..., :length]
+    return torch.where(chosen.any(-1, keepdim=True), chosen, visible)
 
 
 def _describe(x) -> str:

@@ -6,7 +6,9 @@ shared key k_pe [rope_dim] (576 values for DeepSeek-V3). They live in fixed-size
 a free list; each sequence owns an ordered list of pages (its block table row) and a length.
 Token t of a sequence sits at row t % page_size of its page t // page_size. How a row is laid
 out (plain bf16/fp16/fp32, or the 656-byte FP8 row) belongs to the cache's `format`
-(`mla.formats`).
+(`mla.formats`). A DeepSeek-V3.2 cache (`index_head_dim` given) also holds each token's
+lightning-indexer key, `index_pages[layer]`, at the same slot: one block table, so a reservation,
+truncation or free covers latents and index keys together.
 
 Bookkeeping is on the host; `plan` turns it into the device tables of one forward step
 (`mla.plan.StepPlan`), validating the sequence ids once.
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from mla import ops
 from mla.backend import check_backend, resolve_backend
-from mla.formats import cache_format
+from mla.formats import cache_format, index_key_format
 from mla.plan import StepPlan
 from mla.reference.cache import check_write_args
 
@@ -64,6 +66,10 @@ class LatentCache:
         backend: "triton" (the write kernels; CUDA or TRITON_INTERPRET=1), "reference"
             (PyTorch indexing) or None: the rule of `mla.backend`. Plans of this cache use it
             unless the model names its own.
+        index_head_dim: None, or the width of DeepSeek-V3.2's indexer key (128): the cache then
+            also stores one key per token per layer, in `index_format`
+            (`mla.formats.index_key_format`: the dtype's plain row, or 132-byte FP8 with an FP8
+            cache).
 
     Attributes:
         pages: tuple of num_layers tensors [num_pages, page_size, 1, row_width], the `k_cache`
@@ -72,6 +78,9 @@ class LatentCache:
         format: the row format (`mla.formats`): bytes per token, offsets, pack / unpack.
         dtype: the dtype given; torch.float8_e4m3fn for an FP8 cache.
         is_fp8: whether rows are FP8 (`flash_mla_with_kvcache(..., is_fp8_kvcache=cache.is_fp8)`).
+        index_pages: with index_head_dim, num_layers tensors [num_pages, page_size, 1,
+            index_format.row_width] of indexer keys; else ().
+        index_format: the indexer key row format, or None.
 
     A forward step: `reserve(ids, s)`, then `plan(ids, s, config)` (slots, block table, lengths,
     positions, rotary tables, kernel schedule, backend: what every layer reads), then per layer
@@ -89,6 +98,7 @@ class LatentCache:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
         backend: str | None = None,
+        index_head_dim: int | None = None,
     ):
         self.num_layers = _positive("num_layers", num_layers)
         self.num_pages = _positive("num_pages", num_pages)
@@ -100,6 +110,11 @@ class LatentCache:
         self.dtype = self.format.dtype
         self.device = torch.device(device)
         self.pages = tuple(self.format.allocate(self.num_pages, self.page_size, self.device) for _ in range(num_layers))
+        self.index_head_dim = None if index_head_dim is None else _positive("index_head_dim", index_head_dim)
+        self.index_format = None if index_head_dim is None else index_key_format(dtype, self.index_head_dim)
+        self.index_pages = tuple(
+            self.index_format.allocate(self.num_pages, self.page_size, self.device) for _ in range(num_layers)
+        ) if self.index_format else ()  # fmt: skip
         # A stack: pop() hands out page 0 first and reuses the most recently freed page.
         self._free: list[int] = list(range(self.num_pages - 1, -1, -1))
         self._seq_pages: dict[int, list[int]] = {}
@@ -114,8 +129,9 @@ class LatentCache:
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes one token occupies in one layer (DeepSeek-V3: 576 * 2 = 1152 in bf16, 656 in FP8)."""
-        return self.format.bytes_per_token
+        """Bytes one token occupies in one layer, latent row plus indexer key (DeepSeek-V3: 576 * 2
+        = 1152 in bf16, 656 in FP8; DeepSeek-V3.2: 1152 + 256 and 656 + 132)."""
+        return self.format.bytes_per_token + (self.index_format.bytes_per_token if self.index_format else 0)
 
     @property
     def is_fp8(self) -> bool:
@@ -279,7 +295,8 @@ class LatentCache:
         slots = table.gather(1, pos // self.page_size) * self.page_size + pos % self.page_size
         return slots.flatten().to(self.device)
 
-    def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
+    def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+              index_keys: torch.Tensor | None = None) -> None:  # fmt: skip
         """Store one layer's rows for n tokens.
 
         Args:
@@ -289,14 +306,30 @@ class LatentCache:
             latent: [n, kv_lora_rank] normalized latent, in the cache dtype; for an FP8 cache
                 bfloat16, float16 or float32, quantized on the way in.
             k_pe: [n, rope_dim] roped key, like latent (FP8: stored as bfloat16).
+            index_keys: [n, index_head_dim] indexer keys, any float dtype: required exactly when
+                the cache has index keys (so a row's latent and key are always written together).
         """
         layer = self._check_layer(layer)
         # The writers infer the split from the inputs; only the cache knows the real one.
         for name, t, channels in (("latent", latent, self.kv_lora_rank), ("k_pe", k_pe, self.rope_dim)):
             if t.dim() != 2 or t.shape[1] != channels:
                 raise ValueError(f"{name} must be [n, {channels}], got shape {tuple(t.shape)}")
+        if (index_keys is None) != (self.index_format is None):
+            raise ValueError(
+                f"index_keys must be given exactly when the cache holds indexer keys (index_head_dim="
+                f"{self.index_head_dim}), got {'none' if index_keys is None else tuple(index_keys.shape)}"
+            )
         check_write_args(self.pages[layer], slots, latent, k_pe, fp8=self.is_fp8)
+        if index_keys is not None:
+            if not isinstance(index_keys, torch.Tensor) or not index_keys.is_floating_point():
+                raise TypeError(f"index_keys must be a float tensor, got {index_keys!r}")
+            if tuple(index_keys.shape) != (slots.shape[0], self.index_head_dim):
+                raise ValueError(
+                    f"index_keys must be [n={slots.shape[0]}, {self.index_head_dim}], got {tuple(index_keys.shape)}"
+                )
         ops.write(self.format, self.pages[layer], slots, latent, k_pe, resolve_backend(self.backend, self.device))
+        if index_keys is not None:
+            ops.write_index(self.index_format, self.index_pages[layer], slots, index_keys.to(self.device))
 
     def read(self, layer: int, sid: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All `length(sid)` rows of one layer: (latent [L, kv_lora_rank], k_pe [L, rope_dim]).
@@ -309,6 +342,17 @@ class LatentCache:
         slots = self.slot_mapping([sid], torch.arange(self._lengths[sid])[None])
         pages = self.pages[layer]
         return self.format.unpack(pages[slots // self.page_size, slots % self.page_size, 0])
+
+    def read_index(self, layer: int, sid: int) -> torch.Tensor:
+        """All `length(sid)` indexer keys of one layer: [L, index_head_dim] in the cache dtype
+        (an FP8 cache: float32, the dequantized keys exactly)."""
+        if self.index_format is None:
+            raise ValueError("this cache holds no indexer keys (index_head_dim=None)")
+        layer = self._check_layer(layer)
+        sid = self._check_id(sid)
+        slots = self.slot_mapping([sid], torch.arange(self._lengths[sid])[None])
+        rows = self.index_pages[layer][slots // self.page_size, slots % self.page_size, 0]
+        return self.index_format.unpack(rows)[0]
 
     def block_table(self, seq_ids: Iterable[int]) -> torch.Tensor:
         """int32 [b, max pages owned by these sequences] page ids, padded with 0.
@@ -326,6 +370,7 @@ class LatentCache:
         return (
             f"LatentCache(num_layers={self.num_layers}, num_pages={self.num_pages}, page_size={self.page_size}, "
             f"kv_lora_rank={self.kv_lora_rank}, rope_dim={self.rope_dim}, dtype={self.dtype}, device={self.device}, "
+            f"index_head_dim={self.index_head_dim}, "
             f"sequences={len(self._lengths)}, free_pages={len(self._free)})"
         )
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mla.formats import cache_format, is_fp8_dtype
+from mla.formats import cache_format, index_key_format, is_fp8_dtype
 
 # YaRN keys with their defaults when absent (beta_fast/beta_slow as in the YaRN paper,
 # mscale/mscale_all_dim as in DeepSeek's reference code).
@@ -67,6 +67,12 @@ class MLAConfig:
             kv_a_layernorm use 1e-6 regardless, as DeepSeek's and transformers' code do.)
         attention_bias: bias on q_a_proj, kv_a_proj_with_mqa and o_proj (as transformers).
 
+    DeepSeek-V3.2 sparse attention (all three set, or all None for V2/V3; `mla.attention.Indexer`):
+        index_n_heads: heads of the lightning indexer (64 in V3.2).
+        index_head_dim: width of its query heads and of its one cached key per token (128); the
+            first qk_rope_head_dim channels are roped.
+        index_topk: cached tokens each query attends, chosen by the indexer (2048).
+
     Language model (`mla.MLAForCausalLM`, every layer a dense SwiGLU MLP):
         vocab_size, num_hidden_layers, intermediate_size, max_position_embeddings,
         tie_word_embeddings.
@@ -84,6 +90,9 @@ class MLAConfig:
     rope_interleave: bool = True
     rms_norm_eps: float = 1e-6
     attention_bias: bool = False
+    index_n_heads: int | None = None
+    index_head_dim: int | None = None
+    index_topk: int | None = None
     vocab_size: int = 129280
     num_hidden_layers: int = 61
     intermediate_size: int = 18432
@@ -109,10 +118,35 @@ class MLAConfig:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        self._check_indexer()
         if self.rope_scaling is not None:
             if not isinstance(self.rope_scaling, dict):
                 raise ValueError(f"rope_scaling must be a dict or None, got {self.rope_scaling!r}")
             object.__setattr__(self, "rope_scaling", _check_yarn(self.rope_scaling))
+
+    def _check_indexer(self) -> None:
+        fields = {name: getattr(self, name) for name in ("index_n_heads", "index_head_dim", "index_topk")}
+        given = [name for name, value in fields.items() if value is not None]
+        if not given:
+            return
+        if len(given) < 3:
+            missing = sorted(set(fields) - set(given))
+            raise ValueError(f"the indexer needs index_n_heads, index_head_dim and index_topk; {missing} are None")
+        for name, value in fields.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.index_head_dim < self.qk_rope_head_dim:
+            raise ValueError(
+                f"index_head_dim={self.index_head_dim} must hold the qk_rope_head_dim={self.qk_rope_head_dim} "
+                "roped channels of the indexer's queries and keys"
+            )
+        if self.q_lora_rank is None:
+            raise ValueError("the indexer reads the compressed query, so index_* fields need a q_lora_rank")
+
+    @property
+    def has_indexer(self) -> bool:
+        """Whether the layers are DeepSeek-V3.2 sparse attention (a lightning indexer picks index_topk tokens)."""
+        return self.index_topk is not None
 
     @property
     def qk_head_dim(self) -> int:
@@ -125,15 +159,26 @@ class MLAConfig:
         return self.kv_lora_rank + self.qk_rope_head_dim
 
     def kv_bytes_per_token(self, dtype: torch.dtype | str = torch.bfloat16) -> int:
-        """Bytes of latent cache per token per layer, as `mla.LatentCache(..., dtype).bytes_per_token`.
+        """Bytes of cache per token per layer, as `mla.LatentCache(..., dtype).bytes_per_token`:
+        the latent row plus, with an indexer, the indexer key (`index_bytes_per_token`).
 
-        bfloat16 / float16 / float32: (kv_lora_rank + qk_rope_head_dim) * itemsize (1152 for
-        DeepSeek-V3 in bf16). "fp8" or torch.float8_e4m3fn, the FP8 cache: kv_lora_rank bytes
-        of codes + 4 per float32 scale (one per min(128, kv_lora_rank) latent values) + 2 *
-        qk_rope_head_dim bytes of bfloat16 k_pe (656 for DeepSeek-V3). ValueError for a dtype or
+        Latent row, bfloat16 / float16 / float32: (kv_lora_rank + qk_rope_head_dim) * itemsize
+        (1152 for DeepSeek-V3 in bf16). "fp8" or torch.float8_e4m3fn, the FP8 cache: kv_lora_rank
+        bytes of codes + 4 per float32 scale (one per min(128, kv_lora_rank) latent values) + 2 *
+        qk_rope_head_dim bytes of bfloat16 k_pe (656 for DeepSeek-V3). DeepSeek-V3.2 adds 256
+        (bf16) or 132 (FP8) bytes of indexer key: 1408 and 788. ValueError for a dtype or
         dimensions the format cannot hold (`mla.formats`).
         """
-        return cache_format(dtype, self.kv_lora_rank, self.qk_rope_head_dim).bytes_per_token
+        latent = cache_format(dtype, self.kv_lora_rank, self.qk_rope_head_dim).bytes_per_token
+        return latent + self.index_bytes_per_token(dtype)
+
+    def index_bytes_per_token(self, dtype: torch.dtype | str = torch.bfloat16) -> int:
+        """Bytes of the indexer key per token per layer in a cache of `dtype` (the keys follow
+        the latents: FP8 with FP8, else the same dtype): index_head_dim * itemsize, or in FP8
+        index_head_dim + 4 per 128 channels (132 for V3.2); 0 without an indexer."""
+        if not self.has_indexer:
+            return 0
+        return index_key_format(dtype, self.index_head_dim).bytes_per_token
 
     def mha_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """Bytes per token per layer of a standard cache of decompressed per-head K and V:
@@ -156,16 +201,24 @@ class MLAConfig:
         return cls(**{**_DEEPSEEK_V2_LITE, **overrides})
 
     @classmethod
+    def deepseek_v32(cls, **overrides) -> MLAConfig:
+        """DeepSeek-V3.2: DeepSeek-V3's dimensions plus the lightning indexer (64 heads of 128,
+        top-2048)."""
+        return cls(**{**_DEEPSEEK_V3, **_V32_INDEXER, **overrides})
+
+    @classmethod
     def from_hf(cls, hf_config) -> MLAConfig:
-        """From a transformers DeepseekV2Config or DeepseekV3Config.
+        """From a transformers DeepseekV2Config, DeepseekV3Config or DeepseekV32Config.
 
         transformers 5 keeps RoPE settings in `rope_parameters` ({"rope_type", "rope_theta",
         and the YaRN keys}). DeepSeek-V2 has no `rope_interleave` field: its rotary embedding
         multiplies interleaved pairs as complex numbers, which is rope_interleave=True.
         """
         model_type = getattr(hf_config, "model_type", None)
-        if model_type not in ("deepseek_v2", "deepseek_v3"):
-            raise ValueError(f"expected a DeepseekV2Config or DeepseekV3Config, got model_type {model_type!r}")
+        if model_type not in ("deepseek_v2", "deepseek_v3", "deepseek_v32"):
+            raise ValueError(
+                f"expected a DeepseekV2Config, DeepseekV3Config or DeepseekV32Config, got model_type {model_type!r}"
+            )
         rope = dict(hf_config.rope_parameters or {})
         rope_theta = rope.pop("rope_theta", 10000.0)
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
@@ -192,6 +245,7 @@ class MLAConfig:
             rope_interleave=bool(getattr(hf_config, "rope_interleave", True)),
             rms_norm_eps=hf_config.rms_norm_eps,
             attention_bias=hf_config.attention_bias,
+            **{name: getattr(hf_config, name) for name in _V32_INDEXER if model_type == "deepseek_v32"},
             vocab_size=hf_config.vocab_size,
             num_hidden_layers=hf_config.num_hidden_layers,
             intermediate_size=hf_config.intermediate_size,
@@ -237,6 +291,7 @@ _DEEPSEEK_V2 = dict(
     rms_norm_eps=1e-6, vocab_size=102400, num_hidden_layers=60, intermediate_size=12288,
     max_position_embeddings=163840,
 )  # fmt: skip
+_V32_INDEXER = dict(index_n_heads=64, index_head_dim=128, index_topk=2048)
 _DEEPSEEK_V2_LITE = {
     **_DEEPSEEK_V2,
     **dict(hidden_size=2048, num_heads=16, q_lora_rank=None, num_hidden_layers=27, intermediate_size=10944),

@@ -1,12 +1,13 @@
-"""`mla.hf.patch`: transformers' DeepSeek-V2/V3 models decoding on our paged latent cache.
+"""`mla.hf.patch`: transformers' DeepSeek-V2/V3/V3.2 models decoding on our paged latent cache.
 
 transformers keeps the model (embeddings, dense MLPs and MoE blocks, norms, LM head,
 `generate()`); `patch` makes the attention and the KV cache ours. Every DeepseekV2Attention /
-DeepseekV3Attention becomes an adapter subclass (same object, same parameters), and `generate()`
-creates an `MLACache`: a transformers `Cache` that holds an `mla.LatentCache` (paged; bfloat16,
-float16, float32 or FlashMLA's 656-byte FP8 rows). One model forward with that cache:
+DeepseekV3Attention / DeepseekV32Attention becomes an adapter subclass (same object, same
+parameters), and `generate()` creates an `MLACache`: a transformers `Cache` that holds an
+`mla.LatentCache` (paged; bfloat16, float16, float32 or FlashMLA's 656-byte FP8 rows; for
+V3.2 also each token's indexer key, 132 bytes in FP8). One model forward with that cache:
 
-1. The base model (DeepseekV2Model / DeepseekV3Model) tells the cache a step begins (a forward
+1. The base model (DeepseekV2Model / V3Model / V32Model) tells the cache a step begins (a forward
    pre-hook). The cache reads which new tokens are real from transformers' 2-D attention_mask,
    reserves them in the rows' sequences and builds the step's `mla.plan.StepPlan` once (slots,
    block table, lengths, backend, absorbed or decompressed, kernel schedule).
@@ -15,7 +16,10 @@ float16, float32 or FlashMLA's 656-byte FP8 rows). One model forward with that c
    absorbed form through `flash_mla_with_kvcache` (the Triton kernel on CUDA and under the
    interpreter, the PyTorch reference otherwise) when the shared cost model
    (`mla.backend.absorbed_is_cheaper`) says so (decode, speculative verification), else
-   decompressed over the gathered rows (prefill).
+   decompressed over the gathered rows (prefill). V3.2 layers first run their indexer
+   (`mla.attention.Indexer`'s math on transformers' DeepseekV32Indexer), write its keys and
+   attend only the chosen positions: through the sparse kernel over their slots, or masked in
+   the decompressed form. The choice follows DeepSeek's reference semantics (`mla.attention`).
 3. After the forward the cache commits the step (a forward hook); if the forward raised, the
    reserved tokens are rolled back.
 
@@ -61,12 +65,14 @@ try:
     from transformers import Cache, GenerationMixin
     from transformers.models.deepseek_v2 import modeling_deepseek_v2 as _v2
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as _v3
+    from transformers.models.deepseek_v32 import modeling_deepseek_v32 as _v32
     from transformers.utils.deprecation import deprecate_kwarg
 except ImportError as error:
     raise ImportError(
-        f'mla.hf needs transformers >= 5.24 with DeepSeek-V2/V3: pip install "mla-latent[hf]" ({error})'
+        f'mla.hf needs transformers >= 5.24 with DeepSeek-V2/V3/V3.2: pip install "mla-latent[hf]" ({error})'
     ) from error
 
+from mla.attention import Indexer, _chosen_mask
 from mla.backend import check_backend
 from mla.cache import LatentCache
 from mla.config import MLAConfig
@@ -75,7 +81,10 @@ from mla.plan import StepPlan
 from mla.reference import split_kv_b
 from mla.rope import RotaryEmbedding
 
-__all__ = ["MLACache", "MLADeepseekV2Attention", "MLADeepseekV3Attention", "PatchSettings", "patch", "unpatch"]
+__all__ = [
+    "MLACache", "MLADeepseekV2Attention", "MLADeepseekV3Attention", "MLADeepseekV32Attention", "PatchSettings", "patch",
+    "unpatch",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -156,7 +165,8 @@ class MLACache(Cache):
         num_pages = batch_size * -(-max_length // page_size)
         c = self.mla_config
         self.latent = LatentCache(c.num_hidden_layers, num_pages, page_size, c.kv_lora_rank, c.qk_rope_head_dim,
-                                  dtype=dtype, device=device, backend=check_backend(backend))  # fmt: skip
+                                  dtype=dtype, device=device, backend=check_backend(backend),
+                                  index_head_dim=c.index_head_dim)  # fmt: skip
         self.backend, self.device = backend, self.latent.device
         self._rotary = RotaryEmbedding(c)  # the plan's rotary tables (the adapters use transformers')
         self._rows: list[int] = []  # sequence id of each batch row
@@ -404,7 +414,8 @@ class MLACache(Cache):
         old = self.latent
         num_pages = max(2 * old.num_pages, old.num_pages + deficit)
         new = LatentCache(old.num_layers, num_pages, old.page_size, old.kv_lora_rank, old.rope_dim,
-                          dtype=old.dtype, device=old.device, backend=old.backend)  # fmt: skip
+                          dtype=old.dtype, device=old.device, backend=old.backend,
+                          index_head_dim=old.index_head_dim)  # fmt: skip
         rows = [new.add_sequence() for _ in self._rows]
         for sid, old_sid in zip(rows, self._rows):
             new.reserve([sid], old.length(old_sid))
@@ -461,7 +472,7 @@ def _copy_pages(dst: LatentCache, dst_ids: list[int], src: LatentCache, src_ids:
     """Copy whole pages (every layer) of sequences src_ids into dst_ids, which hold as many
     tokens; the right side is gathered before anything is written, so src may be dst."""
     to, frm = _page_ids(dst, dst_ids), _page_ids(src, src_ids)
-    for dst_pages, src_pages in zip(dst.pages, src.pages):
+    for dst_pages, src_pages in zip(dst.pages + dst.index_pages, src.pages + src.index_pages):
         dst_pages[to] = src_pages[frm]
 
 
@@ -481,12 +492,15 @@ class _MLAAttention:
 
     def _project(self, hidden_states: torch.Tensor, position_embeddings):
         """The original module's projections, [b, s, hidden] -> q_nope [b, s, h, qk_nope], roped
-        q_pe [b, s, h, rope], latent [b, s, r] (after kv_a_layernorm), roped k_pe [b, s, rope]."""
+        q_pe [b, s, h, rope], latent [b, s, r] (after kv_a_layernorm), roped k_pe [b, s, rope],
+        q_resid [b, s, q_lora_rank] (None without q_lora_rank)."""
         batch_size, seq_length = hidden_states.shape[:-1]
+        q_resid = None
         if self.q_lora_rank is None:
             q = self.q_proj(hidden_states)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+            q_resid = self.q_a_layernorm(self.q_a_proj(hidden_states))
+            q = self.q_b_proj(q_resid)
         q = q.view(batch_size, seq_length, -1, self.qk_head_dim).transpose(1, 2)
         q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         compressed = self.kv_a_proj_with_mqa(hidden_states)
@@ -494,14 +508,14 @@ class _MLAAttention:
         latent = self.kv_a_layernorm(latent)
         k_pe = k_pe.view(batch_size, 1, seq_length, self.qk_rope_head_dim)
         q_pe, k_pe = self._rope(q_pe, k_pe, position_embeddings)
-        return q_nope.transpose(1, 2), q_pe.transpose(1, 2), latent, k_pe[:, 0]
+        return q_nope.transpose(1, 2), q_pe.transpose(1, 2), latent, k_pe[:, 0], q_resid
 
     def _forward_cached(self, hidden_states, position_embeddings, cache: MLACache, kwargs):
         """The step's attention: [b, s, hidden] -> (o_proj output [b, s, hidden], weights or None)."""
         step = cache._step
         if step is None:
             raise RuntimeError(
-                "MLACache steps are started by the patched DeepseekV2Model / DeepseekV3Model: call the model, "
+                "MLACache steps are started by the patched DeepseekV2Model / V3Model / V32Model: call the model, "
                 "not its attention module alone"
             )
         if torch.is_grad_enabled() and hidden_states.requires_grad:
@@ -510,7 +524,12 @@ class _MLAAttention:
                 "torch.no_grad() (generate() does), or train without a cache (use_cache=False)"
             )
         b, s, _ = hidden_states.shape
-        q_nope, q_pe, latent, k_pe = self._project(hidden_states, position_embeddings)
+        q_nope, q_pe, latent, k_pe, q_resid = self._project(hidden_states, position_embeddings)
+        indexer = getattr(self, "indexer", None)
+        if indexer is not None:
+            # transformers' tables are cat(freqs, freqs) per position; ours hold one half
+            cos, sin = (t[..., : t.shape[-1] // 2].float() for t in position_embeddings)
+            q_index, k_index, index_weights = Indexer.forward(indexer, hidden_states, q_resid, cos, sin)
         out = q_nope.new_zeros(b, s, self.num_heads, self.v_head_dim)
         weights = None
         if self.config._attn_implementation == "eager" and kwargs.get(
@@ -521,26 +540,41 @@ class _MLAAttention:
             plan = group.plan
             g_nope, g_pe = group.take(q_nope), group.take(q_pe)
             plan.write(self.layer_idx, group.take(latent).flatten(0, 1), group.take(k_pe).flatten(0, 1))
+            chosen = None
+            if indexer is not None:
+                plan.write_index(self.layer_idx, group.take(k_index).flatten(0, 1))
+                chosen, _ = plan.select(self.layer_idx, group.take(q_index), group.take(index_weights),
+                                        self.config.index_topk, as_slots=plan.absorbed)  # fmt: skip
             if plan.absorbed:
-                o = self._attend_absorbed(g_nope, g_pe, plan)
+                o = self._attend_absorbed(g_nope, g_pe, plan, chosen)
+                visible = None
             else:
-                o = self._attend_decompressed(g_nope, g_pe, plan)
+                visible = plan.visible() if chosen is None else _chosen_mask(chosen, plan.visible())
+                o = self._attend_decompressed(g_nope, g_pe, plan, visible)
             _put(out, group, o)
             if weights is not None:
-                _put(weights.transpose(1, 2), group, self._probabilities(g_nope, g_pe, plan, weights.shape[-1]))
+                if visible is None:
+                    visible = plan.visible()
+                    if chosen is not None:  # slots -> positions for the mask
+                        positions, _ = plan.select(self.layer_idx, group.take(q_index), group.take(index_weights),
+                                                   self.config.index_topk, as_slots=False)  # fmt: skip
+                        visible = _chosen_mask(positions, visible)
+                probs = self._probabilities(g_nope, g_pe, plan, weights.shape[-1], visible)
+                _put(weights.transpose(1, 2), group, probs)
         return self.o_proj(out.flatten(2)), weights
 
-    def _attend_absorbed(self, q_nope, q_pe, plan: StepPlan) -> torch.Tensor:
+    def _attend_absorbed(self, q_nope, q_pe, plan: StepPlan, indices=None) -> torch.Tensor:
         """[n, r, h, nope], [n, r, h, rope] -> [n, r, h, v]: W_UK folded into q, the plan's decode
-        attention over the latent cache (`flash_mla_with_kvcache`), W_UV applied to its output."""
+        attention over the latent cache (`flash_mla_with_kvcache`; over the slots `indices` when
+        given), W_UV applied to its output."""
         w_uk, w_uv = self.absorbed_weights()
         q = torch.cat([torch.einsum("bshd,hdr->bshr", q_nope, w_uk), q_pe], dim=-1)  # [n, r, h, r + rope]
-        out = plan.attend(self.layer_idx, q, self.scaling)
+        out = plan.attend(self.layer_idx, q, self.scaling, indices)
         return torch.einsum("bshr,hvr->bshv", out.to(q_nope.dtype), w_uv)
 
-    def _attend_decompressed(self, q_nope, q_pe, plan: StepPlan) -> torch.Tensor:
+    def _attend_decompressed(self, q_nope, q_pe, plan: StepPlan, visible: torch.Tensor) -> torch.Tensor:
         """[n, r, h, nope], [n, r, h, rope] -> [n, r, h, v]: every cached row through kv_b_proj,
-        then SDPA with the causal rule of the plan's lengths."""
+        then SDPA masked by `visible` (bool [n, r, L]: the plan's causal rule, or the indexer's choice)."""
         latent, k_pe = plan.context(self.layer_idx, q_nope.dtype).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
         n, length, _ = latent.shape
         kv = self.kv_b_proj(latent).view(n, length, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
@@ -549,19 +583,18 @@ class _MLAAttention:
         q = torch.cat([q_nope, q_pe], dim=-1)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=plan.visible()[:, None], scale=self.scaling,
+            attn_mask=visible[:, None], scale=self.scaling,
         )  # fmt: skip  # [n, h, r, v]
         return out.transpose(1, 2)
 
-    def _probabilities(self, q_nope, q_pe, plan: StepPlan, columns: int) -> torch.Tensor:
+    def _probabilities(self, q_nope, q_pe, plan: StepPlan, columns: int, visible: torch.Tensor) -> torch.Tensor:
         """Attention probabilities of the group's queries laid out on transformers' mask columns:
         [n, r, h, columns]; row i's L_i tokens are its last L_i columns (left padding)."""
         latent, k_pe = plan.context(self.layer_idx, q_nope.dtype).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
         w_uk, _ = self.absorbed_weights()
         q_latent = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)
         scores = torch.einsum("bshr,blr->bshl", q_latent, latent) + torch.einsum("bshd,bld->bshl", q_pe, k_pe)
-        visible = plan.visible()[:, :, None]  # [n, r, 1, L]
-        scores = (scores * self.scaling).masked_fill(~visible, float("-inf"))
+        scores = (scores * self.scaling).masked_fill(~visible[:, :, None], float("-inf"))  # visible: [n, r, L]
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)  # [n, r, h, L]
         token = torch.arange(columns, device=probs.device) - (columns - plan.seqlens.long()[:, None])  # [n, columns]
         gathered = probs.gather(-1, token.clamp(min=0)[:, None, None].expand(*probs.shape[:3], columns))
@@ -594,6 +627,22 @@ class MLADeepseekV3Attention(_MLAAttention, _v3.DeepseekV3Attention):
         return self._forward_cached(hidden_states, position_embeddings, cache, kwargs)
 
 
+class MLADeepseekV32Attention(_MLAAttention, _v32.DeepseekV32Attention):
+    """DeepseekV32Attention (MLA + lightning indexer) on an `MLACache` (original code with any
+    other cache). Built by `patch`."""
+
+    def _rope(self, q_pe, k_pe, position_embeddings):
+        cos, sin = position_embeddings
+        return _v32.apply_rotary_pos_emb_interleave(q_pe, k_pe, cos, sin)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+        """Same signature and outputs as DeepseekV32Attention.forward: (out [b, s, hidden], weights)."""
+        if not isinstance(cache, MLACache):
+            return super().forward(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
+        return self._forward_cached(hidden_states, position_embeddings, cache, kwargs)
+
+
 class MLADeepseekV2Attention(_MLAAttention, _v2.DeepseekV2Attention):
     """DeepseekV2Attention on an `MLACache` (original code with any other cache). Built by `patch`."""
 
@@ -612,11 +661,12 @@ class MLADeepseekV2Attention(_MLAAttention, _v2.DeepseekV2Attention):
 
 _ADAPTERS = {
     _v3.DeepseekV3Attention: MLADeepseekV3Attention,
+    _v32.DeepseekV32Attention: MLADeepseekV32Attention,
     _v2.DeepseekV2Attention: MLADeepseekV2Attention,
 }
 _ORIGINALS = {adapter: original for original, adapter in _ADAPTERS.items()}
-_BASE_MODELS = (_v2.DeepseekV2Model, _v3.DeepseekV3Model)
-# positional order of DeepseekV2Model.forward / DeepseekV3Model.forward
+_BASE_MODELS = (_v2.DeepseekV2Model, _v3.DeepseekV3Model, _v32.DeepseekV32Model)
+# positional order of DeepseekV2Model.forward / DeepseekV3Model.forward / DeepseekV32Model.forward
 _FORWARD_ARGS = ("input_ids", "attention_mask", "position_ids", "cache", "inputs_embeds")
 
 
@@ -668,16 +718,17 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
 
 
 def patch(model: nn.Module, cache_dtype=None, page_size: int = 64, backend: str | None = None) -> nn.Module:
-    """Make a transformers DeepSeek-V2/V3 model attend through our paged latent cache.
+    """Make a transformers DeepSeek-V2/V3/V3.2 model attend through our paged latent cache.
 
-    In place: every DeepseekV2Attention / DeepseekV3Attention becomes `MLADeepseekV2Attention` /
-    `MLADeepseekV3Attention` (the same objects, parameters, buffers and hooks; state_dict and
-    optimizers are unaffected), the base models (DeepseekV2Model / DeepseekV3Model) get the
+    In place: every DeepseekV2Attention / DeepseekV3Attention / DeepseekV32Attention becomes
+    `MLADeepseekV2Attention` / `MLADeepseekV3Attention` / `MLADeepseekV32Attention` (the same objects, parameters, buffers and hooks; state_dict and
+    optimizers are unaffected), the base models (DeepseekV2Model / V3Model / V32Model) get the
     hooks that start and end a step on an `MLACache`, and a GenerationMixin model's generate()
     makes an `MLACache` (module docstring: what is handled and what is refused).
 
     Args:
-        model: an nn.Module holding DeepSeek-V2/V3 attention, e.g. DeepseekV3ForCausalLM.
+        model: an nn.Module holding DeepSeek-V2/V3/V3.2 attention, e.g. DeepseekV3ForCausalLM or
+            DeepseekV32ForCausalLM.
         cache_dtype: the cache rows: None (the model's dtype when the cache is made),
             torch.bfloat16 / torch.float16 / torch.float32, or "fp8" / torch.float8_e4m3fn.
         page_size: tokens per cache page, >= 1.
@@ -689,7 +740,7 @@ def patch(model: nn.Module, cache_dtype=None, page_size: int = 64, backend: str 
 
     Raises:
         TypeError: `model` is not an nn.Module.
-        ValueError: no DeepSeek-V2/V3 attention in `model`; a bad cache_dtype (or FP8 with
+        ValueError: no DeepSeek-V2/V3/V3.2 attention in `model`; a bad cache_dtype (or FP8 with
             dimensions its rows cannot hold), page_size or backend; a module whose `forward`
             was replaced on the instance (accelerate hooks: patch before dispatching).
     """
@@ -698,8 +749,8 @@ def patch(model: nn.Module, cache_dtype=None, page_size: int = 64, backend: str 
     targets = [(name, m) for name, m in model.named_modules() if type(m) in _ADAPTERS or type(m) in _ORIGINALS]
     if not targets:
         raise ValueError(
-            f"patch: {type(model).__name__} contains no DeepseekV2Attention or DeepseekV3Attention module; "
-            "only DeepSeek-V2/V3 (MLA) models can be patched"
+            f"patch: {type(model).__name__} contains no DeepseekV2Attention, DeepseekV3Attention or "
+            "DeepseekV32Attention module; only DeepSeek-V2/V3/V3.2 (MLA) models can be patched"
         )
     if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
         raise ValueError(f"patch: page_size must be a positive int, got {page_size!r}")

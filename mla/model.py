@@ -155,7 +155,8 @@ class MLAForCausalLM(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, backend: str | None = None) -> MLAForCausalLM:
-        """Copy a transformers DeepseekV3ForCausalLM (or DeepseekV2ForCausalLM), MoE layers included.
+        """Copy a transformers DeepseekV3ForCausalLM (or DeepseekV2 / DeepseekV32ForCausalLM, the
+        latter with its lightning indexers), MoE layers included.
 
         Dense layers get our SwiGLU MLP. The MoE layers (index >= first_k_dense_replace) keep
         transformers' own MoE block (DeepseekV3MoE / DeepseekV2Moe: router, routed and shared
@@ -171,6 +172,8 @@ class MLAForCausalLM(nn.Module):
         weight = hf_model.lm_head.weight
         model.to(device=weight.device, dtype=weight.dtype)
         for layer, hf_layer in zip(model.model.layers, hf_model.model.layers):
+            if layer.self_attn.indexer is not None:  # transformers keeps weights_proj in float32, as DeepSeek
+                layer.self_attn.indexer.weights_proj.to(hf_layer.self_attn.indexer.weights_proj.weight.dtype)
             if layer.self_attn.layer_idx >= hf_config.first_k_dense_replace:
                 # a fresh transformers MoE block holding copies of the checkpoint's tensors, dtypes kept
                 layer.mlp = type(hf_layer.mlp)(hf_config)
@@ -211,7 +214,7 @@ class MLAForCausalLM(nn.Module):
             )
         return LatentCache(
             c.num_hidden_layers, num_pages, page_size, c.kv_lora_rank, c.qk_rope_head_dim,
-            dtype=dtype or weight.dtype, device=device or weight.device,
+            dtype=dtype or weight.dtype, device=device or weight.device, index_head_dim=c.index_head_dim,
         )  # fmt: skip
 
     @torch.no_grad()

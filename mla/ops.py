@@ -74,6 +74,32 @@ def _(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_split
     return q.new_empty(b, s_q, h_q, head_dim_v), q.new_empty(b, h_q, s_q, dtype=torch.float32)
 
 
+@torch.library.custom_op("mla::sparse_decode", mutates_args=())
+def sparse_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    indices: torch.Tensor,
+    head_dim_v: int,
+    softmax_scale: float,
+    is_fp8_kvcache: bool,
+    seqlens_q: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mla.kernels.flash_mla_with_kvcache` over the slots `indices` (int32 [b, s_q, topk], -1
+    skipped), scheduled per call: (out [b, s_q, h_q, dv] in q's dtype, lse float32 [b, h_q, s_q])."""
+    from mla.kernels import flash_mla_with_kvcache
+
+    return flash_mla_with_kvcache(
+        q, k_cache, None, None, head_dim_v, softmax_scale=softmax_scale, is_fp8_kvcache=is_fp8_kvcache,
+        indices=indices, seqlens_q=seqlens_q,
+    )  # fmt: skip
+
+
+@sparse_decode.register_fake
+def _(q, k_cache, indices, head_dim_v, softmax_scale, is_fp8_kvcache, seqlens_q=None):
+    b, s_q, h_q, _ = q.shape
+    return q.new_empty(b, s_q, h_q, head_dim_v), q.new_empty(b, h_q, s_q, dtype=torch.float32)
+
+
 def write(fmt: CacheFormat, pages: torch.Tensor, slots: torch.Tensor, latent, k_pe, backend: str,
           padded: bool = False) -> None:  # fmt: skip
     """Store rows of format `fmt` at `slots` through `backend`'s writer; arguments already checked
@@ -91,6 +117,18 @@ def write(fmt: CacheFormat, pages: torch.Tensor, slots: torch.Tensor, latent, k_
         torch.ops.mla.write_latent(pages, slots, latent, k_pe)
 
 
+def write_index(fmt: CacheFormat, pages: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor,
+                padded: bool = False) -> None:  # fmt: skip
+    """Store indexer keys [n, index_head_dim] at `slots` in rows of `fmt` (`mla.formats.index_key_format`),
+    one PyTorch scatter on every backend (a key is 256 or 132 bytes; the latent writers' kernels
+    buy nothing here). `padded`: slots of -1 are skipped."""
+    keys = keys.to(fmt.store_dtype(keys.dtype))
+    if padded:
+        keep = slots >= 0
+        slots, keys = slots[keep], keys[keep]
+    reference_cache.write_rows(fmt, pages, slots, keys, keys.new_zeros(keys.shape[0], 0))
+
+
 def attend(
     fmt: CacheFormat,
     q: torch.Tensor,
@@ -102,11 +140,14 @@ def attend(
     softmax_scale: float,
     backend: str,
     visibility: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal decode attention of q [b, s, h, r + dr] over a paged cache of format `fmt` through
     `backend`: [b, s, h, r] in the dtype the backend computes in. seqlens_q: int32 [b] queries
     per row (the first seqlens_q[i] columns; the rest padding, output 0), or None: all s.
     visibility: the reference's `dense_visibility` of these tables, when the caller has it.
+    indices: int32 [b, s, topk] slots each query attends instead (sparse attention; -1 skipped):
+    block_table, cache_seqlens, schedule and visibility are then unused.
 
     q goes in the cache dtype for plain rows; over FP8 rows in its own dtype (the kernel dequantizes
     to it, as the reference does), a float64 q as float32 for the kernel, which takes 16- and 32-bit q.
@@ -115,6 +156,9 @@ def attend(
         q = q.to(fmt.dtype)
     elif backend == "triton" and q.dtype == torch.float64:
         q = q.float()
+    if backend == "triton" and indices is not None:
+        out, _ = torch.ops.mla.sparse_decode(q, k_cache, indices, fmt.head_dim_v, softmax_scale, fmt.is_fp8, seqlens_q)
+        return out
     if backend == "triton":
         out, _ = torch.ops.mla.decode(
             q, k_cache, block_table, cache_seqlens, *schedule, fmt.head_dim_v, softmax_scale, True, fmt.is_fp8, seqlens_q
@@ -125,9 +169,9 @@ def attend(
     # the plan built and validated every argument: describe the call instead of re-checking it
     call = DecodeCall(
         fmt=fmt, b=b, s_q=s, h_q=h_q, h_kv=h_kv, dv=fmt.head_dim_v, page_size=page_size,
-        num_slots=num_blocks * page_size, scale=softmax_scale, causal=True, topk=None, extra_page_size=None,
-        extra_num_slots=None, extra_topk=None,
+        num_slots=num_blocks * page_size, scale=softmax_scale, causal=indices is None,
+        topk=None if indices is None else indices.shape[-1], extra_page_size=None, extra_num_slots=None, extra_topk=None,
     )  # fmt: skip
-    out, _ = run_decode(call, q, k_cache, block_table, cache_seqlens, seqlens_q=seqlens_q,
+    out, _ = run_decode(call, q, k_cache, block_table, cache_seqlens, indices=indices, seqlens_q=seqlens_q,
                         compute_dtype=torch.promote_types(q.dtype, torch.float32), visibility=visibility)  # fmt: skip
     return out

@@ -45,9 +45,10 @@ class StepPlan:
         backend: "triton" or "reference", for cache writes and attention alike.
         absorbed: whether the layers attend in the absorbed form (through `attend`) or decompress
             the cached latents (through `context`).
-        schedule: (tile_scheduler_metadata, num_splits) of the Triton decode kernel, or None.
-        masks: for the reference backend's absorbed form, what every layer's attention reads and
-            sees (`mla.reference.decode.dense_visibility` of these tables), or None.
+        schedule: (tile_scheduler_metadata, num_splits) of the Triton decode kernel, or None
+            (also for sparse layers, whose calls are scheduled from their indices).
+        masks: for the reference backend's dense absorbed form, what every layer's attention reads
+            and sees (`mla.reference.decode.dense_visibility` of these tables), or None.
     """
 
     cache: object
@@ -103,13 +104,14 @@ class StepPlan:
         seqlens, num_new = seqlens.to(torch.int32), num_new[0].to(torch.int32) if num_new else None
         cos, sin = (rotary or RotaryEmbedding(config))(positions)
         schedule = None
-        if backend == "triton" and absorbed:
+        dense = absorbed and not config.has_indexer  # sparse layers attend through select's slots
+        if backend == "triton" and dense:
             from mla.kernels import get_mla_metadata  # Triton is imported only when it runs
 
             h_kv = cache.pages[0].shape[2]
             schedule = get_mla_metadata(seqlens, s * config.num_heads // h_kv, h_kv)
         masks = None
-        if backend == "reference" and absorbed:
+        if backend == "reference" and dense:
             num_blocks, page_size = cache.pages[0].shape[:2]
             masks = dense_visibility(table, seqlens, num_new, s, num_blocks, page_size, causal=True)
         plan = cls(cache, tuple(seq_ids), positions, slots, table, seqlens, num_new, max_seqlen, cos, sin, backend,
@@ -122,12 +124,46 @@ class StepPlan:
         ops.write(self.cache.format, self.cache.pages[layer], self.slots, latent, k_pe, self.backend,
                   padded=self.num_new is not None)  # fmt: skip
 
-    def attend(self, layer: int, q: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-        """Absorbed attention of q [b, s, h, r + dr] over one layer's cache, causal in the step:
+    def write_index(self, layer: int, keys: torch.Tensor) -> None:
+        """Store the new tokens' indexer keys of one layer: keys [b * s, index_head_dim], any float dtype."""
+        cache = self.cache
+        ops.write_index(cache.index_format, cache.index_pages[layer], self.slots, keys, padded=self.num_new is not None)
+
+    def select(self, layer: int, q: torch.Tensor, weights: torch.Tensor, topk: int,
+               as_slots: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """DeepSeek-V3.2's sparse selection over one layer's cached indexer keys (written first,
+        `write_index`): each query column keeps the `topk` visible positions (causal, as in
+        `visible`) of highest score sum_h weights[h] * relu(q[h] . key), ties to the lower
+        position (`mla.reference.indexer`).
+
+        Args:
+            q: [b, s, index_n_heads, index_head_dim] roped indexer queries.
+            weights: float32 [b, s, index_n_heads], every scale folded in.
+            as_slots: return cache slots (the sparse decode's `indices`) instead of positions.
+
+        Returns:
+            (int32 [b, s, topk] positions or slots in ascending position order, -1 after the
+            last; int32 [b, s] how many each column kept: min(topk, visible)).
+        """
+        indexer = _indexer_module(self.backend)
+        cache = self.cache
+        fmt = cache.index_format
+        # plain keys are scored in their own dtype; FP8 keys dequantize to q's (float64 as float32)
+        q = q.to(fmt.dtype if not fmt.is_fp8 else torch.float32 if q.dtype == torch.float64 else q.dtype)
+        scores = indexer.index_scores(q, weights, cache.index_pages[layer], self.block_table, self.seqlens,
+                                      self.max_seqlen, self.num_new, is_fp8=cache.index_format.is_fp8)  # fmt: skip
+        if as_slots:
+            return indexer.index_topk(scores, topk, self.block_table, cache.page_size)
+        return indexer.index_topk(scores, topk)
+
+    def attend(self, layer: int, q: torch.Tensor, softmax_scale: float,
+               indices: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Absorbed attention of q [b, s, h, r + dr] over one layer's cache, causal in the step, or
+        over the slots `indices` (int32 [b, s, topk], -1 skipped: `select(..., as_slots=True)`):
         [b, s, h, r] (`mla.ops.attend`)."""
         cache = self.cache
         return ops.attend(cache.format, q, cache.pages[layer], self.block_table, self.seqlens, self.num_new,
-                          self.schedule, softmax_scale, self.backend, self.masks)  # fmt: skip
+                          self.schedule, softmax_scale, self.backend, self.masks, indices)  # fmt: skip
 
     def context(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
         """Every cached row of the batch for the decompressed form: [b, max_seqlen, r + dr] in
@@ -166,3 +202,13 @@ class StepPlan:
                     mine.copy_(theirs, non_blocking=True)
         self.seq_ids, self.max_seqlen = new.seq_ids, new.max_seqlen
         return self
+
+
+def _indexer_module(backend: str):
+    if backend == "triton":
+        from mla.kernels import indexer  # Triton is imported only when it runs
+
+        return indexer
+    from mla.reference import indexer
+
+    return indexer

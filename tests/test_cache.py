@@ -466,24 +466,30 @@ def test_errors_are_clear_and_change_nothing(call, error, match):
     assert_unchanged(before, snapshot(cache, [0, 2]))
 
 
-NUM_LAYERS, NUM_PAGES, RANK, ROPE = 2, 10, 8, 4
+NUM_LAYERS, NUM_PAGES, RANK, ROPE, INDEX_DIM = 2, 10, 8, 4, 6
 
 
 class CacheMachine(RuleBasedStateMachine):
     """Random add/reserve/write/truncate/free programs against a model of lengths and rows.
 
     The model knows each sequence's length and the rows written at each (layer, position)
-    still inside it; from it the machine predicts free page counts and CacheFullError.
+    still inside it (with DeepSeek-V3.2 index keys, the row carries its key); from it the
+    machine predicts free page counts and CacheFullError.
     """
 
     backend = "reference"
 
-    @initialize(page_size=st.sampled_from([1, 3, 4]), dtype=st.sampled_from([torch.bfloat16, torch.float32]))
-    def make_cache(self, page_size, dtype):
-        self.page_size, self.dtype = page_size, dtype
+    @initialize(
+        page_size=st.sampled_from([1, 3, 4]),
+        dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+        index_dim=st.sampled_from([None, INDEX_DIM]),
+    )
+    def make_cache(self, page_size, dtype, index_dim):
+        self.page_size, self.dtype, self.index_dim = page_size, dtype, index_dim
         self.cache = LatentCache(
-            NUM_LAYERS, NUM_PAGES, page_size, RANK, ROPE, dtype=dtype, device=DEVICE, backend=self.backend
-        )
+            NUM_LAYERS, NUM_PAGES, page_size, RANK, ROPE, dtype=dtype, device=DEVICE, backend=self.backend,
+            index_head_dim=index_dim,
+        )  # fmt: skip
         self.lengths: dict[int, int] = {}
         self.rows: dict[tuple[int, int, int], torch.Tensor] = {}  # (sid, layer, position) -> row
         self.freed: list[int] = []
@@ -546,9 +552,9 @@ class CacheMachine(RuleBasedStateMachine):
             else torch.cat([self.cache.slot_mapping([s], [ps]) for s, ps in zip(ids, positions)])
         )
         for layer in layers:
-            rows = torch.randn(len(flat), RANK + ROPE, generator=self.gen).to(self.dtype)
-            rows_dev = rows.to(DEVICE)
-            self.cache.write(layer, slots, rows_dev[:, :RANK], rows_dev[:, RANK:])
+            rows = torch.randn(len(flat), RANK + ROPE + (self.index_dim or 0), generator=self.gen).to(self.dtype)
+            latent, k_pe, keys = rows.to(DEVICE).split([RANK, ROPE, self.index_dim or 0], dim=1)
+            self.cache.write(layer, slots, latent, k_pe, keys if self.index_dim else None)
             for row, (s, pos) in zip(rows, flat):
                 self.rows[s, layer, pos] = row
 
@@ -638,13 +644,14 @@ class CacheMachine(RuleBasedStateMachine):
         assert all(0 <= p < NUM_PAGES for p in owned)
         assert self.cache.num_free_pages == self.expected_free() == NUM_PAGES - len(owned)
         assert self.cache.bytes_used() == len(owned) * self.page_size * self.cache.bytes_per_token * NUM_LAYERS
+        assert self.cache.bytes_per_token == (RANK + ROPE + (self.index_dim or 0)) * self.dtype.itemsize
 
     @invariant()
     def contents_read_back(self):
         for sid in self.lengths:
             for layer in range(NUM_LAYERS):
-                latent, k_pe = self.cache.read(layer, sid)
-                got = torch.cat([latent, k_pe], dim=1).cpu()
+                parts = [*self.cache.read(layer, sid)] + ([self.cache.read_index(layer, sid)] if self.index_dim else [])
+                got = torch.cat(parts, dim=1).cpu()
                 for pos in range(self.lengths[sid]):
                     if (sid, layer, pos) in self.rows:
                         assert torch.equal(got[pos], self.rows[sid, layer, pos]), (

@@ -122,7 +122,7 @@ class BlockAttention(MLAttention):
         """
         b, s, _ = x.shape
         w, h = columns.shape[1], self.config.num_heads
-        q_nope, q_pe, latent, k_pe = self._project(x, plan.cos, plan.sin)
+        q_nope, q_pe, latent, k_pe, _ = self._project(x, plan.cos, plan.sin)
         plan.write(self.layer_idx, latent.reshape(b * s, -1), k_pe.reshape(b * s, -1))
         index = columns[:, :, None, None]
         q_nope = q_nope.gather(1, index.expand(-1, -1, h, q_nope.shape[-1]))
@@ -148,8 +148,8 @@ class BlockAttention(MLAttention):
         Returns:
             [B, Q, hidden].
         """
-        _, _, latent_c, k_pe_c = self._project(context, *context_rope)
-        q_nope, q_pe, latent_b, k_pe_b = self._project(block, *block_rope)
+        _, _, latent_c, k_pe_c, _ = self._project(context, *context_rope)
+        q_nope, q_pe, latent_b, k_pe_b, _ = self._project(block, *block_rope)
         k, v = self._decompress(torch.cat([latent_c, latent_b], 1), torch.cat([k_pe_c, k_pe_b], 1))
         q = torch.cat([q_nope, q_pe], dim=-1)
         out = F.scaled_dot_product_attention(
@@ -218,7 +218,7 @@ class BlockDraftModel(nn.Module):
         """An empty cache with one layer per drafter layer, in the drafter's dtype and device."""
         w, c = self.fc.weight, self.config.layers
         return LatentCache(c.num_hidden_layers, num_pages, page_size, c.kv_lora_rank, c.qk_rope_head_dim,
-                           dtype=w.dtype, device=w.device, backend=backend)  # fmt: skip
+                           dtype=w.dtype, device=w.device, backend=backend, index_head_dim=c.index_head_dim)  # fmt: skip
 
     def _parts(self) -> tuple[nn.Embedding, nn.Linear]:
         if self._shared is None:

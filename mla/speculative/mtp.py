@@ -52,9 +52,8 @@ class MultiTokenPredictor(DecoderLayer):
     def new_cache(self, num_pages: int, page_size: int, backend: str | None = None) -> LatentCache:
         """An empty one-layer cache for this module, in its dtype and on its device."""
         w, c = self.eh_proj.weight, self.config
-        return LatentCache(
-            1, num_pages, page_size, c.kv_lora_rank, c.qk_rope_head_dim, dtype=w.dtype, device=w.device, backend=backend
-        )
+        return LatentCache(1, num_pages, page_size, c.kv_lora_rank, c.qk_rope_head_dim, dtype=w.dtype, device=w.device,
+                           backend=backend, index_head_dim=c.index_head_dim)  # fmt: skip
 
     def forward(
         self, hidden: torch.Tensor, tokens: torch.Tensor, cache: LatentCache | None = None, seq_ids=None
