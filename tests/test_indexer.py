@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-from mla import reference
+from mla import kernels, reference
 from mla.formats import index_key_format
 
-TWINS = {"reference": reference}
+TWINS = {"reference": reference, "triton": kernels}
 IMPLS = [pytest.param(module, id=name) for name, module in TWINS.items()]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS32 = torch.finfo(torch.float32).eps
@@ -362,3 +362,30 @@ def test_bad_topk_arguments_raise_the_same_error(changes, error, message):
             impl.index_topk(**args)
         errors.append(str(info.value))
     assert len(set(errors)) == 1, errors
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_signed_zeros_tie_and_infinities_rank(impl):
+    """-0.0 equals 0.0 (the lower position wins between them); +inf ranks first; NaN is not a
+    candidate. A sum of negatively weighted relu(0) terms is -0.0, so both zeros occur."""
+    scores = torch.tensor([[[-0.0, 0.0, math.nan, -1.0, 1.0, -0.0, math.inf, -math.inf]]])
+    assert impl.index_topk(scores, 3)[0].tolist() == [[[0, 4, 6]]]
+    assert impl.index_topk(scores, 5)[0].tolist() == [[[0, 1, 4, 5, 6]]]
+    assert impl.index_topk(scores, 8)[1].tolist() == [[6]]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in SCORE_CASES])
+def test_kernel_scores_match_reference(nan_empty, case):
+    """The twins agree to float32 rounding (both sides' bound), -inf at the same places."""
+    args, keys = case.build()
+    expected = reference.index_scores(**args)
+    assert_scores("triton vs reference", kernels.index_scores(**args), expected.double(), 2 * error_bound(args, keys))
+
+
+def test_topk_twins_agree_on_long_tied_rows():
+    """Rows spanning many of the kernel's blocks, few distinct values: identical int tensors."""
+    scores = make_scores("ties", 2, 3, 450, seed=3)
+    table = torch.randperm(200, generator=torch.Generator().manual_seed(1)).int().view(2, 100)
+    for args in ((scores, 64), (scores, 300, table, 8)):
+        got, want = kernels.index_topk(*args), reference.index_topk(*args)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
