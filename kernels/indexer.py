@@ -3,10 +3,12 @@ token (`index_scores`), and their exact top-k as a sparse decode slot list (`ind
 
 Scores: one program per (row r, query token i, chunk of positions). It loads the token's
 [heads, dim] queries and weights once, then walks its chunk in blocks of BLOCK_N positions:
-gather the block's key rows through the block table (`_table_rows`, shared with decode), load
-them plain or FP8-dequantized (`_load_latent`, the decode kernel's tile loader), one
-[heads, dim] x [dim, BLOCK_N] dot on the tensor cores, relu, weighted sum over heads, store
-(-inf where the token does not see the position).
+gather the block's key rows through the block table (`_table_rows`, shared with decode; one
+block ahead of the math, so Triton's pipeliner streams the key loads), load them plain or
+FP8-dequantized (`_load_latent`, the decode kernel's tile loader), one [heads, dim] x
+[dim, BLOCK_N] dot on the tensor cores, relu, weighted sum over heads, store (-inf where the
+token does not see the position). The compiled-code report (`python -m bench.compiled`,
+configurations index-*) shows registers, spills, MMA kind and stages per arch.
 
 Top-k: one program per (r, i), exact and without a sort. Scores map to int32 keys that order
 like the floats (negative floats: flip the magnitude bits). The k-th largest key T comes from a
@@ -52,7 +54,9 @@ class ScoresTiles:
 def scores_tiles(arch: int | None) -> ScoresTiles:
     """The tiles for sm_<arch> (None: the interpreter, where two blocks per program exercise
     the loop). GPU: a [64 heads, 64 positions] fp32 score tile is 32 registers per thread at 4
-    warps; 8 blocks of 64 make a 512-position chunk, so q is re-read once per 512 keys."""
+    warps; 8 blocks of 64 make a 512-position chunk, so q is re-read once per 512 keys; 3
+    stages keep two key blocks in flight (triton 3.7.1, H=64, D=128: no spills, mma.sync on
+    sm_80 / sm_89 at 162-183 registers, wgmma on sm_90 at 95-116)."""
     if arch is None:
         return ScoresTiles(64, 2, 4, 1)
     return ScoresTiles(64, 8, 4, 3)
@@ -62,6 +66,16 @@ def topk_block(arch: int | None) -> int:
     """Scores per step of the top-k passes: small under the interpreter so that rows of a few
     hundred positions span several blocks (the carried counts are tested)."""
     return 128 if arch is None else 1024
+
+
+@triton.jit
+def _block_key_rows(p_table, n0, n_seen, stride_tn, num_pages, page_size, stride_kn, stride_kp,
+                    PAGE_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Row offsets [BLOCK_N] of positions n0 + [0, BLOCK_N) and the mask of those read: seen
+    (below n_seen) and on a page of the cache."""
+    o_n = n0 + tl.arange(0, BLOCK_N)
+    return _table_rows(p_table, n0, o_n, o_n < n_seen, n0 < n_seen, stride_tn, num_pages, page_size, stride_kn,
+                       stride_kp, 0, PAGE_BLOCKS)  # fmt: skip
 
 
 @triton.heuristics(
@@ -125,10 +139,14 @@ def _index_scores_kernel(
     p_table = block_table_ptr + i_b * stride_tb
     p_out = out_ptr + i_b * stride_ob + i_s * stride_os
 
+    # block i + 1's rows are gathered while block i is scored, as in decode: the key loads then
+    # depend on no load of their own iteration and the pipeliner can issue them ahead
+    o_row, m_key = _block_key_rows(p_table, n_begin, n_seen, stride_tn, num_pages, page_size, stride_kn, stride_kp,
+                                   PAGE_BLOCKS, BLOCK_N)  # fmt: skip
     for n0 in range(n_begin, n_end, BLOCK_N):
+        o_row_next, m_key_next = _block_key_rows(p_table, n0 + BLOCK_N, n_seen, stride_tn, num_pages, page_size,
+                                                 stride_kn, stride_kp, PAGE_BLOCKS, BLOCK_N)  # fmt: skip
         o_n = n0 + tl.arange(0, BLOCK_N)
-        o_row, m_key = _table_rows(p_table, n0, o_n, o_n < n_seen, n0 < n_seen, stride_tn, num_pages, page_size,
-                                   stride_kn, stride_kp, 0, PAGE_BLOCKS)  # fmt: skip
         b_k = _load_latent(k_ptr + o_row, m_key, o_d, m_d, dim, stride_kd, scale_offset, num_tiles, IS_FP8,
                            SOFT_E4M3, BLOCK_T)  # fmt: skip
         b_s = tl.dot(b_q, tl.trans(b_k.to(b_q.dtype)), input_precision="ieee")  # [BLOCK_H, BLOCK_N]
@@ -136,6 +154,7 @@ def _index_scores_kernel(
         b_s = tl.where(b_s < 0.0, 0.0, b_s)
         b_score = tl.sum(b_s * b_w[:, None], 0)  # [BLOCK_N]
         tl.store(p_out + o_n * stride_on, tl.where(m_key, b_score, float("-inf")), mask=o_n < n_end)
+        o_row, m_key = o_row_next, m_key_next
 
 
 @triton.jit
