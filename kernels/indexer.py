@@ -225,7 +225,8 @@ def _index_topk_kernel(
         o_out = written + tl.cumsum(b_keep, 0) - b_keep
         b_val = o_n.to(tl.int64)
         if HAS_TABLE:
-            i_page = tl.load(block_table_ptr + i_b * stride_tb + (o_n // page_size) * stride_tn, mask=b_keep == 1, other=0)
+            p_page = block_table_ptr + i_b * stride_tb + (o_n // page_size) * stride_tn
+            i_page = tl.load(p_page, mask=b_keep == 1, other=0)
             b_val = i_page.to(tl.int64) * page_size + o_n % page_size
         tl.store(p_idx + o_out.to(tl.int64) * stride_ik, b_val.to(tl.int32), mask=b_keep == 1)
         written += tl.sum(b_keep, 0)

@@ -389,3 +389,57 @@ def test_topk_twins_agree_on_long_tied_rows():
     for args in ((scores, 64), (scores, 300, table, 8)):
         got, want = kernels.index_topk(*args), reference.index_topk(*args)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_inputs_give_the_same_results(impl):
+    """Strides are read, not assumed: views of q, weights, the block table and the scores, and a
+    float8_e4m3fn view of the FP8 cache, give what their contiguous copies give."""
+    args, _ = IndexCase(3, 4, 32, 4, (23, 50), "bf16", fp8=True, seqlens_q=(1, 3), seed=9).build()
+    heads = args["q"].shape[2]
+    strided = dict(args)
+    strided["q"] = args["q"].transpose(1, 2).contiguous().transpose(1, 2)  # stored as [b, heads, s_q, dim]
+    strided["weights"] = torch.cat([args["weights"], args["weights"]], dim=-1)[..., :heads]
+    table = args["block_table"]
+    strided["block_table"] = torch.stack([table, table], dim=1)[:, 0]  # row stride 2 * width
+    strided["index_cache"] = args["index_cache"].view(torch.float8_e4m3fn)
+    assert not any(strided[k].is_contiguous() for k in ("q", "weights", "block_table"))
+    assert torch.equal(impl.index_scores(**strided), impl.index_scores(**args))
+    scores = make_scores("ties", 2, 3, 60, seed=2)
+    wide = torch.stack([scores, scores], dim=1)[:, 0].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not wide.is_contiguous()
+    got, want = impl.index_topk(wide, 10, strided["block_table"], 4), impl.index_topk(scores, 10, table, 4)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_kernel_rejects_float64_queries():
+    """float64 q is the reference's alone, with the message both twins use for q's dtype."""
+    args, _ = IndexCase(1, 4, 32, 4, (5, 9), "fp32", fp8=True).build()
+    args["q"] = args["q"].double()
+    message = r"q must be bfloat16, float16 or float32 \(the reference also takes float64\), got torch.float64"
+    with pytest.raises(TypeError, match=message):
+        kernels.index_scores(**args)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unchecked_page_ids_and_lengths_are_skipped(monkeypatch, nan_empty, impl):
+    """Where value checks do not run (CUDA without MLA_DEBUG), a page id outside the cache hides
+    its positions (-inf, never read), lengths past the table's reach stop at it and lengths past
+    max_seqlen at the scores' width, in both twins."""
+    from mla.reference import contract
+
+    monkeypatch.setattr(contract, "reads_values", lambda device: False)
+    monkeypatch.setattr(reference.indexer, "reads_values", lambda device: False)
+    case = IndexCase(1, 4, 32, 4, (13, 9), "fp32", seed=10)
+    args, _ = case.build()
+    wild = dict(args, block_table=args["block_table"].clone())
+    wild["block_table"][0, 1] = 10**6  # positions 4..7 of row 0
+    wild["cache_seqlens"] = torch.tensor([13, 100], dtype=torch.int32)  # row 1's table reaches 16 positions
+    wild["max_seqlen"] = 12
+    scores = impl.index_scores(**wild)
+    expected = impl.index_scores(**dict(args, max_seqlen=16))
+    expected[0, 0, 4:8] = -math.inf
+    assert torch.equal(scores[0], expected[0, :, :12])
+    # row 1 now reads its third page to the end: the NaN rows past 9 reach their scores (relu
+    # keeps NaN), and nothing past the table's valid pages is read
+    assert scores[1, :, :9].isfinite().all() and scores[1, :, 9:].isnan().all()
