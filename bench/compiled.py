@@ -96,6 +96,9 @@ SPARSE_TOPK, EXTRA_TOPK = 2048, 512
 PREFILL_TOKENS = 64
 # One cache write: a decode step of 64 sequences, DeepSeek-V3 rows (512 latent + 64 rope).
 WRITE_TOKENS = 64
+# DeepSeek-V3.2's lightning indexer: 64 heads of 128 channels per query token, keys in bf16
+# or FP8 (132-byte rows), the decode step's sequences; its top-k feeds sparse decode.
+INDEX_HEADS, INDEX_DIM = 64, 128
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,48 @@ def _write_call(fp8: bool) -> None:
         write_latent(_fake_cuda((num_pages, PAGE_SIZE, 1, r + dr), torch.bfloat16), slots, latent, k_pe)
 
 
+def _index_call(fp8: bool, s_q: int) -> None:
+    """index_scores over DECODE_BATCH sequences of DECODE_SEQLEN cached tokens for s_q query
+    tokens each (s_q > 1: a speculative step, with per-row query counts)."""
+    from mla.formats import index_key_format
+    from mla.kernels import index_scores
+
+    b, pages_per_seq = DECODE_BATCH, DECODE_SEQLEN // PAGE_SIZE
+    fmt = index_key_format("fp8" if fp8 else torch.bfloat16, INDEX_DIM)
+    index_scores(
+        _fake_cuda((b, s_q, INDEX_HEADS, INDEX_DIM), torch.bfloat16),
+        _fake_cuda((b, s_q, INDEX_HEADS), torch.float32),
+        _fake_cuda((b * pages_per_seq, PAGE_SIZE, 1, fmt.row_width), fmt.storage_dtype),
+        _fake_cuda((b, pages_per_seq), torch.int32),
+        _fake_cuda((b,), torch.int32),
+        DECODE_SEQLEN,
+        seqlens_q=_fake_cuda((b,), torch.int32) if s_q > 1 else None,
+        is_fp8=fp8,
+    )
+
+
+def _index_work(fp8: bool, s_q: int) -> tuple[int, int]:
+    """(bytes, flops) of `_index_call`: key rows once, q, weights and the float32 scores; a
+    multiply-add per head, channel, query token and key."""
+    from mla.formats import index_key_format
+
+    fmt = index_key_format("fp8" if fp8 else torch.bfloat16, INDEX_DIM)
+    tokens = DECODE_BATCH * s_q
+    nbytes = (DECODE_BATCH * DECODE_SEQLEN * fmt.bytes_per_token + tokens * INDEX_HEADS * (2 * INDEX_DIM + 4)
+              + tokens * DECODE_SEQLEN * 4)  # fmt: skip
+    return nbytes, 2 * tokens * INDEX_HEADS * INDEX_DIM * DECODE_SEQLEN
+
+
+def _topk_call() -> None:
+    """index_topk of one decode step's scores: SPARSE_TOPK of DECODE_SEQLEN positions per
+    sequence, as slots through the block table."""
+    from mla.kernels import index_topk
+
+    b, pages_per_seq = DECODE_BATCH, DECODE_SEQLEN // PAGE_SIZE
+    index_topk(_fake_cuda((b, 1, DECODE_SEQLEN), torch.float32), SPARSE_TOPK,
+               _fake_cuda((b, pages_per_seq), torch.int32), PAGE_SIZE)  # fmt: skip
+
+
 def _configs() -> dict[str, Config]:
     configs = {}
 
@@ -290,6 +335,10 @@ def _configs() -> dict[str, Config]:
     add("combine-sparse-sink-h64", "_mla_combine_kernel", functools.partial(_sparse_call, 64, True, True, True))
     add("write-bf16", "_write_latent_kernel", functools.partial(_write_call, False))
     add("write-fp8", "_write_latent_fp8_kernel", functools.partial(_write_call, True))
+    for fp8, s_q in ((False, 1), (True, 1), (True, 2)):
+        add(f"index-{'fp8' if fp8 else 'bf16'}-h{INDEX_HEADS}-d{INDEX_DIM}-sq{s_q}", "_index_scores_kernel",
+            functools.partial(_index_call, fp8, s_q), _index_work(fp8, s_q))  # fmt: skip
+    add(f"index-topk{SPARSE_TOPK}", "_index_topk_kernel", _topk_call)
     return configs
 
 

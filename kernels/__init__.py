@@ -2,6 +2,7 @@
 
 from .cache import write_latent
 from .decode import FlashMLASchedMeta, flash_mla_sparse_fwd, flash_mla_with_kvcache, get_mla_metadata
+from .indexer import index_scores, index_topk
 from .quant import write_latent_fp8
 
 __all__ = [
@@ -9,6 +10,8 @@ __all__ = [
     "flash_mla_sparse_fwd",
     "flash_mla_with_kvcache",
     "get_mla_metadata",
+    "index_scores",
+    "index_topk",
     "write_latent",
     "write_latent_fp8",
 ]

@@ -10,8 +10,9 @@ list sparse decode reads (`flash_mla_with_kvcache(..., indices=...)`).
 
 Both twins call the argument checks defined here (`check_index_scores_args`,
 `check_topk_args`), so they raise the same error for the same bad input; which checks read
-values, and when, is `mla.reference.contract`'s rule (`reads_values`). Written for clarity: the
-scores gather the block table's whole width of keys; the top-k is a stable sort.
+values, and when, is `mla.reference.contract`'s rule (`reads_values`). The kernels' docstrings
+are the full contract. Written for clarity: the scores gather the block table's whole width of
+keys; the top-k is a stable sort.
 """
 
 from __future__ import annotations
@@ -183,32 +184,13 @@ def index_scores(
     seqlens_q: torch.Tensor | None = None,
     is_fp8: bool = False,
 ) -> torch.Tensor:
-    """Lightning-indexer scores of every cached position for every query token.
+    """Lightning-indexer scores; arguments, returns and semantics as `mla.kernels.index_scores`
+    (its docstring is the full contract), plus: q may be float64 (over an FP8 cache, dequantized
+    exactly; a float64 plain cache is not a key format), then the math runs in float64 and the
+    scores are rounded to float32 once. Otherwise in float32.
 
-        score[r, i, j] = sum_h weights[r, i, h] * relu(q[r, i, h, :] . k[r, j, :])
-
-    Args:
-        q: [b, s_q, heads, dim] indexer queries (roped), bfloat16 / float16 / float32 (the
-            reference also float64).
-        weights: float32 [b, s_q, heads], per-head weights with every scale folded in.
-        index_cache: [num_pages, page_size, 1, dim] in q's dtype; FP8 (is_fp8): uint8 or
-            float8_e4m3fn [num_pages, page_size, 1, row_width] rows of
-            `mla.formats.index_key_format("fp8", dim)` (codes, then one float32 scale per 128
-            channels; 132 bytes for 128), dequantized exactly.
-        block_table: int32 [b, max_pages]: position j of row r is row j % page_size of page
-            block_table[r, j // page_size]; entries past a row's last page are never read.
-        cache_seqlens: int32 [b], L_r: cached tokens per row, this step's queries included.
-        max_seqlen: int >= max(cache_seqlens), the scores' width (known on the host; no device
-            value is read to find it).
-        seqlens_q: int32 [b] or None: row r's queries are its first n_r = seqlens_q[r] columns
-            (the rest of q is padding, never read); None: n_r = s_q.
-        is_fp8: index_cache holds FP8 rows.
-
-    Returns:
-        float32 [b, s_q, max_seqlen]: the score where query i of row r sees position j (i < n_r,
-        j < L_r and j <= L_r - n_r + i: query i is the token at position L_r - n_r + i), -inf
-        everywhere else (padding queries are all -inf). Computed in float32 (float64 for a
-        float64 q, then rounded to float32); a NaN or inf in a visible key reaches its score.
+    Memory: gathers the block table's whole width of keys, [b, max_pages * page_size, dim], and
+    [b, s_q, heads, max_pages * page_size] logits: for tests and small models.
     """
     call = check_index_scores_args(
         q, weights, index_cache, block_table, cache_seqlens, max_seqlen, seqlens_q, is_fp8, REFERENCE_Q_DTYPES
@@ -235,26 +217,10 @@ def index_topk(
     block_table: torch.Tensor | None = None,
     page_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact top-k positions of each row of scores, as a sparse decode's slot list.
-
-    Candidates are the positions whose score is neither -inf nor NaN (NaN counts as not
-    visible; +inf ranks highest; -0.0 equals 0.0). Each (r, i) selects its
-    min(topk, candidates) highest scores; among equal scores the lower position wins, so the
-    selection is deterministic and identical in both twins.
-
-    Args:
-        scores: float32 [b, s_q, n], e.g. `index_scores`' (-inf: not visible, never selected).
-        topk: int >= 1, positions to select per query token.
-        block_table: int32 [b, max_pages] or None: with it (and page_size) the selected
-            positions are written as flat cache slots block_table[r, j // page_size] *
-            page_size + j % page_size, the `indices` of `flash_mla_with_kvcache`; positions at
-            or past max_pages * page_size, which no table entry covers, are not candidates.
-        page_size: int >= 1, the index cache's page size; given with block_table only.
-
-    Returns:
-        indices: int32 [b, s_q, topk]: the selected positions (or slots) in ascending position
-            order, then -1 (skipped by sparse decode) after the last.
-        counts: int32 [b, s_q]: how many entries of indices are selected, min(topk, candidates).
+    """The exact top-k of each row of scores as a sparse decode slot list; arguments, returns,
+    the tie rule (lower position first) and NaN rule (not a candidate) as
+    `mla.kernels.index_topk`. Here: a stable descending sort of the candidates' scores (equal
+    scores, -0.0 and 0.0 included, keep position order), its first topk, re-sorted by position.
     """
     call = check_topk_args(scores, topk, block_table, page_size)
     scores = scores[..., : call.reach]

@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-from mla import reference
+from mla import kernels, reference
 from mla.formats import index_key_format
 
-TWINS = {"reference": reference}
+TWINS = {"reference": reference, "triton": kernels}
 IMPLS = [pytest.param(module, id=name) for name, module in TWINS.items()]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS32 = torch.finfo(torch.float32).eps
@@ -362,3 +362,84 @@ def test_bad_topk_arguments_raise_the_same_error(changes, error, message):
             impl.index_topk(**args)
         errors.append(str(info.value))
     assert len(set(errors)) == 1, errors
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_signed_zeros_tie_and_infinities_rank(impl):
+    """-0.0 equals 0.0 (the lower position wins between them); +inf ranks first; NaN is not a
+    candidate. A sum of negatively weighted relu(0) terms is -0.0, so both zeros occur."""
+    scores = torch.tensor([[[-0.0, 0.0, math.nan, -1.0, 1.0, -0.0, math.inf, -math.inf]]])
+    assert impl.index_topk(scores, 3)[0].tolist() == [[[0, 4, 6]]]
+    assert impl.index_topk(scores, 5)[0].tolist() == [[[0, 1, 4, 5, 6]]]
+    assert impl.index_topk(scores, 8)[1].tolist() == [[6]]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in SCORE_CASES])
+def test_kernel_scores_match_reference(nan_empty, case):
+    """The twins agree to float32 rounding (both sides' bound), -inf at the same places."""
+    args, keys = case.build()
+    expected = reference.index_scores(**args)
+    assert_scores("triton vs reference", kernels.index_scores(**args), expected.double(), 2 * error_bound(args, keys))
+
+
+def test_topk_twins_agree_on_long_tied_rows():
+    """Rows spanning many of the kernel's blocks, few distinct values: identical int tensors."""
+    scores = make_scores("ties", 2, 3, 450, seed=3)
+    table = torch.randperm(200, generator=torch.Generator().manual_seed(1)).int().view(2, 100)
+    for args in ((scores, 64), (scores, 300, table, 8)):
+        got, want = kernels.index_topk(*args), reference.index_topk(*args)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_inputs_give_the_same_results(impl):
+    """Strides are read, not assumed: views of q, weights, the block table and the scores, and a
+    float8_e4m3fn view of the FP8 cache, give what their contiguous copies give."""
+    args, _ = IndexCase(3, 4, 32, 4, (23, 50), "bf16", fp8=True, seqlens_q=(1, 3), seed=9).build()
+    heads = args["q"].shape[2]
+    strided = dict(args)
+    strided["q"] = args["q"].transpose(1, 2).contiguous().transpose(1, 2)  # stored as [b, heads, s_q, dim]
+    strided["weights"] = torch.cat([args["weights"], args["weights"]], dim=-1)[..., :heads]
+    table = args["block_table"]
+    strided["block_table"] = torch.stack([table, table], dim=1)[:, 0]  # row stride 2 * width
+    strided["index_cache"] = args["index_cache"].view(torch.float8_e4m3fn)
+    assert not any(strided[k].is_contiguous() for k in ("q", "weights", "block_table"))
+    assert torch.equal(impl.index_scores(**strided), impl.index_scores(**args))
+    scores = make_scores("ties", 2, 3, 60, seed=2)
+    wide = torch.stack([scores, scores], dim=1)[:, 0].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not wide.is_contiguous()
+    got, want = impl.index_topk(wide, 10, strided["block_table"], 4), impl.index_topk(scores, 10, table, 4)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_kernel_rejects_float64_queries():
+    """float64 q is the reference's alone, with the message both twins use for q's dtype."""
+    args, _ = IndexCase(1, 4, 32, 4, (5, 9), "fp32", fp8=True).build()
+    args["q"] = args["q"].double()
+    message = r"q must be bfloat16, float16 or float32 \(the reference also takes float64\), got torch.float64"
+    with pytest.raises(TypeError, match=message):
+        kernels.index_scores(**args)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unchecked_page_ids_and_lengths_are_skipped(monkeypatch, nan_empty, impl):
+    """Where value checks do not run (CUDA without MLA_DEBUG), a page id outside the cache hides
+    its positions (-inf, never read), lengths past the table's reach stop at it and lengths past
+    max_seqlen at the scores' width, in both twins."""
+    from mla.reference import contract
+
+    monkeypatch.setattr(contract, "reads_values", lambda device: False)
+    monkeypatch.setattr(reference.indexer, "reads_values", lambda device: False)
+    case = IndexCase(1, 4, 32, 4, (13, 9), "fp32", seed=10)
+    args, _ = case.build()
+    wild = dict(args, block_table=args["block_table"].clone())
+    wild["block_table"][0, 1] = 10**6  # positions 4..7 of row 0
+    wild["cache_seqlens"] = torch.tensor([13, 100], dtype=torch.int32)  # row 1's table reaches 16 positions
+    wild["max_seqlen"] = 12
+    scores = impl.index_scores(**wild)
+    expected = impl.index_scores(**dict(args, max_seqlen=16))
+    expected[0, 0, 4:8] = -math.inf
+    assert torch.equal(scores[0], expected[0, :, :12])
+    # row 1 now reads its third page to the end: the NaN rows past 9 reach their scores (relu
+    # keeps NaN), and nothing past the table's valid pages is read
+    assert scores[1, :, :9].isfinite().all() and scores[1, :, 9:].isnan().all()
