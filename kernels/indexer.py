@@ -158,7 +158,7 @@ def _index_scores_kernel(
         # relu that keeps NaN (as torch.relu does; max.f32 would return the 0)
         b_s = tl.where(b_s < 0.0, 0.0, b_s)
         b_score = tl.sum(b_s * b_w[:, None], 0)  # [BLOCK_N]
-        tl.store(p_out + o_n * stride_on, tl.where(m_key, b_score, float("-inf")), mask=o_n < n_end)
+        tl.store(p_out + o_n.to(tl.int64) * stride_on, tl.where(m_key, b_score, float("-inf")), mask=o_n < n_end)
         o_row, m_key = o_row_next, m_key_next
 
 
