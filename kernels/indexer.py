@@ -11,10 +11,12 @@ token does not see the position). The compiled-code report (`python -m bench.com
 configurations index-*) shows registers, spills, MMA kind and stages per arch.
 
 Top-k: one program per (r, i), exact and without a sort. Scores map to int32 keys that order
-like the floats (negative floats: flip the magnitude bits). The k-th largest key T comes from a
-binary search over the int32 range, 32 counting passes over the row; then one pass in position
-order keeps the keys above T and the first (k - count above T) keys equal to T, and writes
-their positions at a running offset (a cumulative sum in the block plus the count so far).
+like the floats (negative floats: flip the magnitude bits). The k-th largest key T is found a
+digit at a time, radix 16 from the top: with the digits above fixed, one pass over the row
+counts the keys >= each of the 16 extensions by the next digit, and the largest extension
+with at least k keys is kept (8 passes for 32 bits); then one pass in position order keeps the
+keys above T and the first (k - count above T) keys equal to T, and writes their positions at
+a running offset (a cumulative sum in the block plus the count so far).
 
 Argument checks and the reference twins: `mla.reference.indexer`, whose signatures and
 semantics these launchers share. Key row layout: `mla.formats.index_key_format`.
@@ -34,10 +36,13 @@ from mla.reference.indexer import check_index_scores_args, check_topk_args
 from .decode import _block_d, _load_latent, _table_rows, _target_arch
 
 # int32 keys of the top-k: non-candidates take KEY_NONE, below every candidate's key (the
-# smallest, -FLT_MAX's, is 0x80800000), so the search starts at KEY_NONE + 1.
+# smallest, -FLT_MAX's, is 0x80800000). The search runs over key + 2^31 (KEY_OFFSET), the same
+# order as unsigned numbers, RADIX_BITS per pass.
 KEY_NONE = tl.constexpr(-(2**31))
-KEY_MAX = tl.constexpr(2**31 - 1)
+KEY_OFFSET = tl.constexpr(2**31)
 MAGNITUDE_BITS = tl.constexpr(0x7FFFFFFF)
+RADIX_BITS = tl.constexpr(4)
+RADIX = tl.constexpr(16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +158,7 @@ def _index_scores_kernel(
         # relu that keeps NaN (as torch.relu does; max.f32 would return the 0)
         b_s = tl.where(b_s < 0.0, 0.0, b_s)
         b_score = tl.sum(b_s * b_w[:, None], 0)  # [BLOCK_N]
-        tl.store(p_out + o_n * stride_on, tl.where(m_key, b_score, float("-inf")), mask=o_n < n_end)
+        tl.store(p_out + o_n.to(tl.int64) * stride_on, tl.where(m_key, b_score, float("-inf")), mask=o_n < n_end)
         o_row, m_key = o_row_next, m_key_next
 
 
@@ -173,11 +178,21 @@ def _topk_keys(p_s, n0, reach, stride_sn, BLOCK: tl.constexpr):
 
 @triton.jit
 def _count_at_least(p_s, reach, stride_sn, t, BLOCK: tl.constexpr):
-    """How many keys of the row are >= t (int64 t > KEY_NONE: candidates only)."""
+    """How many keys of the row are >= t (int64; above KEY_NONE: candidates only)."""
     count = tl.zeros([], dtype=tl.int32)
     for n0 in range(0, reach, BLOCK):
         count += tl.sum((_topk_keys(p_s, n0, reach, stride_sn, BLOCK) >= t).to(tl.int32), 0)
     return count
+
+
+@triton.jit
+def _count_at_least_each(p_s, reach, stride_sn, b_t, BLOCK: tl.constexpr):
+    """_count_at_least for each threshold of b_t (int64 [RADIX]) in one pass: [RADIX]."""
+    b_count = tl.zeros([RADIX], dtype=tl.int32)
+    for n0 in range(0, reach, BLOCK):
+        b_key = _topk_keys(p_s, n0, reach, stride_sn, BLOCK)
+        b_count += tl.sum((b_key[:, None] >= b_t[None, :]).to(tl.int32), 0)
+    return b_count
 
 
 @triton.heuristics({"HAS_TABLE": lambda a: a["block_table_ptr"] is not None})
@@ -203,25 +218,29 @@ def _index_topk_kernel(
     p_idx = indices_ptr + i_b * stride_ib + i_s * stride_is
 
     k = tl.minimum(_count_at_least(p_s, reach, stride_sn, KEY_NONE + 1, BLOCK), topk)
-    # T = the largest t with count(key >= t) >= k, by bisection of [lo, hi] (2^32 - 1 values:
-    # 32 halvings); k = 0 ends at KEY_MAX, above every key, and selects nothing
-    lo = tl.zeros([], dtype=tl.int64) + KEY_NONE + 1
-    hi = tl.zeros([], dtype=tl.int64) + KEY_MAX
-    for _ in range(32):
-        mid = lo + (hi - lo + 1) // 2
-        ok = _count_at_least(p_s, reach, stride_sn, mid, BLOCK) >= k
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    above = _count_at_least(p_s, reach, stride_sn, lo + 1, BLOCK)
-    ties = k - above  # keys equal to T that are kept: the first ones by position
+    # t (offset key): the largest with count(key + KEY_OFFSET >= t) >= k, digit by digit. Digit
+    # 0 keeps the current t, which always qualifies (at t = 0 every key counts); counts fall
+    # as the digit grows, so the largest qualifying digit is how many qualify, minus one.
+    # k = 0 qualifies everywhere: t ends at the top, at or above every key, and nothing is kept.
+    o_d = tl.arange(0, RADIX).to(tl.int64)
+    offset = tl.full([], KEY_OFFSET, tl.int64)  # 2^31 as an int64 (a bare literal is uint32)
+    t = tl.zeros([], dtype=tl.int64)
+    for i in range(32 // RADIX_BITS):
+        shift = 32 - RADIX_BITS * (i + 1)
+        b_count = _count_at_least_each(p_s, reach, stride_sn, t + (o_d << shift) - offset, BLOCK)
+        t += (tl.sum((b_count >= k).to(tl.int64), 0) - 1) << shift
+    threshold = t - offset  # the k-th largest key
+    # keys equal to the threshold that are kept: the first ones by position
+    ties = k - _count_at_least(p_s, reach, stride_sn, threshold + 1, BLOCK)
 
     written = tl.zeros([], dtype=tl.int32)
     equal_so_far = tl.zeros([], dtype=tl.int32)
     for n0 in range(0, reach, BLOCK):
         o_n = n0 + tl.arange(0, BLOCK)
         b_key = _topk_keys(p_s, n0, reach, stride_sn, BLOCK)
-        b_eq = (b_key == lo).to(tl.int32)
-        b_keep = ((b_key > lo) | ((b_eq == 1) & (equal_so_far + tl.cumsum(b_eq, 0) - b_eq < ties))).to(tl.int32)
+        b_eq = (b_key == threshold).to(tl.int32)
+        b_rank = equal_so_far + tl.cumsum(b_eq, 0) - b_eq  # equal keys before this one
+        b_keep = ((b_key > threshold) | ((b_eq == 1) & (b_rank < ties))).to(tl.int32)
         o_out = written + tl.cumsum(b_keep, 0) - b_keep
         b_val = o_n.to(tl.int64)
         if HAS_TABLE:
@@ -337,7 +356,8 @@ def index_topk(
             order, then -1 (skipped by sparse decode) after the last.
         counts: int32 [b, s_q]: how many entries of indices are selected, min(topk, candidates).
 
-    Cost: 34 passes over each row's scores (count, 32 bisection steps, count above, select).
+    Cost: 11 passes over each row's scores (count, 8 digits of the k-th largest, count above
+    it, select).
     """
     call = check_topk_args(scores, topk, block_table, page_size)
     require_triton_device(scores.device, "mla.reference.index_topk")
