@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bench import __main__ as cli
-from bench import decode, plot, report
+from bench import decode, memory, plot, report
 from bench.common import REPO, Target, format_table
 from mla import MLAConfig, MLAForCausalLM
 from mla.speculative import BlockDrafterConfig, BlockDraftModel, MultiTokenPredictor, attach_mtp
@@ -39,7 +39,8 @@ TINY_SETTINGS = report.Settings(
     drafters=(("ngram", 2), ("draft model", 2), ("mtp", 1), ("block", 4), ("block adaptive", 4)),
 )  # fmt: skip
 REQUIRED = {
-    "memory": {"model", "kv_dtype", "bytes_per_token_per_layer", "mha_bytes_per_token_per_layer"},
+    "memory": {"model", "kv_dtype", "bytes_per_token_per_layer", "index_bytes_per_token_per_layer",
+               "mha_bytes_per_token_per_layer"},
     "decode": {"impl", "b", "s_k", "h_q", "s_q", "ms", "gbps"},
     "speculative": {"drafter", "temperature", "tokens_per_second", "baseline_tokens_per_second", "speedup",
                     "mean_accepted_length"},
@@ -94,6 +95,23 @@ def test_report_schema(tiny_report, tmp_path):
     assert json.loads(path.read_text())["device"] == "cpu"
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_rows_are_the_cache_accounting(tiny_report):
+    """Bytes per token per layer (the indexer key's share beside them) as a LatentCache stores
+    them: DeepSeek-V3.2 adds a 256-byte bf16 or 132-byte FP8 indexer key to V3's latent row."""
+    rows = {(r["model"], r["kv_dtype"]): r for r in tiny_report["memory"]}
+    got = {key: (rows[key]["bytes_per_token_per_layer"], rows[key]["index_bytes_per_token_per_layer"])
+           for key in rows if key[0] in ("DeepSeek-V3", "DeepSeek-V3.2")}  # fmt: skip
+    assert got == {("DeepSeek-V3", "bf16"): (1152, 0), ("DeepSeek-V3", "fp8"): (656, 0),
+                   ("DeepSeek-V3.2", "bf16"): (1408, 256), ("DeepSeek-V3.2", "fp8"): (788, 132)}  # fmt: skip
+    assert rows["Llama-3-8B (GQA)", "bf16"]["index_bytes_per_token_per_layer"] is None
+
+
+def test_memory_rows_raise_where_the_config_prices_another_size(monkeypatch):
+    monkeypatch.setattr(MLAConfig, "index_bytes_per_token", lambda self, dtype=None: 0)
+    with pytest.raises(RuntimeError, match="LatentCache stores 1408 bytes per token per layer"):
+        memory.memory_rows({"DeepSeek-V3.2": MLAConfig.deepseek_v32()})
 
 
 def test_layer_implementations_agree(tiny_report):
