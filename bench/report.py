@@ -168,7 +168,7 @@ def _sparse_targets(decode_rows: list[dict], model: str, device: torch.device) -
     return [
         Target(f"{name}: sparse attention part at the longest context vs at the shortest above index_topk", 1.5,
                "x", flat, f"{device.type}, s_k={above[-1]['s_k']} vs {above[0]['s_k']}" if flat is not None
-               else "needs two contexts above index_topk", op="<="),
+               else "needs two contexts above index_topk" if rows else "not in this run", op="<="),
         Target(f"{name}: whole sparse step vs the dense V3 step at the longest context", 1.0, "x",
                longest["speedup_vs_dense"] if longest else None,
                f"{device.type}, s_k={longest['s_k']}" if longest else "not in this run"),
