@@ -165,17 +165,16 @@ def sparse_rows(cfg: MLAConfig, s_k_list, device: torch.device, dtype=torch.floa
                                                                                device)  # fmt: skip
         synchronize(device)
         latent_row, key_row = bench.cache.format.bytes_per_token, bench.cache.index_format.bytes_per_token
-        for impl, ms, attended, nbytes, split in (
-            (SPARSE, sparse_ms, min(topk, s_k),
-             _weight_bytes(bench.sparse) + s_k * key_row + min(topk, s_k) * latent_row, (indexer_ms, attention_ms)),
-            (DENSE, dense_ms, s_k, _weight_bytes(bench.dense) + s_k * latent_row, (None, dense_attention_ms)),
-        ):  # fmt: skip
-            rows.append({
-                "impl": impl, "model": model, "b": 1, "s_k": s_k, "h_q": cfg.num_heads, "s_q": 1,
-                "topk": topk if impl == SPARSE else None, "attended": attended, "ms": ms, "indexer_ms": split[0],
-                "attention_ms": split[1], "bytes": nbytes, "gbps": nbytes / ms / 1e6, "speedup_vs_dense": dense_ms / ms,
-                "max_abs_diff": diff,
-            })  # fmt: skip
+        attended = min(topk, s_k)
+        sparse_bytes = _weight_bytes(bench.sparse) + s_k * key_row + attended * latent_row
+        dense_bytes = _weight_bytes(bench.dense) + s_k * latent_row
+        shared = {"model": model, "b": 1, "s_k": s_k, "h_q": cfg.num_heads, "s_q": 1, "max_abs_diff": diff}
+        rows.append({"impl": SPARSE, **shared, "topk": topk, "attended": attended, "ms": sparse_ms,
+                     "indexer_ms": indexer_ms, "attention_ms": attention_ms, "bytes": sparse_bytes,
+                     "gbps": sparse_bytes / sparse_ms / 1e6, "speedup_vs_dense": dense_ms / sparse_ms})  # fmt: skip
+        rows.append({"impl": DENSE, **shared, "topk": None, "attended": s_k, "ms": dense_ms, "indexer_ms": None,
+                     "attention_ms": dense_attention_ms, "bytes": dense_bytes, "gbps": dense_bytes / dense_ms / 1e6,
+                     "speedup_vs_dense": 1.0})  # fmt: skip
     return rows
 
 
