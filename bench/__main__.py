@@ -9,7 +9,8 @@ package. Prints the tables and the targets, and always writes
 bench/results/local/<device>-<date>.json (ignored by git) with a PNG figure beside it.
 Sections: 1 memory, 2 decode attention (the Triton kernel against the reference on a GPU; one
 attention layer absorbed / naive / transformers on any device, and its time over the time to
-stream its bytes at the copy bandwidth measured in the run), 3 transformers generation
+stream its bytes at the copy bandwidth measured in the run; one DeepSeek-V3.2 sparse layer
+against the dense V3 layer, split into indexer and attention), 3 transformers generation
 unpatched vs mla.hf.patch, 4 speculative decoding on the shipped small model.
 """
 

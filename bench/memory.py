@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from mla import MLAConfig
+from mla import LatentCache, MLAConfig
 
 from .common import format_table as _format_table
 
 # Llama-3-8B: 32 layers, 8 KV heads of 128 (grouped-query attention), bf16 K and V.
 LLAMA3_8B = {"layers": 32, "bytes_per_token_per_layer": 2 * 8 * 128 * 2}
 CAPACITIES_GB = (80, 141)
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8": "fp8"}
 
 
 def presets(shipped: MLAConfig | None = None) -> dict[str, MLAConfig]:
     """The DeepSeek presets, plus the shipped small model's config when there is one."""
     models = {
         "DeepSeek-V3": MLAConfig.deepseek_v3(),
+        "DeepSeek-V3.2": MLAConfig.deepseek_v32(),
         "DeepSeek-V2": MLAConfig.deepseek_v2(),
         "DeepSeek-V2-Lite": MLAConfig.deepseek_v2_lite(),
     }
@@ -25,30 +27,46 @@ def presets(shipped: MLAConfig | None = None) -> dict[str, MLAConfig]:
     return models
 
 
+def cache_bytes_per_token(cfg: MLAConfig, kv_dtype) -> tuple[int, int]:
+    """(all, indexer key) bytes one token occupies in one layer of a `LatentCache` built for cfg
+    in kv_dtype (torch.bfloat16 or "fp8"): the cache's own accounting, read from a cache on the
+    meta device (no memory). Raises RuntimeError where `MLAConfig.kv_bytes_per_token` /
+    `index_bytes_per_token` price it differently: the report prints one number for both."""
+    cache = LatentCache(1, 1, 1, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=kv_dtype, device="meta",
+                        index_head_dim=cfg.index_head_dim)  # fmt: skip
+    index = cache.index_format.bytes_per_token if cache.index_format else 0
+    priced = (cfg.kv_bytes_per_token(kv_dtype), cfg.index_bytes_per_token(kv_dtype))
+    if (cache.bytes_per_token, index) != priced:
+        raise RuntimeError(
+            f"{kv_dtype} cache: LatentCache stores {cache.bytes_per_token} bytes per token per layer "
+            f"({index} of indexer key), MLAConfig prices {priced[0]} ({priced[1]})"
+        )
+    return cache.bytes_per_token, index
+
+
 def memory_rows(models: dict[str, MLAConfig]) -> list[dict]:
-    """One row per (model, cache format): bytes per token per layer and per token in all
-    layers, the same model's full-MHA figure, and the context a whole GPU of each size
-    would hold if all its memory went to the cache."""
+    """One row per (model, cache format): bytes per token per layer (`cache_bytes_per_token`) and
+    the indexer key's share of them, per token in all layers, the same model's full-MHA figure,
+    and the context a whole GPU of each size would hold if all its memory went to the cache."""
     rows = []
     for name, cfg in models.items():
         mha = cfg.mha_bytes_per_token(torch.bfloat16)
-        formats = {
-            "bf16": cfg.kv_bytes_per_token(torch.bfloat16),
-            "fp8": cfg.kv_bytes_per_token("fp8"),
-        }
-        for kv_dtype, per_layer in formats.items():
-            rows.append(_row(name, kv_dtype, per_layer, mha, cfg.num_hidden_layers))
-    rows.append(_row("Llama-3-8B (GQA)", "bf16", LLAMA3_8B["bytes_per_token_per_layer"], None, LLAMA3_8B["layers"]))
+        for kv_dtype, dtype in KV_DTYPES.items():
+            per_layer, index = cache_bytes_per_token(cfg, dtype)
+            rows.append(_row(name, kv_dtype, per_layer, index, mha, cfg.num_hidden_layers))
+    llama = LLAMA3_8B["bytes_per_token_per_layer"]
+    rows.append(_row("Llama-3-8B (GQA)", "bf16", llama, None, None, LLAMA3_8B["layers"]))
     return rows
 
 
-def _row(model, kv_dtype, per_layer, mha, layers):
+def _row(model, kv_dtype, per_layer, index, mha, layers):
     per_token = per_layer * layers
     row = {
         "model": model,
         "kv_dtype": kv_dtype,
         "layers": layers,
         "bytes_per_token_per_layer": per_layer,
+        "index_bytes_per_token_per_layer": index,
         "mha_bytes_per_token_per_layer": mha,
         "reduction_vs_mha": mha / per_layer if mha else None,
         "vs_llama3_8b_gqa": LLAMA3_8B["bytes_per_token_per_layer"] * LLAMA3_8B["layers"] / per_token,
@@ -64,6 +82,7 @@ def format_table(rows: list[dict]) -> str:
         ("cache", "kv_dtype", ""),
         ("layers", "layers", "d"),
         ("B/token/layer", "bytes_per_token_per_layer", ",d"),
+        ("of which indexer key", "index_bytes_per_token_per_layer", ",d"),
         ("MHA B/token/layer", "mha_bytes_per_token_per_layer", ",d"),
         ("x smaller than MHA", "reduction_vs_mha", ".1f"),
         ("x smaller than Llama-3-8B per token", "vs_llama3_8b_gqa", ".2f"),

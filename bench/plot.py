@@ -43,8 +43,9 @@ def _memory(ax, rows):
     per = {(r["model"], r["kv_dtype"]): r["bytes_per_token_per_layer"] for r in mla}
     mha = {r["model"]: r["mha_bytes_per_token_per_layer"] for r in mla}
     series = {
-        "MLA latent bf16": [per[(m, "bf16")] for m in models],
-        "MLA latent fp8": [per[(m, "fp8")] for m in models],
+        # DeepSeek-V3.2's cache also holds the indexer key beside the latent
+        "MLA cache bf16": [per[(m, "bf16")] for m in models],
+        "MLA cache fp8": [per[(m, "fp8")] for m in models],
         "full MHA K/V bf16": [mha[m] for m in models],
     }
     _bars(ax, [m.replace("DeepSeek-", "DS-") for m in models], series, log=True)

@@ -17,7 +17,7 @@ import torch
 
 from mla import MLAConfig
 
-from . import decode, generation, layer, memory, speculative
+from . import decode, generation, layer, memory, sparse, speculative
 from .common import REPO, Target, device_label, metadata
 
 SECTIONS = ("memory", "decode", "generation", "speculative", "compiled")
@@ -45,6 +45,8 @@ class Settings:
     ceiling_copy_bytes, ceiling_matmul_n: sizes of the two roofline measurements (the copy
         buffer also times the layer rows' copy bandwidth, on every device).
     layer_config, layer_contexts: the attention layer timed three ways, at these s_k.
+    sparse_layer_config, sparse_layer_contexts: the DeepSeek-V3.2 layer timed against its dense
+        twin (`bench.sparse`) at these s_k; at least one <= index_topk, where the two must agree.
     generation_config, generation_contexts, generation_tokens: the transformers model, the
         tokens in its cache before decoding and the greedy tokens timed per run
         {"unpatched": n, "patched": n}.
@@ -60,6 +62,9 @@ class Settings:
     layer_config: MLAConfig = field(default_factory=MLAConfig.deepseek_v3)
     layer_model: str = "DeepSeek-V3"
     layer_contexts: tuple = (1024, 4096)
+    sparse_layer_config: MLAConfig = field(default_factory=MLAConfig.deepseek_v32)
+    sparse_layer_model: str = "DeepSeek-V3.2"
+    sparse_layer_contexts: tuple = (2048, 4096, 16384, 65536)
     generation_config: MLAConfig = generation.SMALL_DEEPSEEK
     generation_contexts: tuple = (1024, 4096)
     generation_tokens: dict = field(default_factory=lambda: {"unpatched": 4, "patched": 16})
@@ -126,6 +131,7 @@ def targets(report: dict, device: torch.device) -> list[Target]:
             f"{device.type}, weights + cache {row[0]['bytes'] / 1e6:.0f} MB" if row else f"s_k={s_k} not in this run",
             op="<=",
         ))  # fmt: skip
+    out += _sparse_targets(decode_rows, report.get("settings", {}).get("sparse_layer_model", ""), device)
     gen = [r for r in report.get("generation", []) if r["impl"] == "patched" and r["context"] == 4096]
     out.append(Target("mla.hf.patch generation vs unpatched at context 4096", 5, "x",
                       gen[0]["speedup"] if gen else None, "" if gen else "context 4096 not in this run"))
@@ -148,6 +154,25 @@ def targets(report: dict, device: torch.device) -> list[Target]:
                       _median(comp), f"median of {len(comp)} shapes" if comp else no_gpu))
     out += _compiled_targets(report.get("compiled", []))
     return out
+
+
+def _sparse_targets(decode_rows: list[dict], model: str, device: torch.device) -> list[Target]:
+    """The DeepSeek-V3.2 layer's goals: its sparse attention part stays flat in s_k above
+    index_topk (it attends index_topk rows at any context), and its whole step beats the dense
+    V3 step at the longest context."""
+    name = f"one {model} attention layer" if model else "one sparse attention layer"
+    rows = sorted((r for r in decode_rows if r["impl"] == sparse.SPARSE), key=lambda r: r["s_k"])
+    above = [r for r in rows if r["s_k"] > r["topk"]]
+    flat = above[-1]["attention_ms"] / above[0]["attention_ms"] if len(above) > 1 else None
+    longest = rows[-1] if rows else None
+    return [
+        Target(f"{name}: sparse attention part at the longest context vs at the shortest above index_topk", 1.5,
+               "x", flat, f"{device.type}, s_k={above[-1]['s_k']} vs {above[0]['s_k']}" if flat is not None
+               else "needs two contexts above index_topk" if rows else "not in this run", op="<="),
+        Target(f"{name}: whole sparse step vs the dense V3 step at the longest context", 1.0, "x",
+               longest["speedup_vs_dense"] if longest else None,
+               f"{device.type}, s_k={longest['s_k']}" if longest else "not in this run"),
+    ]  # fmt: skip
 
 
 def _block_targets(rows: list[dict], why_not: str) -> list[Target]:
@@ -262,6 +287,8 @@ def run(settings: Settings, device: torch.device, sections=SECTIONS, models=None
                 f"(reference skipped where b*s_k*h_q > {decode.REFERENCE_MAX_WORK})")
             _checkpoint(checkpoint, report, start)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        n = torch.get_num_threads()
+        threads = f", {n} thread{'s' if n > 1 else ''}" if device.type == "cpu" else ""
         why = _missing("transformers")
         if why:
             report["notes"]["layer"] = why
@@ -271,8 +298,6 @@ def run(settings: Settings, device: torch.device, sections=SECTIONS, models=None
                                     _bar("2. layer decode"), settings.layer_model,
                                     settings.ceiling_copy_bytes)  # fmt: skip
             report["decode"].extend(rows)
-            n = torch.get_num_threads()
-            threads = f", {n} thread{'s' if n > 1 else ''}" if device.type == "cpu" else ""
             log(f"\n== 2. one {settings.layer_model} attention layer, one decode step, b=1, {dtype} ==\n"
                 "absorbed: mla.MLAttention on a LatentCache; naive: same projections + mla.reference.mla_naive "
                 "(decompresses every cached latent to per-head K/V); transformers: DeepseekV3Attention, eager, "
@@ -280,6 +305,19 @@ def run(settings: Settings, device: torch.device, sections=SECTIONS, models=None
                 f"row's calls (read + write bytes{threads}); stream ms: the layer's weights + the cached latents read "
                 "once at that rate; x stream time: ms over stream ms (lower is better)\n"
                 f"{layer.format_layer_table(rows)}")
+        cfg = settings.sparse_layer_config
+        rows = sparse.sparse_rows(cfg, settings.sparse_layer_contexts, device, dtype, _bar("2. sparse layer decode"),
+                                  settings.sparse_layer_model)  # fmt: skip
+        report["decode"].extend(rows)
+        log(f"\n== 2. one {settings.sparse_layer_model} sparse attention layer (index_topk {cfg.index_topk}) vs the "
+            f"dense V3 layer (the same weights without the indexer) over the same cache, one decode step, b=1, "
+            f"{dtype}{threads} ==\n"
+            "ms: the whole step (MLAttention.forward); indexer ms: indexer projections + write_index + select "
+            "(scores of every cached key + exact top-k); attention ms: the decode attention call alone "
+            "(StepPlan.attend over the `attended` slots: the chosen index_topk, or all s_k for dense; projections "
+            "and W_UK/W_UV absorption excluded); eff. GB/s: weights + attended latent rows (+ every indexer key) over "
+            "ms; max |diff|: sparse vs dense output where every position is chosen (s_k <= index_topk)\n"
+            f"{sparse.format_sparse_table(rows)}")
         _checkpoint(checkpoint, report, start)
 
     why = _missing("transformers")

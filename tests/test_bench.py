@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from bench import __main__ as cli
-from bench import decode, plot, report
+from bench import decode, layer, memory, plot, report, sparse
 from bench.common import REPO, Target, format_table
 from mla import MLAConfig, MLAForCausalLM
+from mla.plan import StepPlan
 from mla.speculative import BlockDrafterConfig, BlockDraftModel, MultiTokenPredictor, attach_mtp
 
 CPU = torch.device("cpu")
@@ -30,16 +31,20 @@ TINY = MLAConfig(
     v_head_dim=12, vocab_size=256, num_hidden_layers=2, intermediate_size=96, max_position_embeddings=512,
     rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "mscale_all_dim": 0.8},
 )  # fmt: skip
+# The same dims with an indexer of 3 heads choosing 48 of the cached tokens.
+TINY_V32 = dataclasses.replace(TINY, index_n_heads=3, index_head_dim=16, index_topk=48)
 TINY_SETTINGS = report.Settings(
     kernel_sweep={"b": (1,), "s_k": (64,), "h_q": (16,), "s_q": (1,)},
     ceiling_copy_bytes=1 << 20, ceiling_matmul_n=64,
     layer_config=TINY, layer_model="tiny", layer_contexts=(40, 130),
+    sparse_layer_config=TINY_V32, sparse_layer_model="tiny", sparse_layer_contexts=(40, 64, 130),
     generation_config=TINY, generation_contexts=(24,), generation_tokens={"unpatched": 2, "patched": 3},
     prompts=2, prompt_bytes=48, spec_new_tokens=6, profile_repeats=1, compiled_configs=("write-bf16",),
     drafters=(("ngram", 2), ("draft model", 2), ("mtp", 1), ("block", 4), ("block adaptive", 4)),
 )  # fmt: skip
 REQUIRED = {
-    "memory": {"model", "kv_dtype", "bytes_per_token_per_layer", "mha_bytes_per_token_per_layer"},
+    "memory": {"model", "kv_dtype", "bytes_per_token_per_layer", "index_bytes_per_token_per_layer",
+               "mha_bytes_per_token_per_layer"},
     "decode": {"impl", "b", "s_k", "h_q", "s_q", "ms", "gbps"},
     "speculative": {"drafter", "temperature", "tokens_per_second", "baseline_tokens_per_second", "speedup",
                     "mean_accepted_length"},
@@ -96,9 +101,26 @@ def test_report_schema(tiny_report, tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_memory_rows_are_the_cache_accounting(tiny_report):
+    """Bytes per token per layer (the indexer key's share beside them) as a LatentCache stores
+    them: DeepSeek-V3.2 adds a 256-byte bf16 or 132-byte FP8 indexer key to V3's latent row."""
+    rows = {(r["model"], r["kv_dtype"]): r for r in tiny_report["memory"]}
+    got = {key: (rows[key]["bytes_per_token_per_layer"], rows[key]["index_bytes_per_token_per_layer"])
+           for key in rows if key[0] in ("DeepSeek-V3", "DeepSeek-V3.2")}  # fmt: skip
+    assert got == {("DeepSeek-V3", "bf16"): (1152, 0), ("DeepSeek-V3", "fp8"): (656, 0),
+                   ("DeepSeek-V3.2", "bf16"): (1408, 256), ("DeepSeek-V3.2", "fp8"): (788, 132)}  # fmt: skip
+    assert rows["Llama-3-8B (GQA)", "bf16"]["index_bytes_per_token_per_layer"] is None
+
+
+def test_memory_rows_raise_where_the_config_prices_another_size(monkeypatch):
+    monkeypatch.setattr(MLAConfig, "index_bytes_per_token", lambda self, dtype=None: 0)
+    with pytest.raises(RuntimeError, match="LatentCache stores 1408 bytes per token per layer"):
+        memory.memory_rows({"DeepSeek-V3.2": MLAConfig.deepseek_v32()})
+
+
 def test_layer_implementations_agree(tiny_report):
     """absorbed (MLAttention) and naive (mla_naive) give transformers' output on the same cache."""
-    rows = [r for r in tiny_report["decode"] if r["impl"] in ("absorbed", "naive", "transformers")]
+    rows = [r for r in tiny_report["decode"] if r["impl"] in layer.IMPLS]
     assert {(r["impl"], r["s_k"]) for r in rows} == {(i, s) for i in ("absorbed", "naive", "transformers")
                                                      for s in (40, 130)}  # fmt: skip
     for row in rows:
@@ -110,13 +132,51 @@ def test_layer_implementations_agree(tiny_report):
 def test_layer_rows_give_the_stream_time(tiny_report):
     """Each layer row: its bytes (weights + s_k cached float32 latents) over the copy bandwidth
     measured with the row, and the step's time as a multiple of that."""
-    rows = {(r["impl"], r["s_k"]): r for r in tiny_report["decode"]}
+    rows = {(r["impl"], r["s_k"]): r for r in tiny_report["decode"] if r["impl"] in layer.IMPLS}
     for row in rows.values():
         assert row["copy_gbps"] > 0
         assert row["stream_ms"] == pytest.approx(row["bytes"] / row["copy_gbps"] / 1e6)
         assert row["stream_multiple"] == pytest.approx(row["ms"] / row["stream_ms"])
     assert rows["absorbed", 130]["bytes"] - rows["absorbed", 40]["bytes"] == 90 * TINY.cache_dim * 4
     assert rows["absorbed", 40]["bytes"] == rows["transformers", 40]["bytes"]
+
+
+def test_sparse_layer_rows(tiny_report):
+    """The V3.2 layer and its dense twin at each context: equal outputs where the indexer chooses
+    every position, the chosen 48 attended above that, bytes by formula, the split timed."""
+    rows = {(r["impl"], r["s_k"]): r for r in tiny_report["decode"] if r["impl"] in (sparse.SPARSE, sparse.DENSE)}
+    assert set(rows) == {(i, s) for i in (sparse.SPARSE, sparse.DENSE) for s in (40, 64, 130)}
+    for (impl, s_k), row in rows.items():
+        assert row["max_abs_diff"] == (0.0 if s_k <= 48 else None), row
+        assert row["attended"] == (min(48, s_k) if impl == sparse.SPARSE else s_k)
+        assert (row["indexer_ms"] is None) == (impl == sparse.DENSE)
+        assert row["ms"] > 0 and row["attention_ms"] > 0
+        assert row["speedup_vs_dense"] == pytest.approx(rows[sparse.DENSE, s_k]["ms"] / row["ms"])
+    # float32 rows: a latent row of 32 + 8 values, an indexer key of 16
+    assert rows[sparse.SPARSE, 130]["bytes"] - rows[sparse.SPARSE, 64]["bytes"] == 66 * 16 * 4
+    assert rows[sparse.DENSE, 130]["bytes"] - rows[sparse.DENSE, 64]["bytes"] == 66 * 40 * 4
+    assert rows[sparse.SPARSE, 64]["bytes"] - rows[sparse.SPARSE, 40]["bytes"] == 24 * 16 * 4 + 8 * 40 * 4
+
+
+def test_sparse_layer_rows_stop_where_sparse_and_dense_differ(monkeypatch):
+    """A selection that misses one position where every position should be chosen fails the run."""
+    select = StepPlan.select
+
+    def drop_last(self, *args, **kwargs):
+        chosen, counts = select(self, *args, **kwargs)
+        last = torch.arange(chosen.shape[-1], device=chosen.device) == counts[..., None] - 1
+        return chosen.masked_fill(last, -1), counts - 1
+
+    monkeypatch.setattr(StepPlan, "select", drop_last)
+    with pytest.raises(RuntimeError, match="at s_k=40 <= index_topk=48 the sparse step must equal the dense one"):
+        sparse.sparse_rows(TINY_V32, (40,), CPU)
+
+
+def test_sparse_layer_rows_need_an_indexer_and_a_context_it_fully_chooses():
+    with pytest.raises(ValueError, match="no indexer"):
+        sparse.sparse_rows(TINY, (40,), CPU)
+    with pytest.raises(ValueError, match=r"needs a context <= index_topk = 48"):
+        sparse.sparse_rows(TINY_V32, (64, 130), CPU)
 
 
 def test_generation_patched_reproduces_tokens(tiny_report):
@@ -178,7 +238,16 @@ def _synthetic(stream_multiples, gen_speedup, spec_speedups, kernel_fractions):
     }
 
 
+SPARSE_SKIP = ["SKIP"] * 2  # the V3.2 layer's targets, without its rows
 BLOCK_SKIP = ["SKIP"] * 6  # the block drafter's targets, without block rows
+
+
+def _sparse_rows(attention_ms, speedup_at_longest, topk=2048):
+    """V3.2 sparse rows at the contexts of attention_ms {s_k: ms}, the longest one speedup_at_longest
+    times faster than dense."""
+    return [{"impl": sparse.SPARSE, "s_k": s_k, "topk": topk, "attention_ms": ms,
+             "speedup_vs_dense": speedup_at_longest if s_k == max(attention_ms) else 0.5}
+            for s_k, ms in attention_ms.items()]  # fmt: skip
 
 
 def _block_rows(speedup, vs_mtp, accepted_w6, speedup_t1, adaptive_ratio):
@@ -206,38 +275,52 @@ def _compiled(kernel, spills=0, stages=0, ctas=1, error=None):
         pytest.param(
             _synthetic({1024: 1.15, 4096: 0.9}, 5.0, [("ngram", 0.0, 1.2), ("mtp", 0.0, 1.6), ("mtp", 1.0, 3.0)],
                        [(16, 1, 0.8, 0.1), (128, 2, 0.3, 0.5)]),
-            ["PASS"] * 4 + BLOCK_SKIP + ["PASS"] * 2 + ["SKIP"] * 4, id="all-at-threshold",
+            ["PASS"] * 2 + SPARSE_SKIP + ["PASS"] * 2 + BLOCK_SKIP + ["PASS"] * 2 + ["SKIP"] * 4, id="all-at-threshold",
         ),
         pytest.param(
             _synthetic({1024: 1.16, 4096: 2.0}, 4.99, [("ngram", 0.0, 1.59), ("mtp", 1.0, 3.0)],
                        [(16, 1, 0.79, 0.1), (128, 2, 0.3, 0.49)]),
-            ["MISS"] * 4 + BLOCK_SKIP + ["MISS"] * 2 + ["SKIP"] * 4, id="all-just-past-naive-and-temperature-1-ignored",
+            ["MISS"] * 2 + SPARSE_SKIP + ["MISS"] * 2 + BLOCK_SKIP + ["MISS"] * 2 + ["SKIP"] * 4,
+            id="all-just-past-naive-and-temperature-1-ignored",
         ),
         pytest.param(
             _synthetic({1024: 1.0, 8192: 1.0}, 5.0, [("mtp", 0.0, 1.6)], []),
-            ["PASS", "SKIP", "PASS", "PASS"] + BLOCK_SKIP + ["SKIP", "SKIP"] + ["SKIP"] * 4, id="no-4k-row-no-kernel-rows",
+            ["PASS", "SKIP"] + SPARSE_SKIP + ["PASS", "PASS"] + BLOCK_SKIP + ["SKIP", "SKIP"] + ["SKIP"] * 4,
+            id="no-4k-row-no-kernel-rows",
         ),
         pytest.param(
             {"decode": [], "generation": [], "speculative": [], "notes": {"speculative": "no weights"}},
-            ["SKIP"] * 16, id="nothing-measured",
+            ["SKIP"] * 18, id="nothing-measured",
         ),
         pytest.param(
             {"compiled": [_compiled("_mla_decode_kernel", spills=0, stages=2, ctas=1),
                           _compiled("_write_latent_kernel", spills=0, stages=0, ctas=6)]},
-            ["SKIP"] * 12 + ["PASS"] * 4, id="compiled-clean",
+            ["SKIP"] * 14 + ["PASS"] * 4, id="compiled-clean",
         ),
         pytest.param(
             {"compiled": [_compiled("_mla_decode_kernel", spills=8, stages=1, ctas=0),
                           _compiled("_mla_decode_kernel", error="fp8e4nv not supported")]},
-            ["SKIP"] * 12 + ["MISS"] * 4, id="compiled-spill-error-one-stage-no-cta",
+            ["SKIP"] * 14 + ["MISS"] * 4, id="compiled-spill-error-one-stage-no-cta",
         ),
         pytest.param(
             {"speculative": _block_rows(1.8, 1.5, 3.5, 1.4, 1.0)},
-            ["SKIP"] * 3 + ["PASS"] * 7 + ["SKIP"] * 6, id="block-at-threshold",
+            ["SKIP"] * 5 + ["PASS"] * 7 + ["SKIP"] * 6, id="block-at-threshold",
         ),
         pytest.param(
             {"speculative": _block_rows(1.79, 1.49, 3.49, 1.39, 0.99)},
-            ["SKIP"] * 3 + ["PASS"] + ["MISS"] * 6 + ["SKIP"] * 6, id="block-just-short",
+            ["SKIP"] * 5 + ["PASS"] + ["MISS"] * 6 + ["SKIP"] * 6, id="block-just-short",
+        ),
+        pytest.param(
+            {"decode": _sparse_rows({2048: 1.0, 4096: 10.0, 16384: 12.0, 65536: 15.0}, 1.0)},
+            ["SKIP"] * 2 + ["PASS"] * 2 + ["SKIP"] * 14, id="sparse-at-threshold-2048-not-above-topk",
+        ),
+        pytest.param(
+            {"decode": _sparse_rows({4096: 10.0, 65536: 15.01}, 0.99)},
+            ["SKIP"] * 2 + ["MISS"] * 2 + ["SKIP"] * 14, id="sparse-just-past",
+        ),
+        pytest.param(
+            {"decode": _sparse_rows({2048: 1.0, 65536: 15.0}, 4.0)},
+            ["SKIP"] * 3 + ["PASS"] + ["SKIP"] * 14, id="sparse-one-context-above-topk",
         ),
     ],
 )  # fmt: skip
@@ -320,8 +403,9 @@ def test_report_without_optional_packages(monkeypatch, tmp_path):
     real = report.importlib.util.find_spec
     absent = {"transformers", "matplotlib", "tqdm"}
     monkeypatch.setattr(report.importlib.util, "find_spec", lambda name, *a: None if name in absent else real(name, *a))
-    rep = report.run(TINY_SETTINGS, CPU, sections=["decode", "generation"], log=lambda text: None)
-    assert rep["decode"] == [] and rep["generation"] == []
+    settings = dataclasses.replace(TINY_SETTINGS, sparse_layer_contexts=(40,))
+    rep = report.run(settings, CPU, sections=["decode", "generation"], log=lambda text: None)
+    assert {r["impl"] for r in rep["decode"]} == {sparse.SPARSE, sparse.DENSE} and rep["generation"] == []
     assert rep["notes"]["layer"] == rep["notes"]["generation"] == "not installed: transformers"
     assert report.save(rep, str(tmp_path / "r.json")) is None
     assert json.loads((tmp_path / "r.json").read_text())["notes"]["generation"] == "not installed: transformers"
