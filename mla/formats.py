@@ -456,7 +456,9 @@ class Model1Format:
         flat[data_at[:, None] + torch.arange(self.data_bytes, device=flat.device)] = data
         flat[scale_at[:, None] + torch.arange(self.scale_bytes, device=flat.device)] = scales
 
-    def read(self, pages: torch.Tensor, page_size: int, slots: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def read(
+        self, pages: torch.Tensor, page_size: int, slots: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """Dequantized values [n, 512] in `dtype` of the tokens at slots [n]."""
         pages = _check_pages_2d(pages, self.page_bytes(page_size), "pages")
         slots = _check_slots(slots, pages.shape[0] * page_size)

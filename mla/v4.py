@@ -132,7 +132,8 @@ class V4Config:
         _check_int("index_topk", self.index_topk, 1)
         if CSA in types and self.index_head_dim < self.rope_dim:
             raise ValueError(
-                f"index_head_dim={self.index_head_dim} must hold the rope_dim={self.rope_dim} roped channels of the indexer key"
+                f"index_head_dim={self.index_head_dim} must hold the rope_dim={self.rope_dim} roped channels "
+                "of the indexer key"
             )
 
     def layers_of(self, kind: str) -> tuple[int, ...]:
@@ -157,7 +158,9 @@ class V4Config:
         ratios = ratios[:n]
         hca = sorted({r for r in ratios if r not in (0, 4)})
         if len(hca) > 1 or 1 in hca:
-            raise ValueError(f"compress_ratios must hold 0, 4 and at most one other rate >= 2, got {sorted(set(ratios))}")
+            raise ValueError(
+                f"compress_ratios must hold 0, 4 and at most one other rate >= 2, got {sorted(set(ratios))}"
+            )
         kind = {0: SLIDING, 4: CSA, **{r: HCA for r in hca}}
         rates = {kind[r]: r for r in set(ratios) if r}
         return cls(num_hidden_layers=n, layer_types=tuple(kind[r] for r in ratios), compress_rates=rates, **kwargs)
@@ -179,7 +182,8 @@ class V4Config:
         """From a transformers DeepseekV4Config (its `layer_types` and `compress_rates`, which
         it already derived from a checkpoint's legacy `compress_ratios`)."""
         if getattr(hf_config, "model_type", None) != "deepseek_v4":
-            raise ValueError(f"from_hf needs a DeepseekV4Config, got model_type {getattr(hf_config, 'model_type', None)!r}")
+            model_type = getattr(hf_config, "model_type", None)
+            raise ValueError(f"from_hf needs a DeepseekV4Config, got model_type {model_type!r}")
         if getattr(hf_config, "num_key_value_heads", 1) != 1:
             raise ValueError(f"DeepSeek-V4 shares one KV head; num_key_value_heads={hf_config.num_key_value_heads}")
         types = tuple(hf_config.layer_types)
@@ -250,7 +254,8 @@ class V4LayerTensors:
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The tensors that exist, in field order."""
-        return tuple(t for t in (self.window, self.entries, self.index_keys, self.state, self.index_state) if t is not None)
+        every = (self.window, self.entries, self.index_keys, self.state, self.index_state)
+        return tuple(t for t in every if t is not None)
 
 
 class V4CacheLayout:
