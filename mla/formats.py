@@ -335,14 +335,20 @@ def page_bytes(fmt, page_size: int) -> int:
     return own(page_size) if own is not None else page_size * fmt.bytes_per_token
 
 
-def _check_slots(slots: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """Validate a 1-D integer tensor of token slots (page * page_size + row) into `num_slots`."""
+def _check_slots(slots: torch.Tensor, num_slots: int, device: torch.device, distinct: bool) -> torch.Tensor:
+    """Validate a 1-D int32 / int64 tensor of token slots (page * page_size + row) on `device`.
+    Slot values are read only on the CPU (as `check_write_args` does: reading them on CUDA would
+    synchronise every layer's write): in [0, num_slots), and without repeats for a write."""
     if not isinstance(slots, torch.Tensor) or slots.dim() != 1 or slots.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"slots must be a 1-D int32 or int64 tensor, got {getattr(slots, 'dtype', type(slots))}")
-    if slots.numel() and slots.device.type != "meta":
+    if slots.device != device:
+        raise ValueError(f"slots are on {slots.device} but pages are on {device}")
+    if slots.numel() and slots.device.type == "cpu":
         lo, hi = int(slots.min()), int(slots.max())
         if lo < 0 or hi >= num_slots:
             raise ValueError(f"slots must lie in [0, {num_slots}), got values in [{lo}, {hi}]")
+        if distinct and slots.unique().numel() != slots.numel():
+            raise ValueError("slots of one write must be distinct")
     return slots.long()
 
 
@@ -447,9 +453,14 @@ class Model1Format:
         """Quantize values [n, 512] into pages uint8 [num_pages, page_bytes(page_size)] at token
         slots [n] (int32 / int64, page * page_size + row), in place."""
         pages = _check_pages_2d(pages, self.page_bytes(page_size), "pages")
-        slots = _check_slots(slots, pages.shape[0] * page_size)
-        if values.shape[:1] != slots.shape:
-            raise ValueError(f"values has {values.shape[0]} rows for {slots.numel()} slots")
+        slots = _check_slots(slots, pages.shape[0] * page_size, pages.device, distinct=True)
+        if values.dtype not in PLAIN_DTYPES:
+            raise TypeError(f"values must be bfloat16, float16 or float32, got {values.dtype}")
+        if values.shape[:1] != slots.shape or values.device != pages.device:
+            raise ValueError(
+                f"values [{values.shape[0]} rows, on {values.device}] must match "
+                f"slots [{slots.numel()}] on {pages.device}"
+            )
         data, scales = self.pack(values)
         data_at, scale_at = self._offsets(page_size, slots)
         flat = pages.view(-1)
@@ -461,7 +472,7 @@ class Model1Format:
     ) -> torch.Tensor:
         """Dequantized values [n, 512] in `dtype` of the tokens at slots [n]."""
         pages = _check_pages_2d(pages, self.page_bytes(page_size), "pages")
-        slots = _check_slots(slots, pages.shape[0] * page_size)
+        slots = _check_slots(slots, pages.shape[0] * page_size, pages.device, distinct=False)
         data_at, scale_at = self._offsets(page_size, slots)
         flat = pages.view(-1)
         data = flat[data_at[:, None] + torch.arange(self.data_bytes, device=flat.device)]

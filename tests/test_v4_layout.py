@@ -207,7 +207,14 @@ def test_model1_write_read_at_shuffled_slots(page_size):
             id="wrong-page-size",
         ),
         pytest.param(
-            lambda f, p: f.write(p, 4, torch.tensor([0, 1]), torch.zeros(1, 512)), r"1 rows for 2 slots", id="row-count"
+            lambda f, p: f.write(p, 4, torch.tensor([0, 1]), torch.zeros(1, 512)),
+            r"1 rows.*slots \[2\]",
+            id="row-count",
+        ),
+        pytest.param(
+            lambda f, p: f.write(p, 4, torch.tensor([3, 3]), torch.zeros(2, 512)),
+            r"must be distinct",
+            id="repeated-slot",
         ),
         pytest.param(lambda f, p: f.pack(torch.zeros(2, 576)), r"values must be \[n, 512\]", id="width-576"),
     ],
@@ -218,10 +225,23 @@ def test_model1_rejects_bad_arguments(call, match):
         call(fmt, fmt.allocate(5, 4, "cpu"))
 
 
-def test_model1_rejects_float_slots():
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        pytest.param(
+            lambda f, p: f.read(p, 4, torch.tensor([0.0])), r"slots must be a 1-D int32 or int64", id="float-slots"
+        ),
+        pytest.param(
+            lambda f, p: f.write(p, 4, torch.tensor([0]), torch.zeros(1, 512, dtype=torch.float64)),
+            r"values must be bfloat16, float16 or float32",
+            id="float64-values",
+        ),
+    ],
+)
+def test_model1_rejects_bad_types(call, match):
     fmt = Model1Format()
-    with pytest.raises(TypeError, match="slots must be a 1-D int32 or int64 tensor"):
-        fmt.read(fmt.allocate(1, 4, "cpu"), 4, torch.tensor([0.0]))
+    with pytest.raises(TypeError, match=match):
+        call(fmt, fmt.allocate(1, 4, "cpu"))
 
 
 # --- MXFP4 indexer keys ---------------------------------------------------------------------
