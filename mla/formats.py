@@ -573,3 +573,83 @@ class Mxfp4KeyFormat:
 
     def __repr__(self) -> str:
         return f"Mxfp4KeyFormat(index_head_dim={self.index_head_dim})"
+
+
+class Mxfp4EntryFormat:
+    """An optional MXFP4 row for DeepSeek-V4 window tokens and compressed entries, 368 bytes, as
+    SGLang proposes (sgl-project/sglang pull requests 32741 / 37138, "MXFP4 KV cache for DSV4 on
+    Hopper"): row-major per token, no page padding::
+
+        [0, 224)      448 e2m1 values of the unroped channels (the `Mxfp4KeyFormat` nibbles)
+        [224, 238)    14 UE8M0 scales, one per 32 unroped channels
+        [238, 240)    2 pad bytes (written 0; they make the row 16-byte aligned)
+        [240, 368)    64 bfloat16 rope values (not quantized)
+
+    The unroped channels are quantized by `Mxfp4KeyFormat`'s rule (DeepSeek's FP4 rule); the
+    proposal does not pin its own rounding, so this owner's is the one rule for both FP4 rows.
+    Slots: token slot s = page * page_size + row.
+    """
+
+    head_dim = 512
+    rope_dim = 64
+    nope_dim = 448
+    rope_offset = 240
+    bytes_per_token = row_width = 368
+    storage_dtype = torch.uint8
+    is_fp8 = False
+
+    def __init__(self):
+        self.nope = Mxfp4KeyFormat(self.nope_dim)
+
+    def allocate(self, num_pages: int, page_size: int, device) -> torch.Tensor:
+        """Zeroed pages, uint8 [num_pages, page_size, 368]."""
+        num_pages = _check_dim("num_pages", num_pages, 0)
+        page_size = _check_dim("page_size", page_size, 1)
+        return torch.zeros(num_pages, page_size, self.row_width, dtype=torch.uint8, device=device)
+
+    def pack(self, values: torch.Tensor) -> torch.Tensor:
+        """Quantize values [n, 512] (the last 64 channels roped) -> rows uint8 [n, 368]."""
+        if values.dim() != 2 or values.shape[1] != self.head_dim:
+            raise ValueError(f"values must be [n, {self.head_dim}], got shape {tuple(values.shape)}")
+        nope = self.nope.pack(values[:, : self.nope_dim])  # [n, 238]
+        rope = _fresh(values[:, self.nope_dim :].to(torch.bfloat16)).view(torch.uint8)  # [n, 128]
+        return torch.cat([nope, nope.new_zeros(len(values), self.rope_offset - nope.shape[1]), rope], dim=1)
+
+    def unpack(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """rows uint8 [n, 368] -> values [n, 512] in `dtype`."""
+        nope = self.nope.unpack(rows[:, : self.nope.row_width])
+        rope = _fresh(rows[:, self.rope_offset :]).view(torch.bfloat16).float()
+        return torch.cat([nope, rope], dim=1).to(dtype)
+
+    def write(self, pages: torch.Tensor, page_size: int, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """Quantize values [n, 512] into pages uint8 [num_pages, page_size, 368] at slots [n]."""
+        rows = self._rows(pages, page_size)
+        slots = _check_slots(slots, rows.shape[0], pages.device, distinct=True)
+        if values.dtype not in PLAIN_DTYPES:
+            raise TypeError(f"values must be bfloat16, float16 or float32, got {values.dtype}")
+        if values.shape[:1] != slots.shape or values.device != pages.device:
+            raise ValueError(
+                f"values [{values.shape[0]} rows, on {values.device}] must match "
+                f"slots [{slots.numel()}] on {pages.device}"
+            )
+        rows[slots] = self.pack(values)
+
+    def read(
+        self, pages: torch.Tensor, page_size: int, slots: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Dequantized values [n, 512] in `dtype` of the tokens at slots [n]."""
+        rows = self._rows(pages, page_size)
+        return self.unpack(rows[_check_slots(slots, rows.shape[0], pages.device, distinct=False)], dtype)
+
+    def _rows(self, pages: torch.Tensor, page_size: int) -> torch.Tensor:
+        if not isinstance(pages, torch.Tensor):
+            raise TypeError(f"pages must be a torch.Tensor, got {type(pages).__name__}")
+        if pages.dtype != torch.uint8 or pages.dim() != 3 or tuple(pages.shape[1:]) != (page_size, self.row_width):
+            raise ValueError(
+                f"pages must be uint8 [num_pages, {page_size}, {self.row_width}], "
+                f"got {pages.dtype} {tuple(pages.shape)}"
+            )
+        return pages.view(-1, self.row_width)
+
+    def __repr__(self) -> str:
+        return "Mxfp4EntryFormat()"

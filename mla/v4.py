@@ -43,6 +43,7 @@ import torch
 from mla.formats import (
     PLAIN_DTYPES,
     Model1Format,
+    Mxfp4EntryFormat,
     Mxfp4KeyFormat,
     PlainFormat,
     is_fp8_dtype,
@@ -269,7 +270,9 @@ class V4CacheLayout:
             keys in the same dtype, as DeepSeek's reference keeps them in bfloat16), or "fp8" /
             torch.float8_e4m3fn: window and entries in FlashMLA's MODEL1 pages
             (`Model1Format`, 584 B per token; needs head_dim 512 and rope_dim 64) and indexer
-            keys in MXFP4 (`Mxfp4KeyFormat`, 68 B for index_head_dim 128), as DeepSeek deploys.
+            keys in MXFP4 (`Mxfp4KeyFormat`, 68 B for index_head_dim 128), as DeepSeek deploys;
+            or "mxfp4" / torch.float4_e2m1fn_x2: window and entries in the optional 368 B MXFP4
+            row (`Mxfp4EntryFormat`, SGLang's proposal), indexer keys in MXFP4 as with "fp8".
 
     Per layer and sequence it holds:
         window: the last min(context, sliding_window) tokens (a ring over the sequence's window
@@ -294,19 +297,20 @@ class V4CacheLayout:
             raise TypeError(f"config must be a V4Config, got {type(config).__name__}")
         self.config = config
         self.is_fp8 = is_fp8_dtype(dtype)
-        if self.is_fp8:
-            fmt = Model1Format()
+        is_fp4 = dtype == torch.float4_e2m1fn_x2 or (isinstance(dtype, str) and dtype.lower() == "mxfp4")
+        if self.is_fp8 or is_fp4:
+            fmt = Model1Format() if self.is_fp8 else Mxfp4EntryFormat()
             if (config.head_dim, config.rope_dim) != (fmt.head_dim, fmt.rope_dim):
                 raise ValueError(
-                    f"the FP8 (MODEL1) cache holds head_dim={fmt.head_dim} with rope_dim={fmt.rope_dim}, "
+                    f"the {fmt} cache holds head_dim={fmt.head_dim} with rope_dim={fmt.rope_dim}, "
                     f"got head_dim={config.head_dim}, rope_dim={config.rope_dim}"
                 )
-            self.dtype = torch.float8_e4m3fn
+            self.dtype = torch.float8_e4m3fn if self.is_fp8 else torch.float4_e2m1fn_x2
             self.entry_format = fmt
             self.index_format = Mxfp4KeyFormat(config.index_head_dim) if config.layers_of(CSA) else None
         else:
             if dtype not in PLAIN_DTYPES:
-                raise ValueError(f"dtype must be one of {PLAIN_DTYPES} or 'fp8', got {dtype!r}")
+                raise ValueError(f"dtype must be one of {PLAIN_DTYPES}, 'fp8' or 'mxfp4', got {dtype!r}")
             self.dtype = dtype
             # [nope | rope] in one row: PlainFormat's [latent | k_pe] with latent = the unroped part
             self.entry_format = PlainFormat(config.head_dim - config.rope_dim, config.rope_dim, dtype)
@@ -410,7 +414,7 @@ class V4CacheLayout:
     def __repr__(self) -> str:
         c = self.config
         counts = ", ".join(f"{len(c.layers_of(k))} {k}" for k in LAYER_TYPES if c.layers_of(k))
-        return f"V4CacheLayout({counts}, dtype={'fp8 (MODEL1 + MXFP4 keys)' if self.is_fp8 else self.dtype})"
+        return f"V4CacheLayout({counts}, entries={self.entry_format}, index_keys={self.index_format})"
 
 
 def _empty_pooling(num_seqs: int, shape: tuple[int, int, int], device) -> torch.Tensor:

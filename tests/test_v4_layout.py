@@ -17,7 +17,7 @@ import torch
 from transformers import DeepseekV4Config
 
 from mla.config import MLAConfig
-from mla.formats import E2M1_VALUES, Model1Format, Mxfp4KeyFormat, page_bytes
+from mla.formats import E2M1_VALUES, Model1Format, Mxfp4EntryFormat, Mxfp4KeyFormat, page_bytes
 from mla.v4 import CSA, HCA, LAYER_TYPES, SLIDING, V4CacheLayout, V4Config, V4PageCounts
 
 MIB = 2**20
@@ -318,6 +318,40 @@ def test_mxfp4_non_finite_block_reads_nan():
     assert out[32:].isnan().all() and out[:32].eq(1).all()
 
 
+def test_mxfp4_entry_bytes_of_a_hand_built_token():
+    """[224 B e2m1 | 14 B UE8M0 | 2 pad | 128 B bfloat16 rope]: the unroped part is exactly the
+    448-channel key row, the rope part the bfloat16 bytes."""
+    fmt = Mxfp4EntryFormat()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 512, generator=g) * 2.0 ** torch.randint(-8, 8, (3, 1), generator=g)
+    rows = fmt.pack(x)
+    assert rows.shape == (3, 368) == (3, fmt.bytes_per_token)
+    assert torch.equal(rows[:, :238], Mxfp4KeyFormat(448).pack(x[:, :448]))
+    assert rows[:, 238:240].eq(0).all()
+    assert torch.equal(rows[:, 240:].contiguous().view(torch.bfloat16), x[:, 448:].to(torch.bfloat16))
+    expected = torch.cat([Mxfp4KeyFormat(448).unpack(rows[:, :238]), x[:, 448:].to(torch.bfloat16).float()], dim=1)
+    assert torch.equal(fmt.unpack(rows), expected)
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 64])
+def test_mxfp4_entry_write_read_at_shuffled_slots(page_size):
+    fmt = Mxfp4EntryFormat()
+    assert page_bytes(fmt, page_size) == 368 * page_size
+    g = torch.Generator().manual_seed(page_size)
+    slots = torch.randperm(4 * page_size, generator=g)[: min(9, 4 * page_size)]
+    x = tile_values(len(slots), seed=1, dtype=torch.bfloat16)
+    pages = fmt.allocate(4, page_size, "cpu")
+    fmt.write(pages, page_size, slots, x)
+    assert torch.equal(fmt.read(pages, page_size, slots), fmt.unpack(fmt.pack(x)))
+    assert pages.view(-1, 368).count_nonzero(dim=1).nonzero().flatten().sort().values.tolist() == sorted(slots.tolist())
+
+
+def test_mxfp4_entry_rejects_pages_of_another_page_size():
+    fmt = Mxfp4EntryFormat()
+    with pytest.raises(ValueError, match=r"pages must be uint8 \[num_pages, 8, 368\]"):
+        fmt.read(fmt.allocate(2, 4, "cpu"), 8, torch.tensor([0]))
+
+
 # --- V4Config ------------------------------------------------------------------------------
 
 
@@ -497,6 +531,12 @@ def test_fp8_ratio_vs_v32_at_1m(preset, bound, exact):
     assert layout.bytes_per_token(2**20, page_size=64) / 48068 <= bound  # with whole, padded pages too
 
 
+def test_mxfp4_bytes_per_sequence_is_the_formula():
+    layout = V4CacheLayout(V4Config.deepseek_v4_pro(), "mxfp4")
+    window, state = 61 * 128 * 368, 30 * 4 * 2 * 3 * (512 + 128) + 31 * 4 * 3 * 512
+    assert layout.bytes_per_sequence(2**20) == window + 30 * 2**18 * (368 + 68) + 31 * 2**13 * 368 + state
+
+
 def test_fp8_entry_and_key_formats():
     layout = V4CacheLayout(V4Config.deepseek_v4_pro(), "fp8")
     assert isinstance(layout.entry_format, Model1Format) and layout.index_format.bytes_per_token == 68
@@ -505,7 +545,7 @@ def test_fp8_entry_and_key_formats():
 
 
 @pytest.mark.parametrize("page_size", [1, 64, 72])
-@pytest.mark.parametrize("dtype", ["fp8", torch.bfloat16], ids=["fp8", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp8", "mxfp4", torch.bfloat16], ids=["fp8", "mxfp4", "bf16"])
 @pytest.mark.parametrize("preset", ["flash", "pro"])
 def test_meta_allocation_equals_the_arithmetic(preset, dtype, page_size):
     layout = V4CacheLayout(PRESETS[preset](), dtype)
@@ -559,7 +599,10 @@ def test_allocated_pages_hold_model1_tokens_and_empty_state():
     "make, error, match",
     [
         pytest.param(
-            lambda: V4CacheLayout(_config(head_dim=256), "fp8"), ValueError, r"MODEL1.*head_dim=512", id="fp8-head-256"
+            lambda: V4CacheLayout(_config(head_dim=256), "fp8"), ValueError, r"Model1Format.*head_dim=512", id="fp8-dim-256"
+        ),
+        pytest.param(
+            lambda: V4CacheLayout(_config(rope_dim=32), "mxfp4"), ValueError, r"Mxfp4EntryFormat.*rope_dim=64", id="fp4-rope-32"
         ),
         pytest.param(lambda: V4CacheLayout(_config(), torch.int8), ValueError, r"dtype must be one of", id="int8"),
         pytest.param(
