@@ -599,10 +599,16 @@ def test_allocated_pages_hold_model1_tokens_and_empty_state():
     "make, error, match",
     [
         pytest.param(
-            lambda: V4CacheLayout(_config(head_dim=256), "fp8"), ValueError, r"Model1Format.*head_dim=512", id="fp8-dim-256"
+            lambda: V4CacheLayout(_config(head_dim=256), "fp8"),
+            ValueError,
+            r"Model1Format.*head_dim=512",
+            id="fp8-dim-256",
         ),
         pytest.param(
-            lambda: V4CacheLayout(_config(rope_dim=32), "mxfp4"), ValueError, r"Mxfp4EntryFormat.*rope_dim=64", id="fp4-rope-32"
+            lambda: V4CacheLayout(_config(rope_dim=32), "mxfp4"),
+            ValueError,
+            r"Mxfp4EntryFormat.*rope_dim=64",
+            id="fp4-rope-32",
         ),
         pytest.param(lambda: V4CacheLayout(_config(), torch.int8), ValueError, r"dtype must be one of", id="int8"),
         pytest.param(
