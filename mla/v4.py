@@ -287,9 +287,12 @@ class V4CacheLayout:
             overlaps exactly when the rate is 4), so each token feeds the current entry and the
             next: 2 accumulators of head_dim, and 2 of index_head_dim for the indexer's own
             compressor; HCA has 1 of head_dim. Fixed per sequence (6 KiB per HCA layer, 15 KiB
-            per CSA layer for V4). DeepSeek's reference instead buffers the raw float32
-            projections of the last 2m tokens (kv and score: 512 KiB per HCA layer), which
-            the same pooling reads in one pass; the accumulators give the same sums.
+            per CSA layer for V4). DeepSeek's reference instead buffers the raw float32 kv and
+            score projections of the incomplete windows (CSA 2m rows of 2 * head_dim, HCA m'
+            rows of head_dim: 512 KiB per HCA layer) and pools them in one pass when an entry
+            completes; the accumulators give the same sums up to float32 rounding order. At
+            1M tokens the difference is 17 B per token for V4-Pro, enough to cross the 10.5%
+            goal, which is why the layout keeps accumulators.
     """
 
     def __init__(self, config: V4Config, dtype: torch.dtype | str = torch.bfloat16):
