@@ -325,3 +325,331 @@ def tile_scales(amax: torch.Tensor) -> torch.Tensor:
 def _fresh(t: torch.Tensor) -> torch.Tensor:
     """A row-major copy at storage offset 0, so it can be viewed as a dtype of another width."""
     return t.clone(memory_format=torch.contiguous_format)
+
+
+def page_bytes(fmt, page_size: int) -> int:
+    """Bytes of one page of `page_size` tokens in format `fmt`: the format's own `page_bytes`
+    when its layout is per page (`Model1Format` pads its pages), else page_size rows."""
+    page_size = _check_dim("page_size", page_size, 1)
+    own = getattr(fmt, "page_bytes", None)
+    return own(page_size) if own is not None else page_size * fmt.bytes_per_token
+
+
+def _check_slots(slots: torch.Tensor, num_slots: int, device: torch.device, distinct: bool) -> torch.Tensor:
+    """Validate a 1-D int32 / int64 tensor of token slots (page * page_size + row) on `device`.
+    Slot values are read only on the CPU (as `check_write_args` does: reading them on CUDA would
+    synchronise every layer's write): in [0, num_slots), and without repeats for a write."""
+    if not isinstance(slots, torch.Tensor) or slots.dim() != 1 or slots.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"slots must be a 1-D int32 or int64 tensor, got {getattr(slots, 'dtype', type(slots))}")
+    if slots.device != device:
+        raise ValueError(f"slots are on {slots.device} but pages are on {device}")
+    if slots.numel() and slots.device.type == "cpu":
+        lo, hi = int(slots.min()), int(slots.max())
+        if lo < 0 or hi >= num_slots:
+            raise ValueError(f"slots must lie in [0, {num_slots}), got values in [{lo}, {hi}]")
+        if distinct and slots.unique().numel() != slots.numel():
+            raise ValueError("slots of one write must be distinct")
+    return slots.long()
+
+
+def _check_pages_2d(pages: torch.Tensor, row_bytes: int, name: str) -> torch.Tensor:
+    if not isinstance(pages, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(pages).__name__}")
+    if pages.dtype == torch.float8_e4m3fn:
+        pages = pages.view(torch.uint8)
+    if pages.dtype != torch.uint8 or pages.dim() != 2 or pages.shape[1] != row_bytes:
+        raise ValueError(
+            f"{name} must be uint8 [num_pages, {row_bytes}] for this page size, got {pages.dtype} {tuple(pages.shape)}"
+        )
+    return pages
+
+
+class Model1Format:
+    """FlashMLA's DeepSeek-V4 FP8 KV cache ("MODEL1"), byte for byte.
+
+    Source: deepseek-ai/FlashMLA tests/quant.py (`FP8KVCacheLayout.MODEL1_FP8Sparse`,
+    `quantize_k_cache` / `dequantize_k_cache`). A V4 token is one K = V vector of 512 values
+    whose last 64 channels carry RoPE. Per token: 448 float8_e4m3fn codes of the unroped
+    channels, 64 bfloat16 rope values (not quantized), 7 UE8M0 scales (one per 64 unroped
+    channels, the byte is the exponent + 127) and 1 pad byte: 584 bytes. Unlike the V3 row
+    (`Fp8Format`) the layout is per PAGE of page_size tokens, a flat uint8 [page_bytes]::
+
+        [t * 576, t * 576 + 448)                       token t's e4m3 codes, channels 0..447
+        [t * 576 + 448, t * 576 + 576)                 token t's 64 bfloat16 rope values
+        [page_size * 576 + t * 8, ... + 7)             token t's 7 UE8M0 scales
+        page_size * 576 + t * 8 + 7                    pad byte (written 0)
+        [page_size * 584, page_bytes)                  page padding, page_bytes =
+                                                       ceil(page_size * 584 / 576) * 576
+
+    Quantization of one tile x[0:64] (FlashMLA's rule, reproduced with the same float32 torch
+    operations so the bytes agree):
+        scale = 2 ** ceil(log2(max(amax(|x|) / 448, 1e-4)))   (float32 division and log2)
+        code  = round_to_nearest_even_e4m3(float32(x) / scale) (saturating at +-448)
+    so scales lie in [2 ** -13, 2 ** 120]. A tile with NaN or +-inf gets scale byte 0xFF
+    (UE8M0 NaN), so it reads back as NaN instead of hiding the corruption. Rope values are
+    rounded to bfloat16. Reading multiplies code by scale in float32 (exact; FlashMLA's test
+    dequantizer does it in bfloat16, also exact, except that code * 2 ** 120 may overflow
+    bfloat16 and float32 alike for |x| within 1/32 of float32's maximum).
+
+    Slots: token slot s = page * page_size + row, as in a block table.
+    """
+
+    head_dim = 512
+    rope_dim = 64
+    nope_dim = 448
+    tile = 64
+    num_tiles = 7
+    data_bytes = 576
+    """Codes plus rope values of one token: 448 + 2 * 64."""
+    scale_bytes = 8
+    """Seven scales and a pad byte per token."""
+    bytes_per_token = 584
+    page_align = 576
+    """Pages are padded to a multiple of this many bytes."""
+    scale_floor = 1e-4
+    """FlashMLA floors amax / 448 at 1e-4 (so the smallest scale is 2 ** -13)."""
+    dtype = torch.float8_e4m3fn
+    storage_dtype = torch.uint8
+    is_fp8 = True
+
+    def page_bytes(self, page_size: int) -> int:
+        """Bytes of one page: page_size * 584 rounded up to a multiple of 576."""
+        page_size = _check_dim("page_size", page_size, 1)
+        return -(-page_size * self.bytes_per_token // self.page_align) * self.page_align
+
+    def allocate(self, num_pages: int, page_size: int, device) -> torch.Tensor:
+        """Zeroed pages, uint8 [num_pages, page_bytes(page_size)]. A never-written token reads
+        as zeros (codes 0, scales 2 ** -127)."""
+        num_pages = _check_dim("num_pages", num_pages, 0)
+        return torch.zeros(num_pages, self.page_bytes(page_size), dtype=torch.uint8, device=device)
+
+    def pack(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize values [n, 512] (bfloat16 / float16 / float32; the last 64 channels are the
+        rope part) -> (data uint8 [n, 576], scales uint8 [n, 8]): each token's two byte runs."""
+        if values.dim() != 2 or values.shape[1] != self.head_dim:
+            raise ValueError(f"values must be [n, {self.head_dim}], got shape {tuple(values.shape)}")
+        n = values.shape[0]
+        x = values[:, : self.nope_dim].float().reshape(n, self.num_tiles, self.tile)  # [n, 7, 64]
+        amax = x.abs().amax(dim=-1)  # NaN propagates; +-inf gives inf
+        scale = torch.pow(2, torch.clamp_min(amax / 448.0, self.scale_floor).log2().ceil())  # [n, 7]
+        codes = (x / scale[..., None]).to(torch.float8_e4m3fn).view(torch.uint8).reshape(n, self.nope_dim)
+        # UE8M0 of a finite power of two is exact; inf and NaN both become 0xFF (NaN)
+        scale_bits = scale.to(torch.float8_e8m0fnu).view(torch.uint8)
+        rope = _fresh(values[:, self.nope_dim :].to(torch.bfloat16)).view(torch.uint8)  # [n, 128]
+        data = torch.cat([codes, rope], dim=1)
+        scales = torch.cat([scale_bits, scale_bits.new_zeros(n, 1)], dim=1)
+        return data, scales
+
+    def unpack(self, data: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """data uint8 [n, 576], scales uint8 [n, 8] -> values [n, 512] in `dtype`."""
+        n = data.shape[0]
+        codes = _fresh(data[:, : self.nope_dim]).view(torch.float8_e4m3fn).float()
+        scale = _fresh(scales[:, : self.num_tiles]).view(torch.float8_e8m0fnu).float()  # [n, 7]
+        nope = (codes.reshape(n, self.num_tiles, self.tile) * scale[..., None]).reshape(n, self.nope_dim)
+        rope = _fresh(data[:, self.nope_dim :]).view(torch.bfloat16).float()
+        return torch.cat([nope, rope], dim=1).to(dtype)
+
+    def write(self, pages: torch.Tensor, page_size: int, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """Quantize values [n, 512] into pages uint8 [num_pages, page_bytes(page_size)] at token
+        slots [n] (int32 / int64, page * page_size + row), in place."""
+        pages = _check_pages_2d(pages, self.page_bytes(page_size), "pages")
+        slots = _check_slots(slots, pages.shape[0] * page_size, pages.device, distinct=True)
+        if values.dtype not in PLAIN_DTYPES:
+            raise TypeError(f"values must be bfloat16, float16 or float32, got {values.dtype}")
+        if values.shape[:1] != slots.shape or values.device != pages.device:
+            raise ValueError(
+                f"values [{values.shape[0]} rows, on {values.device}] must match "
+                f"slots [{slots.numel()}] on {pages.device}"
+            )
+        data, scales = self.pack(values)
+        data_at, scale_at = self._offsets(page_size, slots)
+        flat = pages.view(-1)
+        flat[data_at[:, None] + torch.arange(self.data_bytes, device=flat.device)] = data
+        flat[scale_at[:, None] + torch.arange(self.scale_bytes, device=flat.device)] = scales
+
+    def read(
+        self, pages: torch.Tensor, page_size: int, slots: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Dequantized values [n, 512] in `dtype` of the tokens at slots [n]."""
+        pages = _check_pages_2d(pages, self.page_bytes(page_size), "pages")
+        slots = _check_slots(slots, pages.shape[0] * page_size, pages.device, distinct=False)
+        data_at, scale_at = self._offsets(page_size, slots)
+        flat = pages.view(-1)
+        data = flat[data_at[:, None] + torch.arange(self.data_bytes, device=flat.device)]
+        scales = flat[scale_at[:, None] + torch.arange(self.scale_bytes, device=flat.device)]
+        return self.unpack(data, scales, dtype)
+
+    def _offsets(self, page_size: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat byte offsets (int64) of each slot's data run and scale run."""
+        page, row = slots // page_size, slots % page_size
+        base = page * self.page_bytes(page_size)
+        return base + row * self.data_bytes, base + page_size * self.data_bytes + row * self.scale_bytes
+
+    def __repr__(self) -> str:
+        return "Model1Format()"
+
+
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+"""Magnitudes of the float4 e2m1 codes 0..7 (bit 3 of a nibble is the sign)."""
+
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_E2M1_TIE_UP = (False, True, False, True, False, True, False)
+"""At the midpoint between codes k and k + 1, round to the even code: up when k + 1 is even."""
+
+
+class Mxfp4KeyFormat:
+    """DeepSeek-V4's lightning-indexer key stored as FP4: float4 e2m1 values with one UE8M0
+    (power-of-two) scale per 32 channels, MXFP4-style.
+
+    Source of the rule: DeepSeek-V4's reference inference code (inference/model.py and
+    kernel.py `fp4_act_quant(x, 32)`, read in the Nicooo-Wang/DeepSeek-V4-Pro-code copy): the
+    indexer's compressed keys are Hadamard-rotated, then quantized per block of 32 with
+        scale = 2 ** ceil(log2(max(amax, 6 * 2 ** -126) / 6)),  q = clamp(x / scale, -6, 6)
+    rounded to e2m1. (DeepSeek's reference then keeps the dequantized keys in bfloat16; the
+    byte layout below is ours, as deployments store FP4.) This differs from the OCP MX rule
+    (scale 2 ** (floor(log2 amax) - 2), which can clip); we follow DeepSeek.
+
+    Row of one key, uint8 [bytes_per_token] (68 bytes for index_head_dim 128)::
+
+        [0, d / 2)            e2m1 nibbles: channel 2i in the low nibble of byte i,
+                              channel 2i + 1 in the high nibble (PyTorch float4_e2m1fn_x2 order)
+        [d / 2, d / 2 + d / 32)  UE8M0 scales (exponent + 127), one per 32 channels
+
+    Rounding is to the nearest e2m1 value, ties to the even code; |x / scale| > 6 saturates.
+    A block holding NaN or +-inf gets scale byte 0xFF (NaN) and reads back as NaN.
+    """
+
+    block = 32
+    dtype = torch.float4_e2m1fn_x2
+    storage_dtype = torch.uint8
+    amax_floor = 6 * 2.0**-126
+    """DeepSeek's floor on a block's amax, so the smallest scale is 2 ** -126."""
+
+    def __init__(self, index_head_dim: int):
+        d = _check_dim("index_head_dim", index_head_dim, 1)
+        if d % self.block:
+            raise ValueError(f"index_head_dim={d} must be a multiple of {self.block} for MXFP4 keys (one scale per 32)")
+        self.index_head_dim = d
+        self.num_blocks = d // self.block
+        self.scale_offset = d // 2
+        self.row_width = self.bytes_per_token = d // 2 + self.num_blocks
+
+    def allocate(self, num_pages: int, page_size: int, device) -> torch.Tensor:
+        """Zeroed pages, uint8 [num_pages, page_size, bytes_per_token]."""
+        num_pages = _check_dim("num_pages", num_pages, 0)
+        page_size = _check_dim("page_size", page_size, 1)
+        return torch.zeros(num_pages, page_size, self.row_width, dtype=torch.uint8, device=device)
+
+    def pack(self, keys: torch.Tensor) -> torch.Tensor:
+        """Quantize keys [..., d] (bfloat16 / float16 / float32) -> rows uint8 [..., bytes_per_token]."""
+        if keys.shape[-1] != self.index_head_dim:
+            raise ValueError(f"keys must be [..., {self.index_head_dim}], got shape {tuple(keys.shape)}")
+        lead = keys.shape[:-1]
+        x = keys.reshape(-1, self.num_blocks, self.block).float()  # [n, B, 32]
+        amax = x.abs().amax(dim=-1).clamp_min(self.amax_floor)  # NaN propagates
+        scale = torch.pow(2, (amax / 6.0).log2().ceil())  # [n, B]
+        q = x / scale[..., None]
+        mag = q.abs()
+        code = torch.zeros_like(mag, dtype=torch.uint8)
+        for mid, up in zip(_E2M1_MIDPOINTS, _E2M1_TIE_UP):
+            code += ((mag > mid) | ((mag == mid) & up)).to(torch.uint8)
+        code = torch.where(torch.isnan(q), torch.zeros_like(code), code) | (torch.signbit(q).to(torch.uint8) << 3)
+        code = code.reshape(-1, self.index_head_dim // 2, 2)
+        nibbles = code[..., 0] | (code[..., 1] << 4)
+        scale_bits = scale.to(torch.float8_e8m0fnu).view(torch.uint8)
+        return torch.cat([nibbles, scale_bits], dim=1).reshape(*lead, self.row_width)
+
+    def unpack(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """rows uint8 [..., bytes_per_token] -> keys [..., d] in `dtype` (code value * scale)."""
+        lead = rows.shape[:-1]
+        flat = rows.reshape(-1, self.row_width)
+        nibbles = flat[:, : self.scale_offset]
+        code = torch.stack([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(-1, self.index_head_dim).long()
+        table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=rows.device)
+        value = torch.where(code >= 8, -table[code & 7], table[code & 7])
+        scale = _fresh(flat[:, self.scale_offset :]).view(torch.float8_e8m0fnu).float()  # [n, B]
+        keys = value.reshape(-1, self.num_blocks, self.block) * scale[..., None]
+        return keys.reshape(*lead, self.index_head_dim).to(dtype)
+
+    def __repr__(self) -> str:
+        return f"Mxfp4KeyFormat(index_head_dim={self.index_head_dim})"
+
+
+class Mxfp4EntryFormat:
+    """An optional MXFP4 row for DeepSeek-V4 window tokens and compressed entries, 368 bytes, as
+    SGLang proposes (sgl-project/sglang pull requests 32741 / 37138, "MXFP4 KV cache for DSV4 on
+    Hopper"): row-major per token, no page padding::
+
+        [0, 224)      448 e2m1 values of the unroped channels (the `Mxfp4KeyFormat` nibbles)
+        [224, 238)    14 UE8M0 scales, one per 32 unroped channels
+        [238, 240)    2 pad bytes (written 0; they make the row 16-byte aligned)
+        [240, 368)    64 bfloat16 rope values (not quantized)
+
+    The unroped channels are quantized by `Mxfp4KeyFormat`'s rule (DeepSeek's FP4 rule); the
+    proposal does not pin its own rounding, so this owner's is the one rule for both FP4 rows.
+    Slots: token slot s = page * page_size + row.
+    """
+
+    head_dim = 512
+    rope_dim = 64
+    nope_dim = 448
+    rope_offset = 240
+    bytes_per_token = row_width = 368
+    storage_dtype = torch.uint8
+    is_fp8 = False
+
+    def __init__(self):
+        self.nope = Mxfp4KeyFormat(self.nope_dim)
+
+    def allocate(self, num_pages: int, page_size: int, device) -> torch.Tensor:
+        """Zeroed pages, uint8 [num_pages, page_size, 368]."""
+        num_pages = _check_dim("num_pages", num_pages, 0)
+        page_size = _check_dim("page_size", page_size, 1)
+        return torch.zeros(num_pages, page_size, self.row_width, dtype=torch.uint8, device=device)
+
+    def pack(self, values: torch.Tensor) -> torch.Tensor:
+        """Quantize values [n, 512] (the last 64 channels roped) -> rows uint8 [n, 368]."""
+        if values.dim() != 2 or values.shape[1] != self.head_dim:
+            raise ValueError(f"values must be [n, {self.head_dim}], got shape {tuple(values.shape)}")
+        nope = self.nope.pack(values[:, : self.nope_dim])  # [n, 238]
+        rope = _fresh(values[:, self.nope_dim :].to(torch.bfloat16)).view(torch.uint8)  # [n, 128]
+        return torch.cat([nope, nope.new_zeros(len(values), self.rope_offset - nope.shape[1]), rope], dim=1)
+
+    def unpack(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """rows uint8 [n, 368] -> values [n, 512] in `dtype`."""
+        nope = self.nope.unpack(rows[:, : self.nope.row_width])
+        rope = _fresh(rows[:, self.rope_offset :]).view(torch.bfloat16).float()
+        return torch.cat([nope, rope], dim=1).to(dtype)
+
+    def write(self, pages: torch.Tensor, page_size: int, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """Quantize values [n, 512] into pages uint8 [num_pages, page_size, 368] at slots [n]."""
+        rows = self._rows(pages, page_size)
+        slots = _check_slots(slots, rows.shape[0], pages.device, distinct=True)
+        if values.dtype not in PLAIN_DTYPES:
+            raise TypeError(f"values must be bfloat16, float16 or float32, got {values.dtype}")
+        if values.shape[:1] != slots.shape or values.device != pages.device:
+            raise ValueError(
+                f"values [{values.shape[0]} rows, on {values.device}] must match "
+                f"slots [{slots.numel()}] on {pages.device}"
+            )
+        rows[slots] = self.pack(values)
+
+    def read(
+        self, pages: torch.Tensor, page_size: int, slots: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Dequantized values [n, 512] in `dtype` of the tokens at slots [n]."""
+        rows = self._rows(pages, page_size)
+        return self.unpack(rows[_check_slots(slots, rows.shape[0], pages.device, distinct=False)], dtype)
+
+    def _rows(self, pages: torch.Tensor, page_size: int) -> torch.Tensor:
+        if not isinstance(pages, torch.Tensor):
+            raise TypeError(f"pages must be a torch.Tensor, got {type(pages).__name__}")
+        if pages.dtype != torch.uint8 or pages.dim() != 3 or tuple(pages.shape[1:]) != (page_size, self.row_width):
+            raise ValueError(
+                f"pages must be uint8 [num_pages, {page_size}, {self.row_width}], "
+                f"got {pages.dtype} {tuple(pages.shape)}"
+            )
+        return pages.view(-1, self.row_width)
+
+    def __repr__(self) -> str:
+        return "Mxfp4EntryFormat()"

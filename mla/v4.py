@@ -1,0 +1,427 @@
+"""DeepSeek-V4 hybrid attention: the configuration and the KV-cache layout with its accounting.
+
+Every V4 layer is shared-KV MQA: one KV head of head_dim 512 that is both K and V, RoPE on its
+last rope_dim = 64 channels, attention sinks, and a sliding window over the last
+sliding_window = 128 tokens. Layer kinds (`layer_types`, as in transformers' DeepseekV4Config):
+
+    "sliding_attention"             the window only
+    "compressed_sparse_attention"   (CSA) also one compressed entry per m = 4 tokens (softmax-
+                                    gated pooling over an overlapping window of 2m tokens); a
+                                    lightning indexer with its own compressed keys
+                                    (index_head_dim each) picks index_topk entries per query
+    "heavily_compressed_attention"  (HCA) also one entry per m' = 128 tokens (no overlap), all
+                                    attended
+
+Sources (where they disagree, DeepSeek's own config and code win):
+  - DeepSeek's config.json of DeepSeek-V4-Flash and DeepSeek-V4-Pro (copies stored in public
+    repositories; "compress_ratios" per layer, 0 = sliding, plus one trailing entry for the MTP
+    layer): Flash has 43 layers [0, 0, 4, 128, 4, ..., 128, 4] (2 sliding, 21 CSA, 20 HCA),
+    64 heads, index_topk 512; Pro has 61 layers [128, 128, 4, 128, 4, ..., 128, 4]
+    (31 HCA, 30 CSA), 128 heads, index_topk 1024; both head_dim 512, qk_rope_head_dim 64,
+    sliding_window 128, index_n_heads 64, index_head_dim 128.
+  - DeepSeek-V4's reference inference/model.py (read in the Nicooo-Wang/DeepSeek-V4-Pro-code
+    copy): `Attention` keeps window + max_seq_len // ratio entries per layer, `Compressor`
+    overlaps its windows exactly when ratio == 4, the indexer exists exactly in ratio-4 layers,
+    FP8 (block 64, UE8M0) on the non-rope channels of window and entries, FP4 (block 32) on
+    the indexer's keys.
+  - transformers 5.24 models/deepseek_v4/configuration_deepseek_v4.py: the field names
+    (`layer_types`, `compress_rates`, `sliding_window`, `index_*`, `qk_rope_head_dim`).
+    Its default `layer_types` (the "V4-Pro default") puts the first CSA layer at index 3, i.e.
+    32 HCA + 29 CSA; DeepSeek's Pro config has it at index 2 (31 HCA + 30 CSA). We follow
+    DeepSeek: `V4Config.deepseek_v4_pro()` carries the explicit schedule.
+  - deepseek-ai/FlashMLA tests/quant.py: the FP8 "MODEL1" layout (`mla.formats.Model1Format`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from mla.formats import (
+    PLAIN_DTYPES,
+    Model1Format,
+    Mxfp4EntryFormat,
+    Mxfp4KeyFormat,
+    PlainFormat,
+    is_fp8_dtype,
+    page_bytes,
+)
+
+SLIDING = "sliding_attention"
+CSA = "compressed_sparse_attention"
+HCA = "heavily_compressed_attention"
+LAYER_TYPES = (SLIDING, CSA, HCA)
+"""The layer kinds, with transformers' names."""
+
+COMPRESSED_TYPES = (CSA, HCA)
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class V4Config:
+    """The DeepSeek-V4 attention dimensions that the cache, compressors and kernels need.
+
+    Args:
+        num_hidden_layers: decoder layers (the MTP layer is not counted, as in transformers).
+        layer_types: one of LAYER_TYPES per layer.
+        compress_rates: tokens per compressed entry for each compressed layer kind, as
+            transformers' `compress_rates`: {"compressed_sparse_attention": m,
+            "heavily_compressed_attention": m'} (4 and 128), each >= 2.
+        head_dim: width of the one shared K = V head (512).
+        rope_dim: roped channels at the END of the head (64; transformers' qk_rope_head_dim).
+        num_heads: query heads (64 Flash, 128 Pro).
+        sliding_window: tokens of the window every layer attends (128).
+        index_n_heads, index_head_dim, index_topk: the CSA lightning indexer (64, 128, and
+            512 Flash / 1024 Pro). The indexer key is roped on its last rope_dim channels.
+
+    Raises ValueError naming the field for anything the cache cannot hold. A frozen value:
+    `compress_rates` is copied at construction (and not hashable, so neither is the config).
+    """
+
+    num_hidden_layers: int
+    layer_types: tuple[str, ...]
+    compress_rates: Mapping[str, int] = field(default_factory=lambda: {CSA: 4, HCA: 128})
+    head_dim: int = 512
+    rope_dim: int = 64
+    num_heads: int = 64
+    sliding_window: int = 128
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+
+    def __post_init__(self):
+        n = _check_int("num_hidden_layers", self.num_hidden_layers, 1)
+        if isinstance(self.layer_types, str) or not hasattr(self.layer_types, "__iter__"):
+            raise ValueError(f"layer_types must be a sequence of layer type names, got {self.layer_types!r}")
+        types = tuple(self.layer_types)
+        bad = sorted({t for t in types if t not in LAYER_TYPES}, key=str)
+        if bad:
+            raise ValueError(f"layer_types has unknown entries {bad}; each must be one of {LAYER_TYPES}")
+        if len(types) != n:
+            raise ValueError(f"layer_types has {len(types)} entries for num_hidden_layers={n}")
+        object.__setattr__(self, "layer_types", types)
+
+        if not isinstance(self.compress_rates, Mapping):
+            raise ValueError(f"compress_rates must be a mapping {{layer type: rate}}, got {self.compress_rates!r}")
+        rates = dict(self.compress_rates)
+        unknown = sorted(set(rates) - set(COMPRESSED_TYPES), key=str)
+        if unknown:
+            raise ValueError(f"compress_rates has keys {unknown}; only {COMPRESSED_TYPES} are compressed")
+        for kind in COMPRESSED_TYPES:
+            if kind in types and kind not in rates:
+                raise ValueError(f"compress_rates has no rate for {kind!r}, which layer_types uses")
+        for kind, rate in rates.items():
+            _check_int(f"compress_rates[{kind!r}]", rate, 2)
+        object.__setattr__(self, "compress_rates", rates)
+
+        _check_int("head_dim", self.head_dim, 1)
+        _check_int("rope_dim", self.rope_dim, 0)
+        if self.rope_dim % 2 or self.rope_dim >= self.head_dim:
+            raise ValueError(f"rope_dim={self.rope_dim} must be even and below head_dim={self.head_dim}")
+        _check_int("num_heads", self.num_heads, 1)
+        _check_int("sliding_window", self.sliding_window, 1)
+        _check_int("index_n_heads", self.index_n_heads, 1)
+        _check_int("index_head_dim", self.index_head_dim, 1)
+        _check_int("index_topk", self.index_topk, 1)
+        if CSA in types and self.index_head_dim < self.rope_dim:
+            raise ValueError(
+                f"index_head_dim={self.index_head_dim} must hold the rope_dim={self.rope_dim} roped channels "
+                "of the indexer key"
+            )
+
+    def layers_of(self, kind: str) -> tuple[int, ...]:
+        """Indices of the layers of one kind (one of LAYER_TYPES)."""
+        if kind not in LAYER_TYPES:
+            raise ValueError(f"kind must be one of {LAYER_TYPES}, got {kind!r}")
+        return tuple(i for i, t in enumerate(self.layer_types) if t == kind)
+
+    def compress_rate(self, layer: int) -> int:
+        """Tokens per compressed entry of a layer; 0 for a sliding layer (DeepSeek's
+        `compress_ratios` convention)."""
+        return self.compress_rates.get(self.layer_types[layer], 0)
+
+    @classmethod
+    def from_compress_ratios(cls, compress_ratios, num_hidden_layers: int | None = None, **kwargs) -> V4Config:
+        """From DeepSeek's per-layer `compress_ratios`: 0 = sliding, 4 = CSA (DeepSeek's
+        reference gives exactly the ratio-4 layers an indexer and overlapping windows), any one
+        other rate >= 2 = HCA. Entries past num_hidden_layers (default: all), such as the MTP
+        layer's trailing 0, are dropped. Other fields go through `kwargs`."""
+        ratios = [_check_int("compress_ratios entry", r, 0) for r in compress_ratios]
+        n = len(ratios) if num_hidden_layers is None else num_hidden_layers
+        ratios = ratios[:n]
+        hca = sorted({r for r in ratios if r not in (0, 4)})
+        if len(hca) > 1 or 1 in hca:
+            raise ValueError(
+                f"compress_ratios must hold 0, 4 and at most one other rate >= 2, got {sorted(set(ratios))}"
+            )
+        kind = {0: SLIDING, 4: CSA, **{r: HCA for r in hca}}
+        rates = {kind[r]: r for r in set(ratios) if r}
+        return cls(num_hidden_layers=n, layer_types=tuple(kind[r] for r in ratios), compress_rates=rates, **kwargs)
+
+    @classmethod
+    def deepseek_v4_flash(cls) -> V4Config:
+        """DeepSeek-V4-Flash (DeepSeek's config.json): 43 layers, 2 sliding then CSA / HCA
+        alternating from CSA (21 CSA, 20 HCA), 64 heads, index_topk 512."""
+        return cls.from_compress_ratios([0, 0] + [4, 128] * 20 + [4], num_heads=64, index_topk=512)
+
+    @classmethod
+    def deepseek_v4_pro(cls) -> V4Config:
+        """DeepSeek-V4-Pro (DeepSeek's config.json): 61 layers, HCA at 0 and 1 then CSA / HCA
+        alternating from CSA at layer 2 (30 CSA, 31 HCA), 128 heads, index_topk 1024."""
+        return cls.from_compress_ratios([128] + [128, 4] * 30, num_heads=128, index_topk=1024)
+
+    @classmethod
+    def from_hf(cls, hf_config) -> V4Config:
+        """From a transformers DeepseekV4Config (its `layer_types` and `compress_rates`, which
+        it already derived from a checkpoint's legacy `compress_ratios`)."""
+        if getattr(hf_config, "model_type", None) != "deepseek_v4":
+            model_type = getattr(hf_config, "model_type", None)
+            raise ValueError(f"from_hf needs a DeepseekV4Config, got model_type {model_type!r}")
+        if getattr(hf_config, "num_key_value_heads", 1) != 1:
+            raise ValueError(f"DeepSeek-V4 shares one KV head; num_key_value_heads={hf_config.num_key_value_heads}")
+        types = tuple(hf_config.layer_types)
+        return cls(
+            num_hidden_layers=hf_config.num_hidden_layers,
+            layer_types=types,
+            compress_rates={k: v for k, v in hf_config.compress_rates.items() if k in types},
+            head_dim=hf_config.head_dim,
+            rope_dim=hf_config.qk_rope_head_dim,
+            num_heads=hf_config.num_attention_heads,
+            sliding_window=hf_config.sliding_window,
+            index_n_heads=hf_config.index_n_heads,
+            index_head_dim=hf_config.index_head_dim,
+            index_topk=hf_config.index_topk,
+        )
+
+    def hf_kwargs(self) -> dict:
+        """The DeepseekV4Config keyword arguments for these fields (the rest keep their
+        transformers defaults)."""
+        return dict(
+            num_hidden_layers=self.num_hidden_layers,
+            layer_types=list(self.layer_types),
+            compress_rates=dict(self.compress_rates),
+            head_dim=self.head_dim,
+            partial_rotary_factor=self.rope_dim / self.head_dim,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=1,
+            sliding_window=self.sliding_window,
+            index_n_heads=self.index_n_heads,
+            index_head_dim=self.index_head_dim,
+            index_topk=self.index_topk,
+        )
+
+
+@dataclass(frozen=True)
+class V4PageCounts:
+    """Pages in each page pool. Each pool has its own block table: `window` pages hold each
+    sequence's window ring, `csa` pages the CSA entries and, at the same slots, the CSA
+    indexer keys, `hca` pages the HCA entries. A page id names the same slot range in every
+    layer of its pool."""
+
+    window: int
+    csa: int = 0
+    hca: int = 0
+
+    def __post_init__(self):
+        for f in fields(self):
+            _check_int(f"V4PageCounts.{f.name}", getattr(self, f.name), 0)
+
+
+@dataclass(frozen=True)
+class V4LayerTensors:
+    """One layer's storage (None where the layer kind has none).
+
+    window: window pages (format `V4CacheLayout.entry_format`).
+    entries: compressed-entry pages (CSA and HCA layers; same format as the window).
+    index_keys: indexer-key pages (CSA layers; `V4CacheLayout.index_format`).
+    state, index_state: float32 per sequence slot, the compressor's pending (not yet complete)
+        entries: [num_seqs, accumulators, 3, width] (see `V4CacheLayout`).
+    """
+
+    kind: str
+    window: torch.Tensor
+    entries: torch.Tensor | None = None
+    index_keys: torch.Tensor | None = None
+    state: torch.Tensor | None = None
+    index_state: torch.Tensor | None = None
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors that exist, in field order."""
+        every = (self.window, self.entries, self.index_keys, self.state, self.index_state)
+        return tuple(t for t in every if t is not None)
+
+
+class V4CacheLayout:
+    """What a DeepSeek-V4 KV cache stores, per layer kind, and how many bytes that takes: the
+    one owner of V4 cache sizes. The later cache class allocates through `allocate`; the memory
+    report reads `bytes_per_sequence` / `bytes_per_token`.
+
+    Args:
+        config: a V4Config.
+        dtype: torch.bfloat16 / float16 / float32 (window and entries stored as they are, indexer
+            keys in the same dtype, as DeepSeek's reference keeps them in bfloat16), or "fp8" /
+            torch.float8_e4m3fn: window and entries in FlashMLA's MODEL1 pages
+            (`Model1Format`, 584 B per token; needs head_dim 512 and rope_dim 64) and indexer
+            keys in MXFP4 (`Mxfp4KeyFormat`, 68 B for index_head_dim 128), as DeepSeek deploys;
+            or "mxfp4" / torch.float4_e2m1fn_x2: window and entries in the optional 368 B MXFP4
+            row (`Mxfp4EntryFormat`, SGLang's proposal), indexer keys in MXFP4 as with "fp8".
+
+    Per layer and sequence it holds:
+        window: the last min(context, sliding_window) tokens (a ring over the sequence's window
+            pages), every layer.
+        entries: floor(context / m) compressed entries (CSA, m = compress_rates[CSA]) or
+            floor(context / m') (HCA).
+        index keys: one per CSA entry, at the entry's slot.
+        pending state (the real cache needs it: a compressor finishes an entry only when its
+            last token arrives): the softmax-gated pooling of the incomplete entries as online-
+            softmax accumulators, float32 per channel: running max, running sum of exponentials,
+            running weighted sum (3 rows). CSA overlaps its windows (DeepSeek's reference
+            overlaps exactly when the rate is 4), so each token feeds the current entry and the
+            next: 2 accumulators of head_dim, and 2 of index_head_dim for the indexer's own
+            compressor; HCA has 1 of head_dim. Fixed per sequence (6 KiB per HCA layer, 15 KiB
+            per CSA layer for V4). DeepSeek's reference instead buffers the raw float32 kv and
+            score projections of the incomplete windows (CSA 2m rows of 2 * head_dim, HCA m'
+            rows of head_dim: 512 KiB per HCA layer) and pools them in one pass when an entry
+            completes; the accumulators give the same sums up to float32 rounding order. At
+            1M tokens the difference is 17 B per token for V4-Pro, enough to cross the 10.5%
+            goal, which is why the layout keeps accumulators.
+    """
+
+    def __init__(self, config: V4Config, dtype: torch.dtype | str = torch.bfloat16):
+        if not isinstance(config, V4Config):
+            raise TypeError(f"config must be a V4Config, got {type(config).__name__}")
+        self.config = config
+        self.is_fp8 = is_fp8_dtype(dtype)
+        is_fp4 = dtype == torch.float4_e2m1fn_x2 or (isinstance(dtype, str) and dtype.lower() == "mxfp4")
+        if self.is_fp8 or is_fp4:
+            fmt = Model1Format() if self.is_fp8 else Mxfp4EntryFormat()
+            if (config.head_dim, config.rope_dim) != (fmt.head_dim, fmt.rope_dim):
+                raise ValueError(
+                    f"the {fmt} cache holds head_dim={fmt.head_dim} with rope_dim={fmt.rope_dim}, "
+                    f"got head_dim={config.head_dim}, rope_dim={config.rope_dim}"
+                )
+            self.dtype = torch.float8_e4m3fn if self.is_fp8 else torch.float4_e2m1fn_x2
+            self.entry_format = fmt
+            self.index_format = Mxfp4KeyFormat(config.index_head_dim) if config.layers_of(CSA) else None
+        else:
+            if dtype not in PLAIN_DTYPES:
+                raise ValueError(f"dtype must be one of {PLAIN_DTYPES}, 'fp8' or 'mxfp4', got {dtype!r}")
+            self.dtype = dtype
+            # [nope | rope] in one row: PlainFormat's [latent | k_pe] with latent = the unroped part
+            self.entry_format = PlainFormat(config.head_dim - config.rope_dim, config.rope_dim, dtype)
+            self.index_format = PlainFormat(config.index_head_dim, 0, dtype)
+
+    def state_shape(self, kind: str) -> tuple[tuple[int, int, int], tuple[int, int, int] | None] | None:
+        """[accumulators, 3, width] of one sequence's pending state in a layer of `kind`, and of
+        its indexer's (CSA only); None for a sliding layer."""
+        c = self.config
+        if kind == CSA:
+            return (2, 3, c.head_dim), (2, 3, c.index_head_dim)
+        if kind == HCA:
+            return (1, 3, c.head_dim), None
+        return None
+
+    def state_bytes(self, kind: str) -> int:
+        """Bytes of one sequence's pending state in one layer of `kind` (float32)."""
+        shapes = self.state_shape(kind)
+        return 0 if shapes is None else sum(4 * math.prod(s) for s in shapes if s is not None)
+
+    def tokens(self, kind: str, context: int) -> tuple[int, int]:
+        """(window tokens, compressed entries) of one sequence of `context` tokens in a layer of
+        `kind`."""
+        context = _check_int("context", context, 0)
+        rate = self.config.compress_rates.get(kind, 0)
+        return min(context, self.config.sliding_window), context // rate if rate else 0
+
+    def pages_for(self, context: int, page_size: int) -> V4PageCounts:
+        """Pages one sequence of `context` tokens needs in each pool: the window ring takes
+        ceil(min(context, sliding_window) / page_size); entries ceil(count / page_size)."""
+        _check_int("page_size", page_size, 1)
+        window, _ = self.tokens(SLIDING, context)
+        counts = {kind: self.tokens(kind, context)[1] for kind in COMPRESSED_TYPES}
+        return V4PageCounts(
+            window=-(-window // page_size), csa=-(-counts[CSA] // page_size), hca=-(-counts[HCA] // page_size)
+        )
+
+    def bytes_per_sequence(self, context: int, page_size: int | None = None) -> int:
+        """Cache bytes of one sequence of `context` tokens over all layers: window + entries +
+        CSA indexer keys + pending state. page_size None: exact token counts times the formats'
+        bytes per token (MODEL1: 584); else what `allocate` takes for it (whole, padded pages)."""
+        if page_size is not None:
+            return self.allocation_bytes(self.pages_for(context, page_size), page_size, num_seqs=1)
+        entry, index = self.entry_format.bytes_per_token, self._index_bytes()
+        total = 0
+        for kind in self.config.layer_types:
+            window, entries = self.tokens(kind, context)
+            total += (window + entries) * entry + self.state_bytes(kind)
+            if kind == CSA:
+                total += entries * index
+        return total
+
+    def bytes_per_token(self, context: int, page_size: int | None = None) -> float:
+        """bytes_per_sequence(context, page_size) / context."""
+        return self.bytes_per_sequence(_check_int("context", context, 1), page_size) / context
+
+    def allocation_bytes(self, pages: V4PageCounts, page_size: int, num_seqs: int) -> int:
+        """Bytes `allocate(pages, page_size, num_seqs)` takes, by arithmetic."""
+        _check_int("num_seqs", num_seqs, 0)
+        entry = page_bytes(self.entry_format, page_size)
+        pool = {SLIDING: 0, CSA: pages.csa, HCA: pages.hca}
+        total = 0
+        for kind in self.config.layer_types:
+            total += (pages.window + pool[kind]) * entry + num_seqs * self.state_bytes(kind)
+            if kind == CSA:
+                total += pages.csa * page_bytes(self.index_format, page_size)
+        return total
+
+    def allocate(self, pages: V4PageCounts, page_size: int, num_seqs: int, device) -> tuple[V4LayerTensors, ...]:
+        """Zeroed storage for every layer: page tensors of each pool (the formats' own
+        `allocate`: MODEL1 uint8 [num_pages, page_bytes]; plain [num_pages, page_size, 1,
+        head_dim]; MXFP4 keys uint8 [num_pages, page_size, 68]; plain keys [num_pages,
+        page_size, 1, index_head_dim]) and the float32 pending state per sequence slot. The
+        accumulators start as running max -inf, sums 0 (an empty pooling)."""
+        if not isinstance(pages, V4PageCounts):
+            raise TypeError(f"pages must be a V4PageCounts, got {type(pages).__name__}")
+        _check_int("page_size", page_size, 1)
+        _check_int("num_seqs", num_seqs, 0)
+        layers = []
+        for kind in self.config.layer_types:
+            window = self.entry_format.allocate(pages.window, page_size, device)
+            if kind == SLIDING:
+                layers.append(V4LayerTensors(kind, window))
+                continue
+            state_shape, index_state_shape = self.state_shape(kind)
+            layers.append(
+                V4LayerTensors(
+                    kind,
+                    window,
+                    entries=self.entry_format.allocate(pages.csa if kind == CSA else pages.hca, page_size, device),
+                    index_keys=self.index_format.allocate(pages.csa, page_size, device) if kind == CSA else None,
+                    state=_empty_pooling(num_seqs, state_shape, device),
+                    index_state=_empty_pooling(num_seqs, index_state_shape, device) if index_state_shape else None,
+                )
+            )
+        return tuple(layers)
+
+    def _index_bytes(self) -> int:
+        return self.index_format.bytes_per_token if self.index_format is not None else 0
+
+    def __repr__(self) -> str:
+        c = self.config
+        counts = ", ".join(f"{len(c.layers_of(k))} {k}" for k in LAYER_TYPES if c.layers_of(k))
+        return f"V4CacheLayout({counts}, entries={self.entry_format}, index_keys={self.index_format})"
+
+
+def _empty_pooling(num_seqs: int, shape: tuple[int, int, int], device) -> torch.Tensor:
+    """Accumulators [num_seqs, *shape] float32 of an empty softmax pooling: max -inf, sums 0."""
+    state = torch.zeros(num_seqs, *shape, dtype=torch.float32, device=device)
+    state[:, :, 0] = float("-inf")
+    return state
