@@ -1,10 +1,12 @@
-"""Section 1: KV-cache bytes per token, MLA latent (bf16, FP8) vs full multi-head K/V."""
+"""Section 1: KV-cache bytes per token, MLA latent (bf16, FP8) vs full multi-head K/V, and per
+token of a long context across DeepSeek's generations (V3, V3.2, V4's compressed layers)."""
 
 from __future__ import annotations
 
 import torch
 
 from mla import LatentCache, MLAConfig
+from mla.v4 import V4CacheLayout, V4Config
 
 from .common import format_table as _format_table
 
@@ -87,4 +89,45 @@ def format_table(rows: list[dict]) -> str:
         ("x smaller than MHA", "reduction_vs_mha", ".1f"),
         ("x smaller than Llama-3-8B per token", "vs_llama3_8b_gqa", ".2f"),
     ] + [(f"tokens in {gb} GB", f"tokens_in_{gb}gb", ",d") for gb in CAPACITIES_GB]
+    return _format_table(columns, rows)
+
+
+# Contexts of the long-context table: 128k and 1M tokens (2 ** 17, 2 ** 20).
+CONTEXTS = {"128k": 1 << 17, "1m": 1 << 20}
+V32_BASELINE = ("DeepSeek-V3.2", "fp8")
+
+
+def context_rows() -> list[dict]:
+    """Bytes per token of a whole model's cache (all layers) at each context in CONTEXTS, from the
+    caches' own accounting: V3 / V3.2 from `cache_bytes_per_token` (constant per token), V4 from
+    `mla.v4.V4CacheLayout.bytes_per_sequence` (sliding window + compressed entries + CSA indexer
+    keys + the compressor's pending state, per the real layer schedule; FP8 = FlashMLA's MODEL1
+    rows with MXFP4 indexer keys, as DeepSeek deploys them). ratio_vs_v32_at_1m: over V3.2's FP8
+    cache (61 x 788 bytes per token)."""
+    rows = []
+    for name, cfg in (("DeepSeek-V3", MLAConfig.deepseek_v3()), ("DeepSeek-V3.2", MLAConfig.deepseek_v32())):
+        for kv_dtype, dtype in KV_DTYPES.items():
+            per_token = cache_bytes_per_token(cfg, dtype)[0] * cfg.num_hidden_layers
+            rows.append({"model": name, "kv_dtype": kv_dtype, "layers": cfg.num_hidden_layers,
+                         **{f"bytes_per_token_at_{c}": float(per_token) for c in CONTEXTS}})  # fmt: skip
+    for name, cfg in (("DeepSeek-V4-Flash", V4Config.deepseek_v4_flash()), ("DeepSeek-V4-Pro", V4Config.deepseek_v4_pro())):
+        for kv_dtype, dtype in KV_DTYPES.items():
+            layout = V4CacheLayout(cfg, dtype)
+            rows.append({"model": name, "kv_dtype": kv_dtype, "layers": cfg.num_hidden_layers,
+                         **{f"bytes_per_token_at_{c}": layout.bytes_per_token(n) for c, n in CONTEXTS.items()}})  # fmt: skip
+    baseline = next(r["bytes_per_token_at_1m"] for r in rows if (r["model"], r["kv_dtype"]) == V32_BASELINE)
+    for row in rows:
+        row["ratio_vs_v32_at_1m"] = row["bytes_per_token_at_1m"] / baseline
+    return rows
+
+
+def format_context_table(rows: list[dict]) -> str:
+    columns = [
+        ("model", "model", ""),
+        ("cache", "kv_dtype", ""),
+        ("layers", "layers", "d"),
+        ("B/token at 128k", "bytes_per_token_at_128k", ",.0f"),
+        ("B/token at 1M", "bytes_per_token_at_1m", ",.0f"),
+        ("of V3.2 FP8 at 1M", "ratio_vs_v32_at_1m", ".1%"),
+    ]
     return _format_table(columns, rows)

@@ -24,7 +24,7 @@ SECTIONS = ("memory", "decode", "generation", "speculative", "compiled")
 # The compiled-code configurations of a quick report: one of each kernel and cache format; --full
 # compiles every configuration of bench.compiled (a few minutes on two cores).
 QUICK_COMPILED = ("v3-bf16-h128-sq1", "v3-fp8-h128-sq1", "small-bf16-h16-sq1", "combine-v3-h128-sq1", "write-bf16",
-                  "write-fp8")  # fmt: skip
+                  "write-fp8", "index-fp8-h64-d128-sq1", "index-topk2048")  # fmt: skip
 # Kernel rows count toward the GPU targets only when their cache exceeds any L2 and a launch
 # is small next to the transfer.
 TARGET_MIN_CACHE_BYTES = 256 << 20
@@ -153,7 +153,19 @@ def targets(report: dict, device: torch.device) -> list[Target]:
     out.append(Target("kernel, h_q=128 s_q=2 (compute-bound): median fraction of bf16 matmul rate", 0.5, "",
                       _median(comp), f"median of {len(comp)} shapes" if comp else no_gpu))
     out += _compiled_targets(report.get("compiled", []))
+    out += _context_targets(report.get("memory_context", []))
     return out
+
+
+def _context_targets(rows: list[dict]) -> list[Target]:
+    """DeepSeek's V4 claim in our accounting: its FP8 cache at 1M tokens, as a share of V3.2's."""
+    ratio = {r["model"]: r["ratio_vs_v32_at_1m"] for r in rows if r["kv_dtype"] == "fp8"}
+    return [
+        Target(f"{model} FP8 cache per token at 1M tokens, % of DeepSeek-V3.2's FP8", goal, "%",
+               100 * ratio[model] if model in ratio else None, "" if model in ratio else "memory not in this run",
+               op="<=")  # fmt: skip
+        for model, goal in (("DeepSeek-V4-Pro", 10.5), ("DeepSeek-V4-Flash", 7.5))
+    ]
 
 
 def _sparse_targets(decode_rows: list[dict], model: str, device: torch.device) -> list[Target]:
@@ -248,7 +260,7 @@ def run(settings: Settings, device: torch.device, sections=SECTIONS, models=None
         raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     start = time.perf_counter()
     report = {**metadata(device), "settings": settings.as_dict(), "sections": list(sections), "notes": {},
-              "memory": [], "decode": [], "generation": [], "speculative": [], "compiled": []}  # fmt: skip
+              "memory": [], "memory_context": [], "decode": [], "generation": [], "speculative": [], "compiled": []}  # fmt: skip
     target = draft = block = None
     note = ""
     if models is not None:
@@ -269,9 +281,14 @@ def run(settings: Settings, device: torch.device, sections=SECTIONS, models=None
     if "memory" in sections:
         rows = memory.memory_rows(memory.presets(target.config if target is not None else None))
         report["memory"] = rows
+        report["memory_context"] = memory.context_rows()
         skipped = f"\n(no row for the shipped small model: {note})" if target is None else ""
         log(f"\n== 1. KV cache bytes per token (latent vs full multi-head K/V) ==\n"
-            f"{memory.format_table(rows)}{skipped}")
+            f"{memory.format_table(rows)}{skipped}\n\n"
+            "KV cache bytes per token of context, all layers: V4 keeps a 128-token window per layer plus one "
+            "compressed entry per 4 (CSA) or 128 (HCA) tokens and CSA indexer keys (mla.v4.V4CacheLayout); "
+            "FP8: FlashMLA's MODEL1 rows (584 B) and MXFP4 indexer keys\n"
+            f"{memory.format_context_table(report['memory_context'])}")
         _checkpoint(checkpoint, report, start)
 
     if "decode" in sections:

@@ -112,6 +112,23 @@ def test_memory_rows_are_the_cache_accounting(tiny_report):
     assert rows["Llama-3-8B (GQA)", "bf16"]["index_bytes_per_token_per_layer"] is None
 
 
+def test_context_rows_put_v4_against_v32_at_a_million_tokens(tiny_report):
+    """The long-context table: V3 / V3.2 per token from the latent cache (61 x 656 and 61 x 788
+    in FP8), V4 from its cache layout's accounting at 1M tokens, under DeepSeek's figures (Pro
+    about 10%, Flash about 7% of V3.2); the two V4 targets read these rows."""
+    rows = {(r["model"], r["kv_dtype"]): r for r in tiny_report["memory_context"]}
+    assert rows["DeepSeek-V3", "fp8"]["bytes_per_token_at_1m"] == 61 * 656
+    assert rows["DeepSeek-V3.2", "fp8"]["bytes_per_token_at_128k"] == 61 * 788
+    assert rows["DeepSeek-V3.2", "fp8"]["ratio_vs_v32_at_1m"] == 1
+    assert 0.09 < rows["DeepSeek-V4-Pro", "fp8"]["ratio_vs_v32_at_1m"] <= 0.105
+    assert 0.065 < rows["DeepSeek-V4-Flash", "fp8"]["ratio_vs_v32_at_1m"] <= 0.075
+    for model in ("DeepSeek-V4-Pro", "DeepSeek-V4-Flash"):
+        # the window's share shrinks with context: fewer bytes per token at 1M than at 128k
+        assert rows[model, "bf16"]["bytes_per_token_at_1m"] < rows[model, "bf16"]["bytes_per_token_at_128k"]
+    goals = {t["name"].split(" FP8")[0]: t["status"] for t in tiny_report["targets"] if "% of DeepSeek-V3.2" in t["name"]}
+    assert goals == {"DeepSeek-V4-Pro": "PASS", "DeepSeek-V4-Flash": "PASS"}
+
+
 def test_memory_rows_raise_where_the_config_prices_another_size(monkeypatch):
     monkeypatch.setattr(MLAConfig, "index_bytes_per_token", lambda self, dtype=None: 0)
     with pytest.raises(RuntimeError, match="LatentCache stores 1408 bytes per token per layer"):
@@ -240,6 +257,7 @@ def _synthetic(stream_multiples, gen_speedup, spec_speedups, kernel_fractions):
 
 SPARSE_SKIP = ["SKIP"] * 2  # the V3.2 layer's targets, without its rows
 BLOCK_SKIP = ["SKIP"] * 6  # the block drafter's targets, without block rows
+CONTEXT_SKIP = ["SKIP"] * 2  # V4's memory targets, without the long-context table
 
 
 def _sparse_rows(attention_ms, speedup_at_longest, topk=2048):
@@ -275,52 +293,62 @@ def _compiled(kernel, spills=0, stages=0, ctas=1, error=None):
         pytest.param(
             _synthetic({1024: 1.15, 4096: 0.9}, 5.0, [("ngram", 0.0, 1.2), ("mtp", 0.0, 1.6), ("mtp", 1.0, 3.0)],
                        [(16, 1, 0.8, 0.1), (128, 2, 0.3, 0.5)]),
-            ["PASS"] * 2 + SPARSE_SKIP + ["PASS"] * 2 + BLOCK_SKIP + ["PASS"] * 2 + ["SKIP"] * 4, id="all-at-threshold",
+            ["PASS"] * 2 + SPARSE_SKIP + ["PASS"] * 2 + BLOCK_SKIP + ["PASS"] * 2 + ["SKIP"] * 4 + CONTEXT_SKIP, id="all-at-threshold",
         ),
         pytest.param(
             _synthetic({1024: 1.16, 4096: 2.0}, 4.99, [("ngram", 0.0, 1.59), ("mtp", 1.0, 3.0)],
                        [(16, 1, 0.79, 0.1), (128, 2, 0.3, 0.49)]),
-            ["MISS"] * 2 + SPARSE_SKIP + ["MISS"] * 2 + BLOCK_SKIP + ["MISS"] * 2 + ["SKIP"] * 4,
+            ["MISS"] * 2 + SPARSE_SKIP + ["MISS"] * 2 + BLOCK_SKIP + ["MISS"] * 2 + ["SKIP"] * 4 + CONTEXT_SKIP,
             id="all-just-past-naive-and-temperature-1-ignored",
         ),
         pytest.param(
             _synthetic({1024: 1.0, 8192: 1.0}, 5.0, [("mtp", 0.0, 1.6)], []),
-            ["PASS", "SKIP"] + SPARSE_SKIP + ["PASS", "PASS"] + BLOCK_SKIP + ["SKIP", "SKIP"] + ["SKIP"] * 4,
+            ["PASS", "SKIP"] + SPARSE_SKIP + ["PASS", "PASS"] + BLOCK_SKIP + ["SKIP", "SKIP"] + ["SKIP"] * 4 + CONTEXT_SKIP,
             id="no-4k-row-no-kernel-rows",
         ),
         pytest.param(
             {"decode": [], "generation": [], "speculative": [], "notes": {"speculative": "no weights"}},
-            ["SKIP"] * 18, id="nothing-measured",
+            ["SKIP"] * 18 + CONTEXT_SKIP, id="nothing-measured",
         ),
         pytest.param(
             {"compiled": [_compiled("_mla_decode_kernel", spills=0, stages=2, ctas=1),
                           _compiled("_write_latent_kernel", spills=0, stages=0, ctas=6)]},
-            ["SKIP"] * 14 + ["PASS"] * 4, id="compiled-clean",
+            ["SKIP"] * 14 + ["PASS"] * 4 + CONTEXT_SKIP, id="compiled-clean",
         ),
         pytest.param(
             {"compiled": [_compiled("_mla_decode_kernel", spills=8, stages=1, ctas=0),
                           _compiled("_mla_decode_kernel", error="fp8e4nv not supported")]},
-            ["SKIP"] * 14 + ["MISS"] * 4, id="compiled-spill-error-one-stage-no-cta",
+            ["SKIP"] * 14 + ["MISS"] * 4 + CONTEXT_SKIP, id="compiled-spill-error-one-stage-no-cta",
         ),
         pytest.param(
             {"speculative": _block_rows(1.8, 1.5, 3.5, 1.4, 1.0)},
-            ["SKIP"] * 5 + ["PASS"] * 7 + ["SKIP"] * 6, id="block-at-threshold",
+            ["SKIP"] * 5 + ["PASS"] * 7 + ["SKIP"] * 6 + CONTEXT_SKIP, id="block-at-threshold",
         ),
         pytest.param(
             {"speculative": _block_rows(1.79, 1.49, 3.49, 1.39, 0.99)},
-            ["SKIP"] * 5 + ["PASS"] + ["MISS"] * 6 + ["SKIP"] * 6, id="block-just-short",
+            ["SKIP"] * 5 + ["PASS"] + ["MISS"] * 6 + ["SKIP"] * 6 + CONTEXT_SKIP, id="block-just-short",
         ),
         pytest.param(
             {"decode": _sparse_rows({2048: 1.0, 4096: 10.0, 16384: 12.0, 65536: 15.0}, 1.0)},
-            ["SKIP"] * 2 + ["PASS"] * 2 + ["SKIP"] * 14, id="sparse-at-threshold-2048-not-above-topk",
+            ["SKIP"] * 2 + ["PASS"] * 2 + ["SKIP"] * 14 + CONTEXT_SKIP, id="sparse-at-threshold-2048-not-above-topk",
         ),
         pytest.param(
             {"decode": _sparse_rows({4096: 10.0, 65536: 15.01}, 0.99)},
-            ["SKIP"] * 2 + ["MISS"] * 2 + ["SKIP"] * 14, id="sparse-just-past",
+            ["SKIP"] * 2 + ["MISS"] * 2 + ["SKIP"] * 14 + CONTEXT_SKIP, id="sparse-just-past",
         ),
         pytest.param(
             {"decode": _sparse_rows({2048: 1.0, 65536: 15.0}, 4.0)},
-            ["SKIP"] * 3 + ["PASS"] + ["SKIP"] * 14, id="sparse-one-context-above-topk",
+            ["SKIP"] * 3 + ["PASS"] + ["SKIP"] * 14 + CONTEXT_SKIP, id="sparse-one-context-above-topk",
+        ),
+        pytest.param(
+            {"memory_context": [{"model": m, "kv_dtype": "fp8", "ratio_vs_v32_at_1m": x}
+                                for m, x in (("DeepSeek-V4-Pro", 0.105), ("DeepSeek-V4-Flash", 0.075))]},
+            ["SKIP"] * 18 + ["PASS"] * 2, id="v4-memory-at-threshold",
+        ),
+        pytest.param(
+            {"memory_context": [{"model": m, "kv_dtype": "fp8", "ratio_vs_v32_at_1m": x}
+                                for m, x in (("DeepSeek-V4-Pro", 0.1051), ("DeepSeek-V4-Flash", 0.0751))]},
+            ["SKIP"] * 18 + ["MISS"] * 2, id="v4-memory-just-past",
         ),
     ],
 )  # fmt: skip
