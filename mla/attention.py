@@ -25,10 +25,12 @@ every form: absorbed decode through the sparse kernel over the chosen slots, pre
 training through a mask of the chosen positions. Semantics, as in DeepSeek's reference code
 (inference/model.py of DeepSeek-V3.2-Exp): query t chooses among the positions it can see
 (<= t), so one-shot prefill and token-by-token decode choose alike; fewer than index_topk
-visible positions means all of them. transformers 5.24's DeepseekV32 follows the same rule in
-its one-shot forward, but its cached decode does not agree with it once the context exceeds
-index_topk (see the README); our tests hold our decode to our own one-shot forward, and to
-transformers only where transformers agrees with itself (index_topk >= context).
+visible positions means all of them. DeepSeek leaves tied scores to `torch.topk`, whose order
+among ties is unspecified; we break ties by position (the lower wins), so a query's choice never
+depends on how many other tokens share its forward. That is what transformers 5.24 lacks: ReLU
+makes exact ties (scores of 0) common, and its one-shot forward, prefix forwards and cached
+decode pick different tied tokens (logit differences near 0.1 on tiny models); with the tie
+rule fixed they agree with each other and with us to float32 rounding (tests/test_hf_v32.py).
 """
 
 from __future__ import annotations
@@ -223,7 +225,7 @@ class MLAttention(nn.Module):
         if plan.absorbed:
             out = self._attend_absorbed(q_nope, q_pe, plan, chosen)
         else:
-            visible = plan.visible() if chosen is None else _chosen_mask(chosen, plan.visible())
+            visible = plan.visible() if chosen is None else chosen_mask(chosen, plan.visible())
             out = self._attend_decompressed(q_nope, q_pe, plan, visible)
         return self.o_proj(out.flatten(2))  # [b, s, h * v] -> [b, s, hidden]
 
@@ -261,7 +263,7 @@ class MLAttention(nn.Module):
             scores = index_scores(q_index, weights, k_index[:, :, None], table, lengths, s)
             positions, _ = index_topk(scores, self.config.index_topk)
         causal = torch.ones(s, s, dtype=torch.bool, device=hidden_states.device).tril()
-        return _chosen_mask(positions, causal.expand(b, s, s))
+        return chosen_mask(positions, causal.expand(b, s, s))
 
     def _project(self, hidden_states, cos, sin):
         """[b, s, hidden] and float32 rotary tables [b or 1, s, dr / 2] -> q_nope [b, s, h, nope],
@@ -371,7 +373,7 @@ def check_cache(cache, config: MLAConfig, num_layers: int, device: torch.device)
         raise ValueError(f"cache is on {cache.pages[0].device} but hidden_states are on {device}")
 
 
-def _chosen_mask(positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+def chosen_mask(positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """bool [b, s, L]: True at the chosen positions (int [b, s, k], -1 = none). A column that
     chose nothing (a ragged step's padding) keeps `visible`, so its softmax stays finite."""
     b, s, length = visible.shape

@@ -335,6 +335,16 @@ def page_bytes(fmt, page_size: int) -> int:
     return own(page_size) if own is not None else page_size * fmt.bytes_per_token
 
 
+def _check_values(values: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> None:
+    """The rows of a write: a 16- or 32-bit float tensor, one row per slot, on the pages' device."""
+    if values.dtype not in PLAIN_DTYPES:
+        raise TypeError(f"values must be bfloat16, float16 or float32, got {values.dtype}")
+    if values.shape[:1] != slots.shape or values.device != pages.device:
+        raise ValueError(
+            f"values [{values.shape[0]} rows, on {values.device}] must match slots [{slots.numel()}] on {pages.device}"
+        )
+
+
 def _check_slots(slots: torch.Tensor, num_slots: int, device: torch.device, distinct: bool) -> torch.Tensor:
     """Validate a 1-D int32 / int64 tensor of token slots (page * page_size + row) on `device`.
     Slot values are read only on the CPU (as `check_write_args` does: reading them on CUDA would
@@ -454,13 +464,7 @@ class Model1Format:
         slots [n] (int32 / int64, page * page_size + row), in place."""
         pages = _check_pages_2d(pages, self.page_bytes(page_size), "pages")
         slots = _check_slots(slots, pages.shape[0] * page_size, pages.device, distinct=True)
-        if values.dtype not in PLAIN_DTYPES:
-            raise TypeError(f"values must be bfloat16, float16 or float32, got {values.dtype}")
-        if values.shape[:1] != slots.shape or values.device != pages.device:
-            raise ValueError(
-                f"values [{values.shape[0]} rows, on {values.device}] must match "
-                f"slots [{slots.numel()}] on {pages.device}"
-            )
+        _check_values(values, slots, pages)
         data, scales = self.pack(values)
         data_at, scale_at = self._offsets(page_size, slots)
         flat = pages.view(-1)
@@ -625,13 +629,7 @@ class Mxfp4EntryFormat:
         """Quantize values [n, 512] into pages uint8 [num_pages, page_size, 368] at slots [n]."""
         rows = self._rows(pages, page_size)
         slots = _check_slots(slots, rows.shape[0], pages.device, distinct=True)
-        if values.dtype not in PLAIN_DTYPES:
-            raise TypeError(f"values must be bfloat16, float16 or float32, got {values.dtype}")
-        if values.shape[:1] != slots.shape or values.device != pages.device:
-            raise ValueError(
-                f"values [{values.shape[0]} rows, on {values.device}] must match "
-                f"slots [{slots.numel()}] on {pages.device}"
-            )
+        _check_values(values, slots, pages)
         rows[slots] = self.pack(values)
 
     def read(

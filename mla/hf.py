@@ -72,7 +72,7 @@ except ImportError as error:
         f'mla.hf needs transformers >= 5.24 with DeepSeek-V2/V3/V3.2: pip install "mla-latent[hf]" ({error})'
     ) from error
 
-from mla.attention import Indexer, _chosen_mask
+from mla.attention import Indexer, chosen_mask
 from mla.backend import check_backend
 from mla.cache import LatentCache
 from mla.config import MLAConfig
@@ -549,7 +549,7 @@ class _MLAAttention:
                 o = self._attend_absorbed(g_nope, g_pe, plan, chosen)
                 visible = None
             else:
-                visible = plan.visible() if chosen is None else _chosen_mask(chosen, plan.visible())
+                visible = plan.visible() if chosen is None else chosen_mask(chosen, plan.visible())
                 o = self._attend_decompressed(g_nope, g_pe, plan, visible)
             _put(out, group, o)
             if weights is not None:
@@ -558,7 +558,7 @@ class _MLAAttention:
                     if chosen is not None:  # slots -> positions for the mask
                         positions, _ = plan.select(self.layer_idx, group.take(q_index), group.take(index_weights),
                                                    self.config.index_topk, as_slots=False)  # fmt: skip
-                        visible = _chosen_mask(positions, visible)
+                        visible = chosen_mask(positions, visible)
                 probs = self._probabilities(g_nope, g_pe, plan, weights.shape[-1], visible)
                 _put(weights.transpose(1, 2), group, probs)
         return self.o_proj(out.flatten(2)), weights
