@@ -13,6 +13,7 @@ import torch
 
 from mla.formats import CacheFormat, Fp8Format, PlainFormat
 from mla.reference import cache as reference_cache
+from mla.reference import indexer as reference_indexer
 from mla.reference.contract import DecodeCall
 from mla.reference.decode import run_decode
 
@@ -98,6 +99,65 @@ def sparse_decode(
 def _(q, k_cache, indices, head_dim_v, softmax_scale, is_fp8_kvcache, seqlens_q=None):
     b, s_q, h_q, _ = q.shape
     return q.new_empty(b, s_q, h_q, head_dim_v), q.new_empty(b, h_q, s_q, dtype=torch.float32)
+
+
+@torch.library.custom_op("mla::index_scores", mutates_args=())
+def index_scores(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    index_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    max_seqlen: int,
+    seqlens_q: torch.Tensor | None,
+    is_fp8: bool,
+) -> torch.Tensor:
+    """`mla.kernels.index_scores`: float32 [b, s_q, max_seqlen] indexer scores, -inf where unseen."""
+    from mla.kernels import indexer
+
+    return indexer.index_scores(q, weights, index_cache, block_table, cache_seqlens, max_seqlen, seqlens_q, is_fp8)
+
+
+@index_scores.register_fake
+def _(q, weights, index_cache, block_table, cache_seqlens, max_seqlen, seqlens_q, is_fp8):
+    return q.new_empty(q.shape[0], q.shape[1], max_seqlen, dtype=torch.float32)
+
+
+@torch.library.custom_op("mla::index_topk", mutates_args=())
+def index_topk(
+    scores: torch.Tensor, topk: int, block_table: torch.Tensor | None, page_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mla.kernels.index_topk` (page_size 0 without a block table): (int32 [b, s_q, topk]
+    positions or slots, -1 after the last; int32 [b, s_q] counts)."""
+    from mla.kernels import indexer
+
+    return indexer.index_topk(scores, topk, block_table, page_size or None)
+
+
+@index_topk.register_fake
+def _(scores, topk, block_table, page_size):
+    b, s_q, _ = scores.shape
+    return scores.new_empty(b, s_q, topk, dtype=torch.int32), scores.new_empty(b, s_q, dtype=torch.int32)
+
+
+def select(fmt: CacheFormat, q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor,
+           block_table: torch.Tensor, cache_seqlens: torch.Tensor, max_seqlen: int, seqlens_q: torch.Tensor | None,
+           topk: int, page_size: int | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """DeepSeek-V3.2's selection through `backend`: the indexer scores of q [b, s, H, D] with
+    weights float32 [b, s, H] over a paged key cache of format `fmt` (`index_key_format`), then
+    their exact top-k (`mla.reference.indexer`); slots through block_table when page_size is
+    given, else positions. Arguments already checked, as for `attend`. Plain keys are scored in
+    their own dtype; FP8 keys dequantize to q's (a float64 q as float32)."""
+    q = q.to(fmt.dtype if not fmt.is_fp8 else torch.float32 if q.dtype == torch.float64 else q.dtype)
+    if backend == "triton":
+        scores = torch.ops.mla.index_scores(q, weights, index_cache, block_table, cache_seqlens, max_seqlen, seqlens_q,
+                                            fmt.is_fp8)  # fmt: skip
+        return torch.ops.mla.index_topk(scores, topk, block_table if page_size else None, page_size or 0)
+    scores = reference_indexer.index_scores(q, weights, index_cache, block_table, cache_seqlens, max_seqlen, seqlens_q,
+                                            fmt.is_fp8)  # fmt: skip
+    if page_size:
+        return reference_indexer.index_topk(scores, topk, block_table, page_size)
+    return reference_indexer.index_topk(scores, topk)
 
 
 def write(fmt: CacheFormat, pages: torch.Tensor, slots: torch.Tensor, latent, k_pe, backend: str,

@@ -134,7 +134,7 @@ class StepPlan:
         """DeepSeek-V3.2's sparse selection over one layer's cached indexer keys (written first,
         `write_index`): each query column keeps the `topk` visible positions (causal, as in
         `visible`) of highest score sum_h weights[h] * relu(q[h] . key), ties to the lower
-        position (`mla.reference.indexer`).
+        position (`mla.ops.select`).
 
         Args:
             q: [b, s, index_n_heads, index_head_dim] roped indexer queries.
@@ -145,16 +145,10 @@ class StepPlan:
             (int32 [b, s, topk] positions or slots in ascending position order, -1 after the
             last; int32 [b, s] how many each column kept: min(topk, visible)).
         """
-        indexer = _indexer_module(self.backend)
         cache = self.cache
-        fmt = cache.index_format
-        # plain keys are scored in their own dtype; FP8 keys dequantize to q's (float64 as float32)
-        q = q.to(fmt.dtype if not fmt.is_fp8 else torch.float32 if q.dtype == torch.float64 else q.dtype)
-        scores = indexer.index_scores(q, weights, cache.index_pages[layer], self.block_table, self.seqlens,
-                                      self.max_seqlen, self.num_new, is_fp8=cache.index_format.is_fp8)  # fmt: skip
-        if as_slots:
-            return indexer.index_topk(scores, topk, self.block_table, cache.page_size)
-        return indexer.index_topk(scores, topk)
+        return ops.select(cache.index_format, q, weights, cache.index_pages[layer], self.block_table, self.seqlens,
+                          self.max_seqlen, self.num_new, topk, cache.page_size if as_slots else None,
+                          self.backend)  # fmt: skip
 
     def attend(self, layer: int, q: torch.Tensor, softmax_scale: float,
                indices: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
@@ -203,12 +197,3 @@ class StepPlan:
         self.seq_ids, self.max_seqlen = new.seq_ids, new.max_seqlen
         return self
 
-
-def _indexer_module(backend: str):
-    if backend == "triton":
-        from mla.kernels import indexer  # Triton is imported only when it runs
-
-        return indexer
-    from mla.reference import indexer
-
-    return indexer

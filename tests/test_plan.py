@@ -3,6 +3,8 @@ graph breaks, checked by torch.library.opcheck, and (on a GPU) captured in a CUD
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,11 +21,13 @@ CONFIG = mla.MLAConfig(
     v_head_dim=16, vocab_size=64, num_hidden_layers=2, intermediate_size=96,
 )  # fmt: skip
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": "fp8"}
+# DeepSeek-V3.2's sparse layers: an indexer choosing 4 of the cached tokens
+SPARSE = dataclasses.replace(CONFIG, q_lora_rank=24, index_n_heads=2, index_head_dim=16, index_topk=4)
 
 
-def prefilled(backend, cache_dtype, device="cpu", lengths=(12, 5), page_size=8):
+def prefilled(backend, cache_dtype, device="cpu", lengths=(12, 5), page_size=8, config=CONFIG):
     """A small random model and a cache holding prompts of `lengths`."""
-    model = randomize_(mla.MLAForCausalLM(CONFIG, backend=backend), seed=0).eval().to(device)
+    model = randomize_(mla.MLAForCausalLM(config, backend=backend), seed=0).eval().to(device)
     cache = model.new_cache(32, page_size, dtype=cache_dtype)
     ids = [cache.add_sequence() for _ in lengths]
     g = torch.Generator().manual_seed(1)
@@ -103,12 +107,17 @@ def test_refill_rejects_another_shape():
         model.model.plan(cache, ids, 1, out=plan)
 
 
-@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
+@pytest.mark.parametrize(
+    "config, cache_dtype",
+    [pytest.param(CONFIG, dtype, id=name) for name, dtype in CACHE_DTYPES.items()]
+    + [pytest.param(SPARSE, dtype, id=f"v3.2-{name}") for name, dtype in CACHE_DTYPES.items() if name != "bf16"],
+)
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_decode_step_compiles_without_graph_breaks(backend, cache_dtype):
+def test_decode_step_compiles_without_graph_breaks(backend, config, cache_dtype):
     """torch.compile traces a whole decode step (embedding, every layer's projections, cache
-    write and absorbed attention, the norm) as one graph, and computes what eager computes."""
-    model, cache, ids = prefilled(backend, CACHE_DTYPES[cache_dtype])
+    write and absorbed attention, for V3.2 also the indexer's key write, scores and top-k and
+    the sparse attention, the norm) as one graph, and computes what eager computes."""
+    model, cache, ids = prefilled(backend, cache_dtype, config=config)
     cache.reserve(ids, 1)
     plan = model.model.plan(cache, ids, 1)
     tokens = torch.tensor([[7], [9]])
@@ -135,6 +144,13 @@ def op_samples():
         "write_latent_fp8": (torch.ops.mla.write_latent_fp8, (fp8.allocate(3, page, "cpu"), slots, latent, k_pe)),
         "decode": (torch.ops.mla.decode, (q, torch.randn(3, page, 1, r + dr, generator=g), table, lens,
                                           *_schedule(lens, 2 * 4), r, 0.25, True, False)),
+        "sparse_decode": (torch.ops.mla.sparse_decode, (q, torch.randn(3, page, 1, r + dr, generator=g),
+                                                        torch.tensor([[[8, 0, -1]] * 2, [[4, -1, -1]] * 2],
+                                                                     dtype=torch.int32), r, 0.25, False)),
+        "index_scores": (torch.ops.mla.index_scores, (torch.randn(2, 2, 3, 16, generator=g), torch.randn(2, 2, 3),
+                                                      torch.randn(3, page, 1, 16, generator=g), table, lens, 6,
+                                                      None, False)),
+        "index_topk": (torch.ops.mla.index_topk, (torch.randn(2, 2, 6, generator=g), 3, table, page)),
     }  # fmt: skip
 
 
@@ -145,7 +161,8 @@ def _schedule(lens, rows):
 
 
 @pytest.mark.skipif(not (INTERPRET or CUDA), reason="the ops run Triton kernels: a GPU or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("name", ["write_latent", "write_latent_fp8", "decode"])
+@pytest.mark.parametrize("name", ["write_latent", "write_latent_fp8", "decode", "sparse_decode", "index_scores",
+                                  "index_topk"])
 def test_custom_ops_pass_opcheck(name):
     op, args = op_samples()[name]
     torch.library.opcheck(op, args)
