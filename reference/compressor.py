@@ -104,8 +104,8 @@ def check_compress_args(kv, gate, bias, norm_weight, cos, sin, prev_kv, prev_gat
     d = norm_weight.shape[0]
     if gate.shape != kv.shape:
         raise ValueError(f"gate {tuple(gate.shape)} must have kv's shape {tuple(kv.shape)}")
-    if m < 1 or d < 2:
-        raise ValueError(f"kv must hold windows of m >= 1 tokens and norm_weight >= 2 channels, got "
+    if m < 1 or d < 2 or d % 2:
+        raise ValueError(f"kv must hold windows of m >= 1 tokens and norm_weight an even head_dim >= 2, got "
                          f"kv {tuple(kv.shape)}, norm_weight {tuple(norm_weight.shape)}")  # fmt: skip
     if width not in (d, 2 * d):
         raise ValueError(
