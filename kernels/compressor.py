@@ -16,9 +16,10 @@ Where the kernel may differ from the reference: float32 rounding of the pooling 
 torch's two-pass softmax), of the norm and of RoPE (the compiler may fuse x0 cos - x1 sin into
 an FMA), so after rounding to bfloat16 an element can land one bfloat16 step away. The FP8
 scale is the exact 2 ** ceil(log2(r)) of r = max(amax / 448, 1e-4) (r by IEEE division, as
-torch's float32 division); `Model1Format.pack` takes ceil of torch's float32 log2, which rounds
-to the integer below for r a few ulps above a power of two, then picks the scale half as large
-(the codes saturate at 448 either way); random data does not meet this.
+torch's float32 division); `Model1Format.pack` takes ceil of torch's float32 log2, which for r
+one to a few ulps above 2 ** k returns k (seen on the CPU for k <= -5 and k >= 7), so pack
+picks the scale half as large for such a tile, its codes then saturating at 448. Random data
+does not meet this; the cache reads back within one e4m3 step either way.
 A tile holding NaN or inf gets scale byte 0xFF (reads back NaN) like pack, and codes 0x7F.
 """
 

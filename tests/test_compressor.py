@@ -8,6 +8,7 @@ second call's first window pools the first call's last window (the overlap state
 
 from __future__ import annotations
 
+import inspect
 import types
 
 import pytest
@@ -143,6 +144,11 @@ def test_reference_overlap_first_window_ignores_missing_half():
     rest = dict(args, kv=args["kv"][1:], gate=args["gate"][1:], cos=args["cos"][1:], sin=args["sin"][1:],
                 prev_kv=args["kv"][0, :, :d], prev_gate=args["gate"][0, :, :d])  # fmt: skip
     assert_close("continuation", full[1:], rcomp.compress(**rest), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["compress", "write_compressed"])
+def test_twins_share_signatures(name):
+    assert inspect.signature(getattr(kcomp, name)) == inspect.signature(getattr(rcomp, name))
 
 
 def good_call():
@@ -296,3 +302,53 @@ def test_kernel_fp8_pages_match_reference():
     rcomp.write_compressed(expected, 4, slots, **args)
     values = fmt.read(actual, 4, slots)
     assert_close("fp8 entries", values, fmt.read(expected, 4, slots), atol=2**-9 * 2**-5, rtol=2**-3)
+
+
+def deepseek_rope(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """DeepSeek's `apply_rotary_emb` as math: adjacent channel pairs are complex numbers
+    multiplied by exp(i * angle) in float32, the result stored back in x's dtype."""
+    z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(z * torch.polar(torch.ones_like(angle), angle)).flatten(-2).to(x.dtype)
+
+
+def deepseek_entry(values, logits, weight, angle, eps):
+    """One entry the way DeepSeek's Compressor finishes it (float32 pooling, the sum rounded
+    to bfloat16, RMSNorm in float32 rounded to bfloat16, RoPE on the last channels)."""
+    pooled = (values * logits.softmax(dim=0)).sum(dim=0).to(torch.bfloat16).float()
+    normed = (weight * (pooled * torch.rsqrt(pooled.square().mean() + eps))).to(torch.bfloat16)
+    rope = angle.shape[0] * 2
+    return torch.cat([normed[:-rope], deepseek_rope(normed[-rope:], angle)])
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["csa-m4", "hca-m4"])
+def test_reference_matches_deepseek_decode_state(overlap):
+    """DeepSeek's decode keeps the raw float32 kv and logits (bias added) of the open windows
+    and emits entry w when token w * m + m - 1 arrives, roped at position w * m. Replayed
+    token by token here, its entries equal `compress(..., dtype=bfloat16)` of the windows bit for
+    bit: the same float32 operations round to bfloat16 at the same points (a rounding point
+    dropped from the reference fails this test)."""
+    m, d, rope, tokens = 4, 32, 8, 18
+    g = torch.Generator().manual_seed(13)
+    width = 2 * d if overlap else d
+    kv, gate = torch.randn(tokens, width, generator=g), 3 * torch.randn(tokens, width, generator=g)
+    bias, weight = torch.randn(m, width, generator=g), 1 + 0.3 * torch.randn(d, generator=g)
+    angles = 0.1 * torch.arange(tokens)[:, None] * torch.arange(1, rope // 2 + 1)  # [pos, rope // 2]
+    previous = None  # the last closed window's rows (CSA: their first d channels are Ca)
+    emitted = {}
+    for pos in range(tokens):
+        if (pos + 1) % m:
+            continue
+        rows = slice(pos + 1 - m, pos + 1)
+        values, logits = kv[rows], gate[rows] + bias
+        if overlap:
+            values, logits = values[:, d:], logits[:, d:]
+        if overlap and previous is not None:
+            values = torch.cat([kv[previous, :d], values])
+            logits = torch.cat([(gate[previous] + bias)[:, :d], logits])
+        emitted[pos] = deepseek_entry(values, logits, weight, angles[pos + 1 - m], 1e-6)
+        previous = rows
+    n = tokens // m
+    assert sorted(emitted) == [w * m + m - 1 for w in range(n)]
+    ours = rcomp.compress(kv[: n * m].reshape(n, m, width), gate[: n * m].reshape(n, m, width), bias, weight,
+                          angles[::m][:n].cos(), angles[::m][:n].sin(), dtype=torch.bfloat16)  # fmt: skip
+    assert_close("entries", ours.float(), torch.stack(list(emitted.values())).float(), atol=0, rtol=0)
