@@ -55,6 +55,11 @@ Where the two differ (DeepSeek's choice is implemented):
     not cleared between requests: a prefill shorter than m leaves the previous request's Ca
     rows in place, which the first window then pools. transformers starts each sequence
     without them (weight 0), as here: pass prev_kv / prev_gate only for a continuation.
+    Both store the gate logits of pending tokens with the bias already added; here prev_gate
+    is the raw logits, like gate (the bias is added inside, the same float32 sum).
+  - Calls. DeepSeek's reference runs one prefill from position 0, then one token per step;
+    transformers' cache also takes later multi-token chunks (its buffer keeps the tokens past
+    the last complete window). Either way an entry depends only on its window's tokens.
 
 Argument checks live in `check_compress_args` / `check_write_args`, shared with the kernel.
 """
