@@ -4,6 +4,7 @@ Files mirror `mla.kernels` by name and functions keep the kernels' signatures.
 """
 
 from .cache import write_latent
+from .compressor import compress, write_compressed
 from .contract import FlashMLASchedMeta
 from .decode import flash_mla_sparse_fwd, flash_mla_with_kvcache, get_mla_metadata
 from .indexer import index_scores, index_topk
@@ -12,6 +13,8 @@ from .quant import dequantize_cache, dequantize_latent_fp8, fp8_bytes_per_token,
 
 __all__ = [
     "FlashMLASchedMeta",
+    "compress",
+    "write_compressed",
     "flash_mla_with_kvcache",
     "flash_mla_sparse_fwd",
     "get_mla_metadata",
