@@ -81,30 +81,40 @@ def assert_close(actual, expected, bound, what):
     )
 
 
+SPARSE_CASES = [
+    pytest.param(SLIDING, 3, False, id="sliding"),
+    pytest.param(HCA, 3, False, id="hca-m8"),
+    pytest.param(CSA, 16, False, id="csa-m4-topk16-dense"),
+    pytest.param(CSA, 3, True, id="csa-m4-topk3-sparse-stable-hf"),
+    pytest.param(CSA, 1, True, id="csa-m4-topk1-sparse-stable-hf"),
+]
+LOW_PRECISION_CASES = [
+    # not sparse CSA: a bfloat16 near-tie may choose another entry than float64 does
+    pytest.param(*p.values, torch.bfloat16, id=f"{p.id}-bf16")
+    for p in SPARSE_CASES[:3]
+]
+
+
 @pytest.mark.parametrize(
-    "kind, topk, stable",
-    [
-        pytest.param(SLIDING, 3, False, id="sliding"),
-        pytest.param(HCA, 3, False, id="hca-m8"),
-        pytest.param(CSA, 16, False, id="csa-m4-topk16-dense"),
-        pytest.param(CSA, 3, True, id="csa-m4-topk3-sparse-stable-hf"),
-        pytest.param(CSA, 1, True, id="csa-m4-topk1-sparse-stable-hf"),
-    ],
-)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+    "kind, topk, stable, dtype",
+    [pytest.param(*p.values, dtype, id=f"{p.id}-{name}") for p in SPARSE_CASES
+     for dtype, name in ((torch.float32, "f32"), (torch.float64, "f64"))] + LOW_PRECISION_CASES,
+)  # fmt: skip
 def test_matches_transformers(kind, topk, stable, dtype, monkeypatch):
-    """One-shot forward equals transformers' on the same weights. The error against
-    transformers in float64 may be at most twice transformers' own float32 error (its norms
-    and index scores run in float32 even in float64). With sparsity active (index_topk below
-    the 9 entries), transformers' torch.topk is made stable: its tie order is what differs."""
+    """One-shot forward equals transformers' on the same weights: against transformers in
+    float64, our error may be at most twice transformers' own error in the same dtype (float32
+    for our float64: its norms and index scores run in float32 even in float64). With sparsity
+    active (index_topk below the 9 entries), transformers' torch.topk is made stable: its tie
+    order is what differs."""
     if stable:
         monkeypatch.setattr(torch.Tensor, "topk", stable_topk)
     config = tiny(index_topk=topk)
     hf = hf_attention(config, kind)
     x = torch.randn(2, SEQ, config.hidden_size, generator=torch.Generator().manual_seed(1))
+    low = torch.float32 if dtype == torch.float64 else dtype
     with torch.no_grad():
         expected = hf_forward(hf.double(), x.double())
-        hf_error = (hf_forward(hf.float(), x) - expected).abs().max().item()
+        hf_error = (hf_forward(hf.to(low), x.to(low)) - expected).abs().max().item()
         ours = V4Attention.from_hf(hf.to(dtype))(x.to(dtype))
     assert ours.dtype == dtype and ours.shape == x.shape
     assert_close(ours, expected, 2 * hf_error, f"{kind} {dtype}")
@@ -124,7 +134,7 @@ def test_all_index_scores_tied_choose_the_lowest_entries(monkeypatch):
         assert_close(ours(x), hf_forward(hf, x), 1e-5, "all scores tied")
 
 
-@pytest.mark.parametrize("kind", [SLIDING, CSA, HCA])
+@pytest.mark.parametrize("kind", [SLIDING, CSA, HCA], ids=["sliding", "csa-m4-topk2", "hca-m8"])
 def test_prefix_forward_equals_one_shot(kind):
     """Token t's output depends on tokens <= t only, so a forward over any prefix gives the
     one-shot forward's rows: what the cached decode must reproduce step by step. Sparse CSA
@@ -247,3 +257,21 @@ def test_sliding_layer_takes_any_positions():
 def test_bad_config(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 1e5, "factor": 4.0, "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize(
+    "rope_parameters, match",
+    [
+        pytest.param({"main": {**YARN, "rope_theta": 1e4}, "compress": {"rope_type": "default", "rope_theta": 1e5}},
+                     "sliding layers use plain RoPE", id="scaled-main"),
+        pytest.param({"main": {"rope_type": "default", "rope_theta": 1e4},
+                      "compress": {**YARN, "attention_factor": 1.2}}, "without attention_factor", id="yarn-mscale"),
+    ],
+)  # fmt: skip
+def test_from_hf_rejects_rope_v4_does_not_use(rope_parameters, match):
+    hf_config = DeepseekV4Config(**{**tiny().hf_kwargs(), "rope_parameters": rope_parameters})
+    with pytest.raises(ValueError, match=match):
+        V4Config.from_hf(hf_config)
