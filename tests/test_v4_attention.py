@@ -275,3 +275,34 @@ def test_from_hf_rejects_rope_v4_does_not_use(rope_parameters, match):
     hf_config = DeepseekV4Config(**{**tiny().hf_kwargs(), "rope_parameters": rope_parameters})
     with pytest.raises(ValueError, match=match):
         V4Config.from_hf(hf_config)
+
+
+def test_transformers_cached_decode_equals_its_one_shot_once_topk_is_stable(monkeypatch):
+    """The evidence for the module docstring's tie finding, kept as a check: a tiny CSA model
+    of transformers (index_topk 3 of up to 10 entries) decodes token by token exactly as its
+    one-shot forward once `Tensor.topk` breaks ties to the lower index. With torch.topk this
+    seed's steps differ by 0.04 (torch 2.13 on CPU): a zero score tied at the k-th place."""
+    from transformers import DeepseekV4ForCausalLM
+
+    monkeypatch.setattr(torch.Tensor, "topk", stable_topk)
+    config = tiny(num_hidden_layers=2, layer_types=(CSA, CSA))  # transformers reads the HCA rate in CSA caches too
+    hf_config = DeepseekV4Config(
+        **config.hf_kwargs(), vocab_size=97, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+        hc_mult=2, mlp_layer_types=["moe", "moe"],
+    )  # fmt: skip
+    hf_config._attn_implementation = "eager"
+    torch.manual_seed(7)
+    model = DeepseekV4ForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("sinks", "position_bias")):
+                p.normal_(0, 0.5)
+        ids = torch.randint(0, 97, (1, 40))
+        one_shot = model(ids, use_cache=False).logits
+        out = model(ids[:, :20], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(20, 40):
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits)
+            cache = out.past_key_values
+    assert_close(torch.cat(steps, dim=1), one_shot, 1e-5, "cached decode vs one-shot")
