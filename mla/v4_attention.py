@@ -77,8 +77,12 @@ quantization:
     run in the module dtype (both agree in float32).
   - transformers casts cos / sin to the activation dtype before rotating; DeepSeek rotates by
     float32 angles. We rotate in at least float32 with float32 tables (DeepSeek).
-  - The attention softmax: DeepSeek's kernel accumulates in float32, transformers' eager path
-    in the logits' dtype. We use at least float32.
+  - The attention softmax: DeepSeek's kernel accumulates in float32 with the sink as a key of
+    value 0 in the denominator (read in the copy's pure-PyTorch `sparse_attn`, kernel.py),
+    transformers' eager path appends the sink as a logit and softmaxes in the logits' dtype.
+    Same math; we use at least float32.
+  - The query's per-head RMS (no weight): DeepSeek in the activation dtype, transformers and we
+    in float32.
   - Norm weights are float32 in both; ours take the module dtype (`mla.attention.RMSNorm`),
     and transformers' norms round float64 activations to float32 (why float64 comparisons
     against it agree only to float32 rounding).
@@ -133,8 +137,8 @@ def compress_pool(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.Ten
 
 
 def rotate_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """V4's RoPE: rotate the last 2 * cos.shape[-1] channels of x in interleaved pairs, in
-    place of the layout (`mla.rope.apply_rope` returns the half-split layout, but here V = K
+    """V4's RoPE: rotate the last 2 * cos.shape[-1] channels of x in interleaved pairs and
+    keep the layout (`mla.rope.apply_rope` returns the half-split layout, but here V = K
     carries the rope channels into the output projection, whose weights expect the
     checkpoint's order).
 
