@@ -81,6 +81,20 @@ class V4Config:
         sliding_window: tokens of the window every layer attends (128).
         index_n_heads, index_head_dim, index_topk: the CSA lightning indexer (64, 128, and
             512 Flash / 1024 Pro). The indexer key is roped on its last rope_dim channels.
+        hidden_size: the model width (4096 Flash, 7168 Pro).
+        q_lora_rank: the query's low-rank width, q = q_b(norm(q_a(x))) (1024 Flash, 1536 Pro).
+        o_groups, o_lora_rank: the grouped output projection: the heads' concatenated output
+            splits into o_groups groups, each projected to o_lora_rank (8 / 16 groups, 1024).
+        rms_norm_eps: epsilon of every RMS norm of the attention layer (1e-6).
+        rope_theta: RoPE base of the sliding layers (10000, no scaling).
+        compress_rope_theta: RoPE base of the CSA and HCA layers, their queries, window keys,
+            compressed entries and indexer alike (transformers' default 160000).
+        rope_scaling: None, or the YaRN extension of the CSA / HCA layers' RoPE (sliding
+            layers never scale, in DeepSeek's code and transformers): {"factor",
+            "original_max_position_embeddings", "beta_fast" (32), "beta_slow" (1)}, as
+            DeepSeek's config.json `rope_scaling` (Pro: factor 16 over 65536). Frequencies
+            only: neither DeepSeek nor transformers (attention_factor 1.0) scales cos/sin or
+            the softmax by YaRN's mscale.
 
     Raises ValueError naming the field for anything the cache cannot hold. A frozen value:
     `compress_rates` is copied at construction (and not hashable, so neither is the config).
@@ -96,6 +110,14 @@ class V4Config:
     index_n_heads: int = 64
     index_head_dim: int = 128
     index_topk: int = 512
+    hidden_size: int = 4096
+    q_lora_rank: int = 1024
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    rope_scaling: Mapping[str, float] | None = None
 
     def __post_init__(self):
         n = _check_int("num_hidden_layers", self.num_hidden_layers, 1)
@@ -136,6 +158,17 @@ class V4Config:
                 f"index_head_dim={self.index_head_dim} must hold the rope_dim={self.rope_dim} roped channels "
                 "of the indexer key"
             )
+        _check_int("hidden_size", self.hidden_size, 1)
+        _check_int("q_lora_rank", self.q_lora_rank, 1)
+        _check_int("o_groups", self.o_groups, 1)
+        _check_int("o_lora_rank", self.o_lora_rank, 1)
+        if (self.num_heads * self.head_dim) % self.o_groups:
+            raise ValueError(
+                f"o_groups={self.o_groups} must divide num_heads * head_dim = {self.num_heads * self.head_dim}"
+            )
+        for name in ("rms_norm_eps", "rope_theta", "compress_rope_theta"):
+            object.__setattr__(self, name, _check_positive(name, getattr(self, name)))
+        object.__setattr__(self, "rope_scaling", _check_rope_scaling(self.rope_scaling))
 
     def layers_of(self, kind: str) -> tuple[int, ...]:
         """Indices of the layers of one kind (one of LAYER_TYPES)."""
@@ -169,14 +202,22 @@ class V4Config:
     @classmethod
     def deepseek_v4_flash(cls) -> V4Config:
         """DeepSeek-V4-Flash (DeepSeek's config.json): 43 layers, 2 sliding then CSA / HCA
-        alternating from CSA (21 CSA, 20 HCA), 64 heads, index_topk 512."""
+        alternating from CSA (21 CSA, 20 HCA), 64 heads, index_topk 512. The projection fields
+        are transformers' defaults, which are Flash's (hidden 4096, q_lora_rank 1024, 8 groups
+        of 1024); the RoPE fields keep transformers' defaults (load a checkpoint's with
+        `from_hf`)."""
         return cls.from_compress_ratios([0, 0] + [4, 128] * 20 + [4], num_heads=64, index_topk=512)
 
     @classmethod
     def deepseek_v4_pro(cls) -> V4Config:
         """DeepSeek-V4-Pro (DeepSeek's config.json): 61 layers, HCA at 0 and 1 then CSA / HCA
-        alternating from CSA at layer 2 (30 CSA, 31 HCA), 128 heads, index_topk 1024."""
-        return cls.from_compress_ratios([128] + [128, 4] * 30, num_heads=128, index_topk=1024)
+        alternating from CSA at layer 2 (30 CSA, 31 HCA), 128 heads, index_topk 1024, hidden
+        7168, q_lora_rank 1536, 16 output groups of 1024, YaRN factor 16 over 65536 positions
+        (compress_rope_theta keeps transformers' default)."""
+        return cls.from_compress_ratios(
+            [128] + [128, 4] * 30, num_heads=128, index_topk=1024, hidden_size=7168, q_lora_rank=1536, o_groups=16,
+            rope_scaling={"factor": 16, "original_max_position_embeddings": 65536},
+        )  # fmt: skip
 
     @classmethod
     def from_hf(cls, hf_config) -> V4Config:
@@ -188,6 +229,19 @@ class V4Config:
         if getattr(hf_config, "num_key_value_heads", 1) != 1:
             raise ValueError(f"DeepSeek-V4 shares one KV head; num_key_value_heads={hf_config.num_key_value_heads}")
         types = tuple(hf_config.layer_types)
+        main, compress = hf_config.rope_parameters["main"], hf_config.rope_parameters["compress"]
+        if main.get("rope_type", "default") != "default":
+            raise ValueError(f"sliding layers use plain RoPE in DeepSeek-V4, got rope_parameters['main'] {main}")
+        rope_type = compress.get("rope_type", "default")
+        if rope_type not in ("default", "yarn") or compress.get("attention_factor", 1.0) != 1.0:
+            raise ValueError(
+                "the compressed layers' RoPE must be plain or YaRN without attention_factor (DeepSeek's), got "
+                f"rope_parameters['compress'] {compress}"
+            )
+        scaling = None
+        if rope_type == "yarn":
+            scaling = {k: compress[k] for k in ("factor", "original_max_position_embeddings")}
+            scaling.update({k: compress.get(k) or default for k, default in (("beta_fast", 32), ("beta_slow", 1))})
         return cls(
             num_hidden_layers=hf_config.num_hidden_layers,
             layer_types=types,
@@ -199,6 +253,14 @@ class V4Config:
             index_n_heads=hf_config.index_n_heads,
             index_head_dim=hf_config.index_head_dim,
             index_topk=hf_config.index_topk,
+            hidden_size=hf_config.hidden_size,
+            q_lora_rank=hf_config.q_lora_rank,
+            o_groups=hf_config.o_groups,
+            o_lora_rank=hf_config.o_lora_rank,
+            rms_norm_eps=hf_config.rms_norm_eps,
+            rope_theta=main["rope_theta"],
+            compress_rope_theta=compress["rope_theta"],
+            rope_scaling=scaling,
         )
 
     def hf_kwargs(self) -> dict:
@@ -216,7 +278,50 @@ class V4Config:
             index_n_heads=self.index_n_heads,
             index_head_dim=self.index_head_dim,
             index_topk=self.index_topk,
+            hidden_size=self.hidden_size,
+            q_lora_rank=self.q_lora_rank,
+            o_groups=self.o_groups,
+            o_lora_rank=self.o_lora_rank,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            compress_rope_theta=self.compress_rope_theta,
+            rope_parameters=None if self.rope_scaling is None else {"rope_type": "yarn", **self.rope_scaling},
         )
+
+
+def _check_positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+ROPE_SCALING_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow")
+
+
+def _check_rope_scaling(scaling) -> dict[str, float] | None:
+    """A copy of a YaRN `rope_scaling` with beta_fast / beta_slow defaulted (32, 1); DeepSeek's
+    `type` / transformers' `rope_type` key, if present, must say "yarn"."""
+    if scaling is None:
+        return None
+    if not isinstance(scaling, Mapping):
+        raise ValueError(f"rope_scaling must be None or a mapping of YaRN parameters, got {scaling!r}")
+    scaling = dict(scaling)
+    kind = scaling.pop("type", scaling.pop("rope_type", "yarn"))
+    if kind != "yarn":
+        raise ValueError(f"rope_scaling must be YaRN (DeepSeek-V4's only scaling), got type {kind!r}")
+    unknown = sorted(set(scaling) - set(ROPE_SCALING_KEYS), key=str)
+    if unknown:
+        raise ValueError(f"rope_scaling has keys {unknown}; YaRN takes {ROPE_SCALING_KEYS}")
+    for key in ROPE_SCALING_KEYS[:2]:
+        if key not in scaling:
+            raise ValueError(f"rope_scaling needs {key!r}, got {scaling}")
+    scaling.setdefault("beta_fast", 32)
+    scaling.setdefault("beta_slow", 1)
+    out = {k: _check_positive(f"rope_scaling[{k!r}]", scaling[k]) for k in ROPE_SCALING_KEYS}
+    out["original_max_position_embeddings"] = _check_int(
+        "rope_scaling['original_max_position_embeddings']", scaling["original_max_position_embeddings"], 1
+    )
+    return out
 
 
 @dataclass(frozen=True)

@@ -377,7 +377,11 @@ def test_pro_from_deepseeks_compress_ratios_through_transformers():
     """transformers folds a checkpoint's legacy compress_ratios (with the MTP layer's trailing 0)
     into layer_types; from_hf of that equals the preset."""
     ratios = [128] + [128, 4] * 30 + [0]
-    hf = DeepseekV4Config(num_hidden_layers=61, compress_ratios=ratios, num_attention_heads=128, index_topk=1024)
+    hf = DeepseekV4Config(
+        num_hidden_layers=61, compress_ratios=ratios, num_attention_heads=128, index_topk=1024, hidden_size=7168,
+        q_lora_rank=1536, o_groups=16,
+        rope_parameters={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536},
+    )  # fmt: skip
     assert V4Config.from_hf(hf) == V4Config.deepseek_v4_pro()
 
 

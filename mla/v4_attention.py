@@ -1,0 +1,423 @@
+"""`V4Attention`: one DeepSeek-V4 attention layer as a PyTorch module, the cache-free path
+(whole sequences, causal, differentiable: training, and the ground truth that the cached,
+paged decode will be proven against).
+
+Every layer is shared-KV multi-query attention (one KV head of head_dim that is both K and V)
+with a per-head attention sink. For query token t (positions 0 ... s - 1 of one sequence):
+
+    q_t     = rope_t(rms(q_b(q_a_norm(q_a(x_t)))))         per head, rms without a weight
+    kv_j    = rope_j(kv_norm(kv_proj(x_j)))                 [head_dim], K = V
+    keys(t) = window: tokens j with t - sliding_window < j <= t (every layer)
+              + compressed entries w the layer kind lets t see (below)
+    o_t     = sum_{k in keys(t)} p_k kv_k,  p = softmax over [q_t . k * head_dim^-0.5 | sink_h]
+              (the sink is one more logit per head whose value is dropped)
+    out_t   = o_b(grouped o_a(rope_t^-1(o_t)))
+
+RoPE rotates the LAST rope_dim channels in interleaved pairs. Because V = K carries rotated
+channels, the output's rope slice is rotated back by the query's angle, so each key's share
+depends on its distance to t only. The output projection splits the heads' concatenated
+[h * head_dim] output into o_groups groups, maps each through its own o_lora_rank block of
+o_a_proj, then mixes them with o_b_proj. Sliding layers use plain RoPE with rope_theta; CSA and
+HCA layers use compress_rope_theta with the YaRN frequencies of rope_scaling, for every rotation
+of the layer (query, window keys, entries, indexer).
+
+Compressed entries (`compress_pool`). With rate m, entry w is a softmax-gated pooling of tokens,
+kv_norm-ed and roped at position w * m (its window's first token):
+  - HCA (m' = 128): the m' tokens w m' ... (w + 1) m' - 1, per channel
+    softmax_j(gate_j + position_bias[j mod m']) weighting kv_j.
+  - CSA (m = 4, overlapping): kv_proj / gate_proj are 2 * head_dim wide; entry w pools 2m
+    slots: the first head_dim channels of tokens (w - 1) m ... w m - 1 and the last head_dim
+    channels of tokens w m ... (w + 1) m - 1 (entry 0 has only the second half).
+Visibility (DeepSeek's `get_compress_topk_idxs` and Indexer mask, transformers'
+`causal_threshold`): query t sees entry w iff w < (t + 1) // m, i.e. once the entry's last
+token (w + 1) m - 1 <= t; an entry is never seen by a token inside its own window before it
+closes, and the overlapping CSA entry w (which reads tokens from (w - 1) m) becomes visible
+when its own window closes. HCA layers attend every visible entry; CSA layers attend the
+index_topk visible entries with the highest lightning-indexer scores
+
+    score(t, w) = sum_h w_h(x_t) * relu(qI_{t,h} . kI_w),   w_h = weights_proj(x_t) * (H D)^-0.5
+
+with qI = rope_t(indexer.q_b(q_resid)) (H heads of D = index_head_dim) and kI_w the indexer's
+own overlapping pooling at D (same rule, own weights). A query with fewer visible entries than
+index_topk attends all of them. The choice is `mla.reference.indexer.index_topk`'s exact top-k
+with ties to the lower position.
+
+Why the tie rule matters (the CSA decode / one-shot disagreement). DeepSeek's reference and
+transformers both call `torch.topk`, whose order among equal scores is unspecified. ReLU makes
+exact zeros common (an entry every index head scores negatively gets 0.0), and a zero at the
+k-th place ties. Evidence, on a tiny 2-layer CSA DeepseekV4ForCausalLM (transformers 5.24,
+hidden 64, 4 heads of 32, rope 8, window 8, m = 4, 4 index heads of 16, float32, eager, 40
+tokens, prefill 20 then 20 cached steps): with index_topk 3 the cached steps disagree with the
+one-shot forward from the 3rd step on (max logit difference 0.049 on logits of 0.59; with
+index_topk 4: 0.057); index_topk 2 and >= the entry count agree to 2.4e-7, as do sliding and
+HCA models. Spying on every `topk` call: each row whose choice differed from a stable
+descending sort had a tie at the k-th score, the tied value always exactly 0.0, and no row
+differed without one. Replacing `Tensor.topk` by `torch.sort(scores, descending=True,
+stable=True)` makes the cached steps equal the one-shot forward to 1.8e-7 for every
+index_topk. Visibility is not the cause: one-shot, prefill with a cache and decode apply the
+same (t + 1) // m rule (identical prefill logits with and without a cache). The same tie
+separates this module from transformers' one-shot layer: on tests/test_v4_attention.py's CSA
+layer (9 entries, index_topk 3) they differ by 0.32 with torch.topk and agree to float32
+rounding (6e-7, transformers' own float32 error) once its top-k is stable. So neither
+transformers nor DeepSeek's code defines which tied entry wins; DeepSeek's semantics are "the
+index_topk best visible entries", and we make them a function of the query alone by breaking
+ties to the lower position, as for V3.2 (`mla.attention`).
+
+Sources and where they differ (DeepSeek's inference/model.py of DeepSeek-V4, read in the
+Nicooo-Wang/DeepSeek-V4-Pro-code copy, against transformers 5.24 modeling_deepseek_v4.py). All
+agree in exact arithmetic except where noted; we follow DeepSeek unless it simulates
+quantization:
+  - DeepSeek simulates FP8 (block 64) on the window's and entries' non-rope channels and FP4
+    plus a Hadamard rotation on the indexer's queries and keys (quantization-aware training);
+    transformers does not. We do not either: the cache formats (`mla.formats`) own
+    quantization, and the Hadamard transform is orthogonal (scores unchanged in exact math).
+  - DeepSeek's compressors project and pool in float32 and cast to the model dtype before
+    kv_norm; transformers projects in the model dtype and pools in it with float32 softmax
+    weights. We pool in at least float32 and cast before kv_norm (DeepSeek); the projections
+    run in the module dtype (both agree in float32).
+  - transformers casts cos / sin to the activation dtype before rotating; DeepSeek rotates by
+    float32 angles. We rotate in at least float32 with float32 tables (DeepSeek).
+  - The attention softmax: DeepSeek's kernel accumulates in float32 with the sink as a key of
+    value 0 in the denominator (read in the copy's pure-PyTorch `sparse_attn`, kernel.py),
+    transformers' eager path appends the sink as a logit and softmaxes in the logits' dtype.
+    Same math; we use at least float32.
+  - The query's per-head RMS (no weight): DeepSeek in the activation dtype, transformers and we
+    in float32.
+  - Norm weights are float32 in both; ours take the module dtype (`mla.attention.RMSNorm`),
+    and transformers' norms round float64 activations to float32 (why float64 comparisons
+    against it agree only to float32 rounding).
+  - transformers' default compress_rope_theta is 160000, DeepSeek's ModelArgs default 40000;
+    the checkpoint config decides (`V4Config.from_hf`).
+These differences are bfloat16-level; in float32 our module equals transformers' to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mla.attention import RMSNorm, chosen_mask
+from mla.reference.indexer import index_scores, index_topk
+from mla.rope import RotaryEmbedding
+from mla.v4 import CSA, HCA, SLIDING, V4Config
+
+
+def compress_pool(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.Tensor, overlap: bool) -> torch.Tensor:
+    """The compressor's softmax-gated pooling of whole windows (before its norm and RoPE).
+
+    Args:
+        kv, gate: [b, s, c * d] projections of s tokens (c = 2 with `overlap`, else 1).
+        position_bias: [m, c * d], added to the gate of the token at offset i of its window.
+        overlap: CSA's overlapping windows: entry w pools the first d channels of window w - 1
+            and the last d channels of window w (2m slots; window -1 contributes nothing).
+
+    Returns:
+        [b, s // m, d] in kv's dtype: entry w = sum over its slots of softmax(gate + bias) * kv
+        per channel, computed in at least float32. Tokens past the last whole window are not
+        pooled (their entry has not closed).
+    """
+    b, s, width = kv.shape
+    m = position_bias.shape[0]
+    n = s // m
+    dtype, compute = kv.dtype, torch.promote_types(kv.dtype, torch.float32)
+    kv = kv[:, : n * m].to(compute).unflatten(1, (n, m))  # [b, n, m, c * d]
+    gate = gate[:, : n * m].to(compute).unflatten(1, (n, m)) + position_bias.to(compute)
+    if overlap:
+        d = width // 2
+        # window w - 1's first half joins entry w; before window 0 there is nothing (weight 0)
+        previous_kv = F.pad(kv[..., :d], (0, 0, 0, 0, 1, 0))[:, :n]
+        previous_gate = F.pad(gate[..., :d], (0, 0, 0, 0, 1, 0), value=-math.inf)[:, :n]
+        kv = torch.cat([previous_kv, kv[..., d:]], dim=2)  # [b, n, 2m, d]
+        gate = torch.cat([previous_gate, gate[..., d:]], dim=2)
+    return (kv * gate.softmax(dim=2)).sum(dim=2).to(dtype)
+
+
+def rotate_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """V4's RoPE: rotate the last 2 * cos.shape[-1] channels of x in interleaved pairs and
+    keep the layout (`mla.rope.apply_rope` returns the half-split layout, but here V = K
+    carries the rope channels into the output projection, whose weights expect the
+    checkpoint's order).
+
+    Args:
+        x: [..., head] in any float dtype.
+        cos, sin: float32 [..., rope / 2], broadcastable against x's leading dims; negate sin
+            to rotate back.
+
+    Returns:
+        [..., head] in x's dtype, rotated in at least float32.
+    """
+    r = 2 * cos.shape[-1]
+    compute = torch.promote_types(x.dtype, torch.float32)
+    pairs = x[..., -r:].to(compute).unflatten(-1, (-1, 2))
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    return torch.cat([x[..., :-r], rotated.to(x.dtype)], dim=-1)
+
+
+def v4_rotary(config: V4Config, kind: str) -> RotaryEmbedding:
+    """The rotary tables of a layer of `kind`: plain rope_theta for sliding layers,
+    compress_rope_theta with rope_scaling's YaRN frequencies for CSA / HCA (`mla.rope` owns
+    the YaRN formula; it reads only these fields)."""
+    compressed = kind != SLIDING
+    scaling = config.rope_scaling if compressed else None
+    rope = SimpleNamespace(
+        qk_rope_head_dim=config.rope_dim,
+        rope_theta=config.compress_rope_theta if compressed else config.rope_theta,
+        rope_scaling=None if scaling is None else {**scaling, "mscale": 0, "mscale_all_dim": 0},
+        rope_interleave=True,
+    )
+    rotary = RotaryEmbedding(rope)
+    rotary.attention_factor = 1.0  # V4 takes YaRN's frequencies only: cos / sin are not scaled
+    return rotary
+
+
+class V4Compressor(nn.Module):
+    """A compressor: tokens -> one entry per closed window of m tokens (`compress_pool`, then
+    kv_norm, then RoPE at the window's first position). transformers' DeepseekV4HCACompressor /
+    DeepseekV4CSACompressor parameters: kv_proj, gate_proj [c * width, hidden], position_bias
+    [m, c * width] (float32 in checkpoints), kv_norm [width]; c = 2 when `overlap`."""
+
+    def __init__(self, hidden_size: int, width: int, rate: int, overlap: bool, eps: float):
+        super().__init__()
+        c = 2 if overlap else 1
+        self.overlap = overlap
+        self.kv_proj = nn.Linear(hidden_size, c * width, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, c * width, bias=False)
+        self.position_bias = nn.Parameter(torch.zeros(rate, c * width))
+        self.kv_norm = RMSNorm(width, eps)
+
+    def entries(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """hidden_states [b, s, hidden], float32 rotary tables [1, s // m, rope / 2] of the
+        entries' positions 0, m, 2m, ... -> entries [b, s // m, width] in hidden_states' dtype."""
+        pooled = compress_pool(
+            self.kv_proj(hidden_states), self.gate_proj(hidden_states), self.position_bias, self.overlap
+        )
+        return rotate_tail(self.kv_norm(pooled), cos, sin)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.position_bias.shape[0]}, overlap={self.overlap}"
+
+
+class V4IndexScorer(nn.Module):
+    """The lightning indexer's head weights: weights_proj [index_n_heads, hidden]
+    (transformers' DeepseekV4IndexerScorer)."""
+
+    def __init__(self, config: V4Config):
+        super().__init__()
+        self.weights_proj = nn.Linear(config.hidden_size, config.index_n_heads, bias=False)
+        self.scale = (config.index_n_heads * config.index_head_dim) ** -0.5
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[b, s, hidden] -> float32 [b, s, index_n_heads]: w_h, with both softmax scales folded in."""
+        return self.weights_proj(hidden_states).float() * self.scale
+
+
+class V4Indexer(V4Compressor):
+    """CSA's lightning indexer: its own overlapping compressor at index_head_dim (the keys),
+    q_b_proj [index_n_heads * index_head_dim, q_lora_rank] (the queries from the attention's
+    q_resid) and `scorer` (transformers' DeepseekV4Indexer names)."""
+
+    def __init__(self, config: V4Config):
+        c = config
+        super().__init__(c.hidden_size, c.index_head_dim, c.compress_rates[CSA], overlap=True, eps=c.rms_norm_eps)
+        self.config = config
+        self.q_b_proj = nn.Linear(c.q_lora_rank, c.index_n_heads * c.index_head_dim, bias=False)
+        self.scorer = V4IndexScorer(config)
+
+    def select(self, hidden_states, q_resid, cos, sin, entry_cos, entry_sin) -> torch.Tensor:
+        """The entries each query attends, as a bool mask [b, s, s // m].
+
+        hidden_states [b, s, hidden], q_resid [b, s, q_lora_rank], float32 rotary tables of the
+        tokens [1 or b, s, rope / 2] and of the entries [1, s // m, rope / 2]. Query t chooses
+        the index_topk best of the entries w < (t + 1) // m (all of them when fewer), ties to
+        the lower w: `index_scores` over the entries viewed as one page per sequence, each
+        query its own row with its own visible length, then `index_topk`."""
+        c = self.config
+        b, s, _ = hidden_states.shape
+        m = c.compress_rates[CSA]
+        keys = self.entries(hidden_states, entry_cos, entry_sin)  # [b, n, D]
+        n = keys.shape[1]
+        if n == 0:
+            return torch.zeros(b, s, 0, dtype=torch.bool, device=hidden_states.device)
+        q = self.q_b_proj(q_resid).view(b, s, c.index_n_heads, c.index_head_dim)
+        q = rotate_tail(q, cos[:, :, None], sin[:, :, None])
+        weights = self.scorer(hidden_states)
+        if keys.dtype == torch.float64:  # scored in float32, as a cache of a float64 model stores them
+            q, keys = q.float(), keys.float()
+        device = hidden_states.device
+        visible_count = (torch.arange(1, s + 1, device=device) // m).to(torch.int32)  # [s]
+        table = torch.arange(b, dtype=torch.int32, device=device).repeat_interleave(s)[:, None]  # [b * s, 1]
+        with torch.no_grad():  # a choice of entries: nothing to differentiate
+            scores = index_scores(
+                q.reshape(b * s, 1, c.index_n_heads, c.index_head_dim), weights.reshape(b * s, 1, -1),
+                keys[:, :, None].contiguous(), table, visible_count.repeat(b), n,
+            ).view(b, s, n)  # fmt: skip
+            chosen, _ = index_topk(scores, c.index_topk)
+        visible = torch.arange(n, device=device) < visible_count[:, None].long()  # [s, n]
+        return chosen_mask(chosen, visible.expand(b, s, n))
+
+
+class V4Attention(nn.Module):
+    """One DeepSeek-V4 attention layer (the module docstring has the math), cache-free.
+
+    Args:
+        config: a V4Config.
+        layer_idx: the layer; its kind is config.layer_types[layer_idx].
+
+    Parameters (transformers' DeepseekV4Attention names, so its state dicts load as they are):
+        q_a_proj [q_lora_rank, hidden], q_a_norm [q_lora_rank], q_b_proj [h * head_dim,
+        q_lora_rank], kv_proj [head_dim, hidden], kv_norm [head_dim], o_a_proj
+        [o_groups * o_lora_rank, h * head_dim / o_groups], o_b_proj [hidden, o_groups *
+        o_lora_rank], sinks [h]; CSA / HCA layers also `compressor` (`V4Compressor`), CSA
+        layers `compressor.indexer` (`V4Indexer`).
+    """
+
+    def __init__(self, config: V4Config, layer_idx: int):
+        super().__init__()
+        if not isinstance(config, V4Config):
+            raise TypeError(f"config must be a V4Config, got {type(config).__name__}")
+        n = len(config.layer_types)
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < n:
+            raise ValueError(f"layer_idx must be an int in [0, {n}), got {layer_idx!r}")
+        c, h = config, config.num_heads
+        self.config, self.layer_idx = config, layer_idx
+        self.kind = c.layer_types[layer_idx]
+        self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+        self.q_a_norm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+        self.q_b_proj = nn.Linear(c.q_lora_rank, h * c.head_dim, bias=False)
+        self.kv_proj = nn.Linear(c.hidden_size, c.head_dim, bias=False)
+        self.kv_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.o_a_proj = nn.Linear(h * c.head_dim // c.o_groups, c.o_groups * c.o_lora_rank, bias=False)
+        self.o_b_proj = nn.Linear(c.o_groups * c.o_lora_rank, c.hidden_size, bias=False)
+        self.sinks = nn.Parameter(torch.zeros(h))
+        self.compressor = None
+        if self.kind != SLIDING:
+            rate = c.compress_rates[self.kind]
+            self.compressor = V4Compressor(c.hidden_size, c.head_dim, rate, self.kind == CSA, c.rms_norm_eps)
+            if self.kind == CSA:
+                self.compressor.indexer = V4Indexer(config)
+        self.rotary = v4_rotary(config, self.kind)
+        self.softmax_scale = c.head_dim**-0.5
+
+    @classmethod
+    def from_hf(cls, hf_attention: nn.Module) -> V4Attention:
+        """Copy a transformers DeepseekV4Attention (weights, dtype, device)."""
+        module = cls(V4Config.from_hf(hf_attention.config), hf_attention.layer_idx)
+        weight = hf_attention.q_b_proj.weight
+        module.to(device=weight.device, dtype=weight.dtype)
+        module.load_state_dict(hf_attention.state_dict())
+        return module
+
+    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention within each of b whole sequences (no cache, differentiable).
+
+        Args:
+            hidden_states: [b, s, hidden_size], float.
+            positions: integer [b, s], the rotary positions; default 0 ... s - 1. Compressed
+                windows are aligned to position 0, so in CSA / HCA layers they must be
+                0 ... s - 1 (a sliding layer takes any).
+
+        Returns:
+            [b, s, hidden_size] in hidden_states' dtype.
+        """
+        c, h = self.config, self.config.num_heads
+        b, s = self._check_inputs(hidden_states, positions)
+        device = hidden_states.device
+        if positions is None:
+            positions = torch.arange(s, device=device)[None]  # [1, s], broadcast over b
+        cos, sin = self.rotary(positions.to(device))  # [1 or b, s, rope / 2]
+
+        q_resid = self.q_a_norm(self.q_a_proj(hidden_states))
+        q = self.q_b_proj(q_resid).view(b, s, h, c.head_dim)
+        # per-head RMS without a weight, normalized in at least float32
+        q32 = q.to(torch.promote_types(q.dtype, torch.float32))
+        q = (q32 * torch.rsqrt(q32.square().mean(-1, keepdim=True) + c.rms_norm_eps)).to(q.dtype)
+        q = rotate_tail(q, cos[:, :, None], sin[:, :, None])
+        kv = rotate_tail(self.kv_norm(self.kv_proj(hidden_states)), cos, sin)  # [b, s, head_dim]
+
+        token = torch.arange(s, device=device)
+        offset = token[:, None] - token[None]  # query minus key
+        visible = ((offset >= 0) & (offset < c.sliding_window)).expand(b, s, s)
+        if self.compressor is not None:
+            entries, entry_mask = self._entries(hidden_states, q_resid, cos, sin)
+            kv = torch.cat([kv, entries], dim=1)  # [b, s + n, head_dim]
+            visible = torch.cat([visible, entry_mask], dim=-1)
+
+        out = self._attend(q, kv, visible)  # [b, s, h, head_dim]
+        out = rotate_tail(out, cos[:, :, None], -sin[:, :, None])  # undo the keys' rotation on V = K
+        grouped = out.reshape(b, s, c.o_groups, -1)  # [b, s, g, h * head_dim / g]
+        w = self.o_a_proj.weight.view(c.o_groups, c.o_lora_rank, -1)  # [g, r, h * head_dim / g]
+        return self.o_b_proj(torch.einsum("bsgd,grd->bsgr", grouped, w).flatten(2))
+
+    def _entries(self, hidden_states, q_resid, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's compressed entries [b, n, head_dim] and which each query attends, bool
+        [b, s, n]: all visible ones (HCA) or the indexer's choice among them (CSA)."""
+        b, s, _ = hidden_states.shape
+        m = self.config.compress_rates[self.kind]
+        device = hidden_states.device
+        entry_cos, entry_sin = self.rotary(torch.arange(s // m, device=device)[None] * m)  # positions w * m
+        entries = self.compressor.entries(hidden_states, entry_cos, entry_sin)
+        if self.kind == CSA:
+            return entries, self.compressor.indexer.select(hidden_states, q_resid, cos, sin, entry_cos, entry_sin)
+        token = torch.arange(s, device=device)
+        visible = torch.arange(entries.shape[1], device=device) < ((token + 1) // m)[:, None]  # [s, n]
+        return entries, visible.expand(b, s, -1)
+
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """q [b, s, h, d], kv [b, L, d] (K = V), bool visible [b, s, L] (every query sees at
+        least itself) -> [b, s, h, d]: softmax over the visible keys and the head's sink, in at
+        least float32."""
+        compute = torch.promote_types(q.dtype, torch.float32)
+        logits = torch.einsum("bshd,bld->bhsl", q.to(compute), kv.to(compute)) * self.softmax_scale
+        logits = logits.masked_fill(~visible[:, None], -math.inf)
+        b, h, s, _ = logits.shape
+        sink = self.sinks.to(compute).view(1, h, 1, 1).expand(b, h, s, 1)
+        probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]  # the sink's share is dropped
+        return torch.einsum("bhsl,bld->bshd", probs, kv.to(compute)).to(q.dtype)
+
+    def _check_inputs(self, hidden_states, positions) -> tuple[int, int]:
+        c = self.config
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
+            raise ValueError(f"hidden_states must be a [b, s, hidden_size] tensor, got {_describe(hidden_states)}")
+        if not hidden_states.is_floating_point():
+            raise TypeError(f"hidden_states must be a float tensor, got {hidden_states.dtype}")
+        b, s, hidden = hidden_states.shape
+        if hidden != c.hidden_size:
+            raise ValueError(f"hidden_states has hidden size {hidden}, the config says hidden_size={c.hidden_size}")
+        if s < 1:
+            raise ValueError("hidden_states has no tokens (s = 0)")
+        if positions is None:
+            return b, s
+        if not isinstance(positions, torch.Tensor):
+            raise TypeError(f"positions must be an integer tensor [b, s], got {_describe(positions)}")
+        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+            raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
+        if tuple(positions.shape) != (b, s):
+            raise ValueError(
+                f"positions must have shape [b={b}, s={s}] like hidden_states, got {tuple(positions.shape)}"
+            )
+        if self.compressor is not None:
+            expected = torch.arange(s, device=positions.device).expand(b, s)
+            if not torch.equal(positions.long(), expected):
+                raise ValueError(
+                    f"a {self.kind} layer attends whole sequences from position 0 (its compressed windows start "
+                    f"there): positions must be 0 ... {s - 1} in every row, got {positions.tolist()}"
+                )
+        return b, s
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"layer_idx={self.layer_idx}, kind={self.kind}, heads={c.num_heads}, head_dim={c.head_dim}, "
+            f"rope_dim={c.rope_dim}, sliding_window={c.sliding_window}"
+        )
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
