@@ -299,6 +299,23 @@ def _topk_call() -> None:
                _fake_cuda((b, pages_per_seq), torch.int32), PAGE_SIZE)  # fmt: skip
 
 
+def _compress_call(rate: int, overlap: bool, dim: int, fp8: bool) -> None:
+    """write_compressed of DECODE_SEQLEN tokens' entries (DeepSeek-V4: head_dim 512 with rope 64,
+    or the CSA indexer's 128-channel keys), plain bf16 pages or FlashMLA's MODEL1 FP8 pages."""
+    from mla.formats import Model1Format
+    from mla.kernels import write_compressed
+
+    n, width, rope = DECODE_SEQLEN // rate, dim * (2 if overlap else 1), 64
+    pages = -(-n // PAGE_SIZE)
+    cache = (_fake_cuda((pages, Model1Format().page_bytes(PAGE_SIZE)), torch.uint8) if fp8
+             else _fake_cuda((pages, PAGE_SIZE, 1, dim), torch.bfloat16))  # fmt: skip
+    write_compressed(cache, PAGE_SIZE, _fake_cuda((n,), torch.int64), _fake_cuda((n, rate, width), torch.bfloat16),
+                     _fake_cuda((n, rate, width), torch.bfloat16), _fake_cuda((rate, width), torch.float32),
+                     _fake_cuda((dim,), torch.float32), _fake_cuda((n, rope // 2), torch.float32),
+                     _fake_cuda((n, rope // 2), torch.float32),
+                     *((_fake_cuda((rate, dim), torch.bfloat16),) * 2 if overlap else ()))  # fmt: skip
+
+
 def _configs() -> dict[str, Config]:
     configs = {}
 
@@ -339,6 +356,10 @@ def _configs() -> dict[str, Config]:
         add(f"index-{'fp8' if fp8 else 'bf16'}-h{INDEX_HEADS}-d{INDEX_DIM}-sq{s_q}", "_index_scores_kernel",
             functools.partial(_index_call, fp8, s_q), _index_work(fp8, s_q))  # fmt: skip
     add(f"index-topk{SPARSE_TOPK}", "_index_topk_kernel", _topk_call)
+    # DeepSeek-V4's compressor: HCA (128 tokens per entry), CSA (4, overlapping), the CSA indexer's keys
+    for name, rate, overlap, dim, fp8 in (("hca-fp8", 128, False, 512, True), ("csa-fp8", 4, True, 512, True),
+                                          ("csa-bf16", 4, True, 512, False), ("index-bf16", 4, True, 128, False)):
+        add(f"compress-{name}", "_compress_kernel", functools.partial(_compress_call, rate, overlap, dim, fp8))
     return configs
 
 
