@@ -42,8 +42,8 @@ unchanged and still describes the deployed design (window ring + accumulators, w
 limited to the open window or re-prefill).
 
 Bookkeeping is on the host. A step: `reserve(ids, s)`, then per layer the forward writes the
-s new tokens of each sequence after what that layer already holds (`begin_step` checks they
-were reserved).
+s new tokens of each sequence after what that layer already holds (`step_starts` checks they
+were reserved, `advance` counts them).
 """
 
 from __future__ import annotations
@@ -221,10 +221,11 @@ class V4Cache:
         for written in self._written:
             del written[sid]
 
-    def begin_step(self, layer: int, seq_ids: Iterable[int], s: int) -> list[int]:
-        """Claim the next s tokens of each sequence in layer `layer`: returns, per sequence,
-        the number of tokens the layer held before (the first new token's index), and counts the
-        s tokens as held. ValueError if a sequence has fewer than s reserved tokens left."""
+    def step_starts(self, layer: int, seq_ids: Iterable[int], s: int) -> tuple[list[int], list[int]]:
+        """Where s new tokens of each sequence go in layer `layer`: returns the ids as ints and,
+        per sequence, the number of tokens the layer holds (the first new token's index).
+        ValueError if a sequence has fewer than s reserved tokens left. Changes nothing: the
+        layer calls `advance` once it has written them."""
         layer = self._check_layer(layer)
         ids = self._check_ids(seq_ids, distinct=True)
         written = self._written[layer]
@@ -234,10 +235,13 @@ class V4Cache:
                     f"layer {layer} holds {written[sid]} tokens of sequence {sid}, which has {self._lengths[sid]} "
                     f"reserved: {s} new tokens exceed it; reserve them first"
                 )
-        starts = [written[sid] for sid in ids]
-        for sid in ids:
-            written[sid] += s
-        return starts
+        return ids, [written[sid] for sid in ids]
+
+    def advance(self, layer: int, seq_ids: list[int], s: int) -> None:
+        """Count s more tokens of each sequence as written by layer `layer` (ids and room as
+        `step_starts` checked them)."""
+        for sid in seq_ids:
+            self._written[layer][sid] += s
 
     def slots(self, sid: int, start: int, stop: int) -> torch.Tensor:
         """int64 [stop - start] flat slots (page * page_size + row) of tokens start ... stop - 1."""
