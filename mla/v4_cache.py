@@ -31,15 +31,21 @@ raw rows of tokens (L // m - 1) * m ... L - 1 (CSA: the previous window's first 
 into the next entry) or (L // m) * m ... L - 1 (HCA), read back when a window's last token
 arrives. So `truncate(sid, n)` is exact by construction: entries w >= n // m are no longer
 counted (their rows are overwritten when re-closed), and the pending state is the kept tokens'
-raw rows, exactly what it was when the sequence last had n tokens. The price is bytes: per
-token, an HCA layer stores d + 2d + d / m' values and a CSA layer d + 4d + 4D + (d + D) / m,
-versus V4CacheLayout's per-sequence float32 accumulators (6 KiB per HCA layer, 15 KiB per CSA
-layer for V4) and a window ring. For V4-Flash in bfloat16 (d = 512, D = 128) that is about
-6.3 KiB per token per CSA layer and 3 KiB per HCA layer, against V4CacheLayout's (d + d / m
-+ D / m) * e ~ 1.3 KiB and ~1 KiB: `bytes_per_token` gives the exact figure. This cache is the
-reference for correctness and rollback, not the deployed layout; V4CacheLayout's accounting is
-unchanged and still describes the deployed design (window ring + accumulators, with rollback
-limited to the open window or re-prefill).
+raw rows, exactly what it was when the sequence last had n tokens, for any cut.
+
+The price is bytes, and it is large. Per token and layer this cache stores d (kv) + 2d (HCA raw)
++ d / m' values, or d + 4d + 4D + (d + D) / m (CSA); a sliding layer d. For DeepSeek-V4 in
+bfloat16 (d = 512, D = 128): 1024 B per sliding, 6464 B per CSA and 3080 B per HCA layer, so
+199,392 B per token for V4-Flash (2 sliding, 21 CSA, 20 HCA layers) and 289,400 B for V4-Pro
+(30 CSA, 31 HCA): `bytes_per_token`. `mla.v4.V4CacheLayout`, which counts the deployed design
+(a window ring of sliding_window rows, entries, indexer keys, and per-sequence float32 online-
+softmax accumulators), gives 6,886 B (Flash) and 9,856 B (Pro) per token at 1M tokens in
+bfloat16: this cache stores about 29x more, nearly all of it the raw compressor rows (5120 of
+the 6464 CSA bytes, 2048 of the 3080 HCA bytes) and the every-token kv rows. It is the exact
+reference for decode and rollback, not the deployed layout; V4CacheLayout's accounting is
+unchanged. The deployed equivalent keeps, per sequence, a ring of the last sliding_window + k
+kv rows and the raw rows of the open window plus k tokens (CSA: plus the previous window),
+where k bounds a speculative rollback: constant per sequence, and exact for cuts within k.
 
 Bookkeeping is on the host. A step: `reserve(ids, s)`, then per layer the forward writes the
 s new tokens of each sequence after what that layer already holds (`step_starts` checks they
@@ -53,7 +59,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mla.cache import CacheFullError, _as_int, _positive
+from mla.cache import CacheFullError, LatentCache, _as_int, _positive
 from mla.v4 import CSA, HCA, SLIDING, V4Config
 
 __all__ = ["CacheFullError", "V4Cache", "V4LayerStore"]
@@ -176,18 +182,14 @@ class V4Cache:
         return self._written[self._check_layer(layer)][self._check_id(sid)]
 
     def reserve(self, seq_ids: Iterable[int], n: int | Sequence[int]) -> None:
-        """Grow each sequence by n tokens (one int for all, or one per sequence), taking pages.
+        """Grow each sequence by n tokens (one int for all, or one per sequence: a sequence or
+        1-D tensor), taking pages.
 
         All or nothing: raises CacheFullError, with every sequence unchanged, if the pool cannot
         cover the whole request.
         """
         ids = self._check_ids(seq_ids, distinct=True)
-        counts = [n] * len(ids) if not isinstance(n, Sequence) else list(n)
-        if len(counts) != len(ids):
-            raise ValueError(f"n has {len(counts)} counts for {len(ids)} sequences")
-        counts = [_as_int("n", k) for k in counts]
-        if any(k < 0 for k in counts):
-            raise ValueError(f"n must be >= 0 for every sequence, got {counts}")
+        counts = LatentCache._counts(n, ids, "n")  # the V3 cache's rule for counts
         new = [self._pages_for(self._lengths[s] + k) - len(self._pages[s]) for s, k in zip(ids, counts)]
         if sum(new) > len(self._free):
             raise CacheFullError(

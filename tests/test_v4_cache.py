@@ -223,6 +223,12 @@ def test_step_starts_count_each_layer_separately():
     assert (cache.written(0, sid), cache.written(1, sid), cache.written(2, sid)) == (2, 2, 0)
 
 
+def test_deepseek_v4_bytes_per_token_as_documented():
+    """The figures of mla.v4_cache's docstring (bfloat16, bytes per token over all layers)."""
+    assert V4Cache(V4Config.deepseek_v4_flash(), 1, 128, dtype=torch.bfloat16).bytes_per_token == 199_392
+    assert V4Cache(V4Config.deepseek_v4_pro(), 1, 128, dtype=torch.bfloat16).bytes_per_token == 289_400
+
+
 def test_bytes_per_token_counts_every_tensor():
     c = tiny()
     cache = V4Cache(c, num_pages=2, page_size=8, dtype=torch.bfloat16)
@@ -269,7 +275,7 @@ def test_check_fits_names_the_mismatch(layer, config, match):
 def test_reserve_rejects_bad_counts():
     cache = V4Cache(tiny(), 4, 4)
     sid = cache.add_sequence()
-    with pytest.raises(ValueError, match="n must be >= 0.*-1"):
+    with pytest.raises(ValueError, match="n must be >= 0, got -1 for sequence 0"):
         cache.reserve([sid], -1)
     with pytest.raises(ValueError, match="2 counts for 1 sequences"):
         cache.reserve([sid], [1, 2])
