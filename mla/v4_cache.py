@@ -295,9 +295,11 @@ class V4Cache:
         return getattr(self.layers[layer], name).flatten(0, 1)[slots]
 
     def write(self, layer: int, name: str, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        """Store rows [len(slots), ...] at flat slots of layer `layer`'s tensor `name`, in place."""
+        """Store rows [len(slots), ...] at flat slots of layer `layer`'s tensor `name`, in place.
+        Detached: a cache holds values, not the graph of the step that wrote them."""
         target = getattr(self.layers[layer], name)
-        target.flatten(0, 1).index_copy_(0, slots, rows.reshape(-1, *target.shape[2:]).to(target.dtype))
+        rows = rows.detach().reshape(-1, *target.shape[2:]).to(target.dtype)
+        target.flatten(0, 1).index_copy_(0, slots, rows)
 
     def __repr__(self) -> str:
         c = self.config

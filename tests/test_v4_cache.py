@@ -370,6 +370,16 @@ def test_a_refused_step_changes_nothing():
         assert_close(layer(x, cache=cache, seq_ids=[sid]), layer(x))
 
 
+def test_cache_keeps_no_graph():
+    layer = V4Attention(tiny(), 1).double()
+    cache = V4Cache(tiny(), 4, 4, dtype=torch.float64)
+    sid = cache.add_sequence()
+    cache.reserve([sid], 5)
+    out = layer(torch.randn(1, 5, 48, dtype=torch.float64), cache=cache, seq_ids=[sid])
+    assert out.requires_grad
+    assert not any(t.requires_grad for store in cache.layers for t in store.tensors())
+
+
 def cached_call(config=None, reserve=2, s=2, **kwargs):
     """Call layer 2 (HCA) of tiny() with a cache for `config` holding one sequence with
     `reserve` tokens reserved, on s new tokens."""
