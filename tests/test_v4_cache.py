@@ -312,6 +312,22 @@ def test_cached_steps_equal_one_shot_wide(steps):
     assert_close(decode(layers, cache, [cache.add_sequence()], x, steps), run(layers, x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_low_precision_cache_within_twice_the_one_shot_error(dtype):
+    """A float32 / bfloat16 model with a cache of its dtype: the cached steps' error against the
+    same weights in float64 is at most twice the one-shot forward's own error."""
+    config = tiny()
+    layers = [layer.to(dtype) for layer in stack(config)]
+    x = torch.randn(2, SEQ, config.hidden_size, generator=torch.Generator().manual_seed(1)).to(dtype)
+    cache = V4Cache(config, num_pages=20, page_size=4, dtype=dtype)
+    ids = [cache.add_sequence(), cache.add_sequence()]
+    got = decode(layers, cache, ids, x, STEPS["prefill13-then-mixed"]).double()
+    one_shot = run(layers, x).double()
+    truth = run([layer.double() for layer in layers], x.double())
+    assert got.isfinite().all()
+    assert (got - truth).abs().max() <= 2 * (one_shot - truth).abs().max()
+
+
 @pytest.mark.parametrize("cut", range(11, 29), ids=lambda c: f"cut{c}")
 def test_truncate_then_continue_equals_fresh_prefill(cut):
     """A 20-token prefill, a 9-token speculative step, rollback to `cut` (every offset inside the
