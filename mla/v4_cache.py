@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import torch
 
 from mla.cache import CacheFullError, LatentCache, _as_int, _positive
-from mla.v4 import CSA, HCA, SLIDING, V4Config
+from mla.v4 import CSA, SLIDING, V4Config
 
 __all__ = ["CacheFullError", "V4Cache", "V4LayerStore"]
 
