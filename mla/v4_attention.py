@@ -1,6 +1,8 @@
-"""`V4Attention`: one DeepSeek-V4 attention layer as a PyTorch module, the cache-free path
-(whole sequences, causal, differentiable: training, and the ground truth that the cached,
-paged decode will be proven against).
+"""`V4Attention`: one DeepSeek-V4 attention layer as a PyTorch module: the cache-free path
+(whole sequences, causal, differentiable: training, and the ground truth) and the cached path
+over a paged `mla.v4_cache.V4Cache` (prefill chunks and decode steps, proven equal to it in
+tests/test_v4_cache.py). Both share every piece of math below; they differ only in where the
+keys come from (`_one_shot_keys` / `_cached_keys`).
 
 Every layer is shared-KV multi-query attention (one KV head of head_dim that is both K and V)
 with a per-head attention sink. For query token t (positions 0 ... s - 1 of one sequence):
@@ -94,6 +96,7 @@ These differences are bfloat16-level; in float32 our module equals transformers'
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from types import SimpleNamespace
 
 import torch
@@ -101,9 +104,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mla.attention import RMSNorm, chosen_mask
+from mla.cache import LatentCache
 from mla.reference.indexer import index_scores, index_topk
 from mla.rope import RotaryEmbedding
 from mla.v4 import CSA, HCA, SLIDING, V4Config
+from mla.v4_cache import V4Cache
 
 
 def compress_pool(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.Tensor, overlap: bool) -> torch.Tensor:
@@ -190,13 +195,23 @@ class V4Compressor(nn.Module):
         self.position_bias = nn.Parameter(torch.zeros(rate, c * width))
         self.kv_norm = RMSNorm(width, eps)
 
+    def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states [b, s, hidden] -> the raw rows [b, s, 2, c * width] (kv_proj, gate_proj)
+        that `pool` turns into entries; a cache keeps them for the windows still open."""
+        return torch.stack([self.kv_proj(hidden_states), self.gate_proj(hidden_states)], dim=2)
+
+    def pool(self, raw: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, skip: int = 0) -> torch.Tensor:
+        """raw rows [b, T, 2, c * width] of tokens from a window boundary (`project`), float32
+        rotary tables [1 or b, T // m - skip, rope / 2] of the entries' positions -> the entries
+        of its whole windows but the first `skip` [b, T // m - skip, width], in raw's dtype (a
+        continuation passes the window before its first new one with skip 1: CSA's overlap)."""
+        pooled = compress_pool(raw[:, :, 0], raw[:, :, 1], self.position_bias, self.overlap)[:, skip:]
+        return rotate_tail(self.kv_norm(pooled), cos, sin)
+
     def entries(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """hidden_states [b, s, hidden], float32 rotary tables [1, s // m, rope / 2] of the
         entries' positions 0, m, 2m, ... -> entries [b, s // m, width] in hidden_states' dtype."""
-        pooled = compress_pool(
-            self.kv_proj(hidden_states), self.gate_proj(hidden_states), self.position_bias, self.overlap
-        )
-        return rotate_tail(self.kv_norm(pooled), cos, sin)
+        return self.pool(self.project(hidden_states), cos, sin)
 
     def extra_repr(self) -> str:
         return f"rate={self.position_bias.shape[0]}, overlap={self.overlap}"
@@ -229,40 +244,50 @@ class V4Indexer(V4Compressor):
         self.scorer = V4IndexScorer(config)
 
     def select(self, hidden_states, q_resid, cos, sin, entry_cos, entry_sin) -> torch.Tensor:
-        """The entries each query attends, as a bool mask [b, s, s // m].
+        """The entries each query of whole sequences attends, as a bool mask [b, s, s // m].
 
         hidden_states [b, s, hidden], q_resid [b, s, q_lora_rank], float32 rotary tables of the
-        tokens [1 or b, s, rope / 2] and of the entries [1, s // m, rope / 2]. Query t chooses
-        the index_topk best of the entries w < (t + 1) // m (all of them when fewer), ties to
-        the lower w: `index_scores` over the entries viewed as one page per sequence, each
-        query its own row with its own visible length, then `index_topk`."""
+        tokens [1 or b, s, rope / 2] and of the entries [1, s // m, rope / 2]: `choose` over the
+        entries viewed as one page per sequence."""
+        b, s, _ = hidden_states.shape
+        keys = self.entries(hidden_states, entry_cos, entry_sin)  # [b, n, D]
+        if keys.dtype == torch.float64:  # scored in float32, as V4Cache.index_dtype stores them for float64
+            keys = keys.float()
+        device = hidden_states.device
+        visible_count = (torch.arange(1, s + 1, device=device) // self.config.compress_rates[CSA]).expand(b, s)
+        table = torch.arange(b, dtype=torch.int32, device=device)[:, None]
+        return self.choose(hidden_states, q_resid, cos, sin, keys[:, :, None].contiguous(), table, visible_count)
+
+    def choose(self, hidden_states, q_resid, cos, sin, key_pages, table, visible_count) -> torch.Tensor:
+        """Which entries each query attends, bool [b, s, n], from paged indexer keys.
+
+        hidden_states [b, s, hidden], q_resid [b, s, q_lora_rank], float32 rotary tables of the
+        queries [1 or b, s, rope / 2]; key_pages [num_pages, P, 1, D] (bfloat16 / float16 /
+        float32; the queries are scored in its dtype), table int32 [b, pages] (entry w of row
+        i at row w % P of page table[i, w // P]), visible_count [b, s] the entries query
+        (i, t) sees, w < (t + 1) // m; n = its maximum. Query t chooses the index_topk best
+        of its visible entries (all when fewer), ties to the lower w: `index_scores` with each
+        query its own row and visible length, then `index_topk`."""
         c = self.config
         b, s, _ = hidden_states.shape
-        m = c.compress_rates[CSA]
-        keys = self.entries(hidden_states, entry_cos, entry_sin)  # [b, n, D]
-        n = keys.shape[1]
+        n = int(visible_count.max())
+        visible = torch.arange(n, device=visible_count.device) < visible_count[..., None]  # [b, s, n]
         if n == 0:
-            return torch.zeros(b, s, 0, dtype=torch.bool, device=hidden_states.device)
+            return visible
         q = self.q_b_proj(q_resid).view(b, s, c.index_n_heads, c.index_head_dim)
-        q = rotate_tail(q, cos[:, :, None], sin[:, :, None])
+        q = rotate_tail(q, cos[:, :, None], sin[:, :, None]).to(key_pages.dtype)
         weights = self.scorer(hidden_states)
-        if keys.dtype == torch.float64:  # scored in float32, as a cache of a float64 model stores them
-            q, keys = q.float(), keys.float()
-        device = hidden_states.device
-        visible_count = (torch.arange(1, s + 1, device=device) // m).to(torch.int32)  # [s]
-        table = torch.arange(b, dtype=torch.int32, device=device).repeat_interleave(s)[:, None]  # [b * s, 1]
         with torch.no_grad():  # a choice of entries: nothing to differentiate
             scores = index_scores(
                 q.reshape(b * s, 1, c.index_n_heads, c.index_head_dim), weights.reshape(b * s, 1, -1),
-                keys[:, :, None].contiguous(), table, visible_count.repeat(b), n,
+                key_pages, table.repeat_interleave(s, dim=0), visible_count.reshape(-1).to(torch.int32), n,
             ).view(b, s, n)  # fmt: skip
             chosen, _ = index_topk(scores, c.index_topk)
-        visible = torch.arange(n, device=device) < visible_count[:, None].long()  # [s, n]
-        return chosen_mask(chosen, visible.expand(b, s, n))
+        return chosen_mask(chosen, visible)
 
 
 class V4Attention(nn.Module):
-    """One DeepSeek-V4 attention layer (the module docstring has the math), cache-free.
+    """One DeepSeek-V4 attention layer (the module docstring has the math), with or without a cache.
 
     Args:
         config: a V4Config.
@@ -312,14 +337,30 @@ class V4Attention(nn.Module):
         module.load_state_dict(hf_attention.state_dict())
         return module
 
-    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal attention within each of b whole sequences (no cache, differentiable).
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: V4Cache | None = None,
+        seq_ids: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Causal attention of b sequences: whole sequences without a cache (differentiable), or
+        s new tokens of each cached sequence.
 
         Args:
             hidden_states: [b, s, hidden_size], float.
-            positions: integer [b, s], the rotary positions; default 0 ... s - 1. Compressed
-                windows are aligned to position 0, so in CSA / HCA layers they must be
-                0 ... s - 1 (a sliding layer takes any).
+            positions: integer [b, s], the rotary positions; default the tokens' indices in
+                their sequences (0 ... s - 1 without a cache; after the tokens the layer already
+                holds with one). Compressed windows are aligned to token 0, so in CSA / HCA
+                layers they must be those indices (a sliding layer takes any).
+            cache: None, or a `mla.v4_cache.V4Cache` for this config. The s new tokens of each
+                sequence must be reserved (`cache.reserve(seq_ids, s)`); they are appended to
+                what this layer holds: window rows and compressor rows written, windows their
+                last token closes pooled into entries (and CSA indexer keys), then attention
+                over the cached window, entries and sink. Sequences may hold different lengths
+                (one s per call). Rows are stored in the cache's dtype: with the module's dtype
+                the result equals the one-shot rows of the same tokens up to summation order.
+            seq_ids: with a cache, the b sequence ids, one per row of hidden_states.
 
         Returns:
             [b, s, hidden_size] in hidden_states' dtype.
@@ -327,9 +368,15 @@ class V4Attention(nn.Module):
         c, h = self.config, self.config.num_heads
         b, s = self._check_inputs(hidden_states, positions)
         device = hidden_states.device
-        if positions is None:
-            positions = torch.arange(s, device=device)[None]  # [1, s], broadcast over b
-        cos, sin = self.rotary(positions.to(device))  # [1 or b, s, rope / 2]
+        if cache is None:
+            if seq_ids is not None:
+                raise ValueError("seq_ids without a cache: pass cache= too, or neither")
+            starts = [0] * b
+        else:
+            seq_ids, starts = self._begin_step(cache, seq_ids, b, s)
+        tokens = torch.tensor(starts, device=device)[:, None] + torch.arange(s, device=device)  # [b, s]
+        self._check_positions(positions, tokens)
+        cos, sin = self.rotary((tokens if positions is None else positions).to(device))  # [b, s, rope / 2]
 
         q_resid = self.q_a_norm(self.q_a_proj(hidden_states))
         q = self.q_b_proj(q_resid).view(b, s, h, c.head_dim)
@@ -339,19 +386,32 @@ class V4Attention(nn.Module):
         q = rotate_tail(q, cos[:, :, None], sin[:, :, None])
         kv = rotate_tail(self.kv_norm(self.kv_proj(hidden_states)), cos, sin)  # [b, s, head_dim]
 
-        token = torch.arange(s, device=device)
-        offset = token[:, None] - token[None]  # query minus key
-        visible = ((offset >= 0) & (offset < c.sliding_window)).expand(b, s, s)
-        if self.compressor is not None:
-            entries, entry_mask = self._entries(hidden_states, q_resid, cos, sin)
-            kv = torch.cat([kv, entries], dim=1)  # [b, s + n, head_dim]
-            visible = torch.cat([visible, entry_mask], dim=-1)
-
-        out = self._attend(q, kv, visible)  # [b, s, h, head_dim]
+        if cache is None:
+            keys, visible = self._one_shot_keys(hidden_states, q_resid, kv, cos, sin)
+        else:
+            keys, visible = self._cached_keys(cache, seq_ids, starts, hidden_states, q_resid, kv, cos, sin)
+        out = self._attend(q, keys, visible)  # [b, s, h, head_dim]
         out = rotate_tail(out, cos[:, :, None], -sin[:, :, None])  # undo the keys' rotation on V = K
         grouped = out.reshape(b, s, c.o_groups, -1)  # [b, s, g, h * head_dim / g]
         w = self.o_a_proj.weight.view(c.o_groups, c.o_lora_rank, -1)  # [g, r, h * head_dim / g]
         return self.o_b_proj(torch.einsum("bsgd,grd->bsgr", grouped, w).flatten(2))
+
+    def _one_shot_keys(self, hidden_states, q_resid, kv, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole sequences: keys [b, s + n, head_dim] (the tokens' rows, then the n entries) and
+        bool visible [b, s, s + n]."""
+        b, s, _ = hidden_states.shape
+        token = torch.arange(s, device=hidden_states.device)
+        visible = self._window_mask(token.expand(b, s), token.expand(b, s)[:, None])
+        if self.compressor is None:
+            return kv, visible
+        entries, entry_mask = self._entries(hidden_states, q_resid, cos, sin)
+        return torch.cat([kv, entries], dim=1), torch.cat([visible, entry_mask], dim=-1)
+
+    def _window_mask(self, tokens: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Queries at token indices [b, s] see keys at token indices [b, 1 or s, L] (-1: none)
+        iff t - sliding_window < j <= t: bool [b, s, L]."""
+        offset = tokens[..., None] - keys  # query minus key
+        return (keys >= 0) & (offset >= 0) & (offset < self.config.sliding_window)
 
     def _entries(self, hidden_states, q_resid, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's compressed entries [b, n, head_dim] and which each query attends, bool
@@ -366,6 +426,80 @@ class V4Attention(nn.Module):
         token = torch.arange(s, device=device)
         visible = torch.arange(entries.shape[1], device=device) < ((token + 1) // m)[:, None]  # [s, n]
         return entries, visible.expand(b, s, -1)
+
+    def _begin_step(self, cache, seq_ids, b: int, s: int) -> tuple[list[int], list[int]]:
+        """Validate the cache and ids once: (ids as ints, each sequence's first new token)."""
+        if not isinstance(cache, V4Cache):
+            raise TypeError(
+                f"cache must be a mla.v4_cache.V4Cache, got {type(cache).__name__}"
+                + (" (a V3 cache: V4 layers need window rows, entries and compressor state)"
+                   if isinstance(cache, LatentCache) else "")
+            )  # fmt: skip
+        if seq_ids is None or isinstance(seq_ids, (str, bytes)) or len(seq_ids) != b:
+            raise ValueError(f"seq_ids must list one sequence id per row of hidden_states ({b}), got {seq_ids!r}")
+        cache.check_fits(self.layer_idx, self.config)
+        return cache.step_starts(self.layer_idx, seq_ids, s)
+
+    def _cached_keys(self, cache, ids, starts, hidden_states, q_resid, kv, cos, sin):
+        """Append the new tokens to the cache (window rows, compressor rows, closed entries and
+        indexer keys) and gather what they attend: keys [b, L, head_dim] (each sequence's window
+        rows from its first new token's window on, then its entries, padded) and bool visible
+        [b, s, L]."""
+        b, s, _ = hidden_states.shape
+        layer, device = self.layer_idx, hidden_states.device
+        window = self.config.sliding_window
+        token_slots = [cache.slots(sid, start, start + s) for sid, start in zip(ids, starts)]
+        for i, slots in enumerate(token_slots):
+            cache.write(layer, "kv", slots, kv[i])
+        cache.advance(layer, ids, s)
+        # token t sees rows t - sliding_window + 1 ... t: the first new token needs the oldest
+        first = [max(0, start - window + 1) for start in starts]
+        rows, row_tokens = _gather(
+            [cache.read(layer, "kv", cache.slots(sid, lo, st + s)) for sid, lo, st in zip(ids, first, starts)],
+            [torch.arange(lo, st + s, device=device) for lo, st in zip(first, starts)],
+        )
+        tokens = torch.tensor(starts, device=device)[:, None] + torch.arange(s, device=device)  # [b, s]
+        visible = self._window_mask(tokens, row_tokens[:, None])
+        if self.compressor is None:
+            return rows, visible
+
+        m = self.config.compress_rates[self.kind]
+        counts = [(start + s) // m for start in starts]  # entries each sequence has after this step
+        self._close_windows(cache, "raw", "entries", self.compressor, self.compressor.project(hidden_states),
+                            ids, starts, token_slots, m)  # fmt: skip
+        entries, _ = _gather(
+            [cache.read(layer, "entries", cache.entry_slots(layer, sid, 0, n)) for sid, n in zip(ids, counts)],
+            [torch.arange(n, device=device) for n in counts],
+        )
+        visible_count = (tokens + 1) // m  # [b, s]
+        if self.kind == CSA:
+            indexer = self.compressor.indexer
+            self._close_windows(cache, "index_raw", "index_keys", indexer, indexer.project(hidden_states),
+                                ids, starts, token_slots, m)  # fmt: skip
+            layer_store = cache.layers[layer]
+            entry_mask = indexer.choose(hidden_states, q_resid, cos, sin, layer_store.index_keys,
+                                        cache.entry_table(layer, ids), visible_count)  # fmt: skip
+        else:
+            entry_mask = torch.arange(entries.shape[1], device=device) < visible_count[..., None]
+        entry_mask = F.pad(entry_mask, (0, entries.shape[1] - entry_mask.shape[-1]))
+        return torch.cat([rows, entries], dim=1), torch.cat([visible, entry_mask], dim=-1)
+
+    def _close_windows(self, cache, raw_name, entry_name, compressor, raw, ids, starts, token_slots, m) -> None:
+        """Store the new tokens' compressor rows `raw` [b, s, 2, width] in cache tensor
+        `raw_name`, then pool every window they close (its last token among them) from the
+        cached rows into `entry_name`, before anything attends it. CSA's entry w also reads
+        window w - 1, so pooling starts one window early and skips that entry."""
+        layer, s = self.layer_idx, raw.shape[1]
+        for i, (sid, start, slots) in enumerate(zip(ids, starts, token_slots)):
+            cache.write(layer, raw_name, slots, raw[i])
+            lo, hi = start // m, (start + s) // m  # the entries this step closes: lo ... hi - 1
+            if hi == lo:
+                continue
+            skip = 1 if compressor.overlap and lo > 0 else 0
+            rows = cache.read(layer, raw_name, cache.slots(sid, (lo - skip) * m, hi * m))
+            entry_cos, entry_sin = self.rotary(torch.arange(lo, hi, device=raw.device)[None] * m)
+            entries = compressor.pool(rows[None].to(raw.dtype), entry_cos, entry_sin, skip)[0]
+            cache.write(layer, entry_name, cache.entry_slots(layer, sid, lo, hi), entries)
 
     def _attend(self, q: torch.Tensor, kv: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """q [b, s, h, d], kv [b, L, d] (K = V), bool visible [b, s, L] (every query sees at
@@ -400,14 +534,19 @@ class V4Attention(nn.Module):
             raise ValueError(
                 f"positions must have shape [b={b}, s={s}] like hidden_states, got {tuple(positions.shape)}"
             )
-        if self.compressor is not None:
-            expected = torch.arange(s, device=positions.device).expand(b, s)
-            if not torch.equal(positions.long(), expected):
-                raise ValueError(
-                    f"a {self.kind} layer attends whole sequences from position 0 (its compressed windows start "
-                    f"there): positions must be 0 ... {s - 1} in every row, got {positions.tolist()}"
-                )
         return b, s
+
+    def _check_positions(self, positions, tokens: torch.Tensor) -> None:
+        """CSA / HCA windows are aligned to token 0: their positions must be the tokens' indices [b, s]."""
+        if positions is None or self.compressor is None:
+            return
+        if not torch.equal(positions.long(), tokens.to(positions.device)):
+            rows = sorted({(int(r[0]), int(r[-1])) for r in tokens})
+            expected = ", ".join(f"{a} ... {z}" for a, z in rows)
+            raise ValueError(
+                f"a {self.kind} layer's compressed windows start at token 0: positions must be the tokens' "
+                f"indices {expected} in every row, got {positions.tolist()}"
+            )
 
     def extra_repr(self) -> str:
         c = self.config
@@ -415,6 +554,14 @@ class V4Attention(nn.Module):
             f"layer_idx={self.layer_idx}, kind={self.kind}, heads={c.num_heads}, head_dim={c.head_dim}, "
             f"rope_dim={c.rope_dim}, sliding_window={c.sliding_window}"
         )
+
+
+def _gather(rows: list[torch.Tensor], indices: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence rows [L_i, d] and their indices [L_i] -> rows [b, max L_i, d] padded with
+    zeros and indices [b, max L_i] padded with -1 (never visible)."""
+    width = max(r.shape[0] for r in rows)
+    padded = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
+    return padded, torch.stack([F.pad(i, (0, width - i.shape[0]), value=-1) for i in indices])
 
 
 def _describe(x) -> str:

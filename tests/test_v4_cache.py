@@ -1,0 +1,431 @@
+"""`mla.v4_cache.V4Cache` and the cached path of `mla.v4_attention.V4Attention`: page bookkeeping
+(all-or-nothing reserve, no leaks, entry slots), cached steps equal to the one-shot forward,
+exact rollback, ragged batches, and the inputs they refuse."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from mla.cache import CacheFullError, LatentCache
+from mla.v4 import CSA, HCA, SLIDING, V4Config
+from mla.v4_attention import V4Attention
+from mla.v4_cache import V4Cache
+
+TINY = dict(
+    num_hidden_layers=3,
+    layer_types=(SLIDING, CSA, HCA),
+    compress_rates={CSA: 4, HCA: 8},
+    head_dim=32,
+    rope_dim=8,
+    num_heads=4,
+    sliding_window=8,
+    index_n_heads=4,
+    index_head_dim=16,
+    index_topk=3,
+    hidden_size=48,
+    q_lora_rank=24,
+    o_groups=2,
+    o_lora_rank=16,
+    compress_rope_theta=40000.0,
+    rope_scaling={"factor": 4, "original_max_position_embeddings": 16},
+)
+
+
+WIDE = dict(
+    TINY,
+    num_hidden_layers=4,
+    layer_types=(CSA, HCA, SLIDING, CSA),
+    compress_rates={CSA: 4, HCA: 16},
+    head_dim=64,
+    rope_dim=16,
+    sliding_window=16,
+    index_topk=4,
+)
+SEQ = 37  # TINY: 9 CSA entries (index_topk 3), 4 HCA entries, a partial window of each left open
+
+
+def tiny(**changes) -> V4Config:
+    return V4Config(**{**TINY, **changes})
+
+
+def stack(config: V4Config, seed: int = 0) -> list[V4Attention]:
+    """Every layer of config as a float64 V4Attention with random weights (sinks and gate biases
+    far from 0, norm weights near 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = [V4Attention(config, i).double() for i in range(config.num_hidden_layers)]
+    with torch.no_grad():
+        for layer in layers:
+            for name, p in layer.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(1 + 0.2 * torch.randn(p.shape, generator=generator))
+                elif p.dim() == 2 and not name.endswith("position_bias"):
+                    p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(p.shape[1]))
+                else:
+                    p.copy_(torch.randn(p.shape, generator=generator))
+    return layers
+
+
+def run(layers, x, cache=None, seq_ids=None) -> torch.Tensor:
+    """The residual stream through the stack: h + layer(h) per layer (one-shot, or one cached step)."""
+    with torch.no_grad():
+        for layer in layers:
+            x = x + layer(x, cache=cache, seq_ids=seq_ids)
+    return x
+
+
+def nan_cache(config: V4Config, num_pages: int, page_size: int) -> V4Cache:
+    """A float64 cache whose every row starts NaN, so a row read before it is written shows."""
+    cache = V4Cache(config, num_pages, page_size, dtype=torch.float64)
+    for store in cache.layers:
+        for t in store.tensors():
+            t.fill_(math.nan)
+    return cache
+
+
+def decode(layers, cache, ids, x, steps) -> torch.Tensor:
+    """Feed x [b, sum(steps), hidden] through the cache in steps of the given sizes."""
+    outs, t = [], 0
+    for s in steps:
+        cache.reserve(ids, s)
+        outs.append(run(layers, x[:, t : t + s], cache, ids))
+        t += s
+    return torch.cat(outs, dim=1)
+
+
+def assert_close(actual, expected, bound=1e-10):
+    assert actual.shape == expected.shape
+    assert actual.isfinite().all(), f"{(~actual.isfinite()).sum().item()} non-finite values"
+    err = (actual - expected).abs().max().item()
+    assert err <= bound, f"max |difference| {err:.3g} > {bound:g}"
+
+
+def owned_pages(cache: V4Cache) -> list[int]:
+    return [p for pages in cache._pages.values() for p in pages]
+
+
+class V4CacheMachine(RuleBasedStateMachine):
+    """Random add / reserve / truncate / free against a model of lengths: pages are never lost
+    or shared, a sequence owns exactly ceil(length / page_size) pages, and a refused
+    reservation changes nothing."""
+
+    @initialize(num_pages=st.integers(1, 12), page_size=st.sampled_from([2, 4, 8, 16]))
+    def build(self, num_pages, page_size):
+        self.cache = V4Cache(tiny(), num_pages, page_size)
+        self.lengths: dict[int, int] = {}
+
+    @rule()
+    def add(self):
+        self.lengths[self.cache.add_sequence()] = 0
+
+    @precondition(lambda self: self.lengths)
+    @rule(data=st.data())
+    def reserve(self, data):
+        ids = data.draw(st.lists(st.sampled_from(sorted(self.lengths)), min_size=1, unique=True))
+        counts = data.draw(st.lists(st.integers(0, 20), min_size=len(ids), max_size=len(ids)))
+        size = self.cache.page_size
+        need = sum(-(-(self.lengths[s] + n) // size) - -(-self.lengths[s] // size) for s, n in zip(ids, counts))
+        before = {s: list(p) for s, p in self.cache._pages.items()}
+        if need > self.cache.num_free_pages:
+            with pytest.raises(CacheFullError, match="free or truncate"):
+                self.cache.reserve(ids, counts)
+            assert self.cache._pages == before
+            return
+        self.cache.reserve(ids, counts)
+        for sid, n in zip(ids, counts):
+            self.lengths[sid] += n
+
+    @precondition(lambda self: self.lengths)
+    @rule(data=st.data())
+    def truncate(self, data):
+        sid = data.draw(st.sampled_from(sorted(self.lengths)))
+        new_length = data.draw(st.integers(0, self.lengths[sid]))
+        self.cache.truncate(sid, new_length)
+        self.lengths[sid] = new_length
+
+    @precondition(lambda self: self.lengths)
+    @rule(data=st.data())
+    def free(self, data):
+        sid = data.draw(st.sampled_from(sorted(self.lengths)))
+        self.cache.free(sid)
+        del self.lengths[sid]
+
+    @invariant()
+    def pages_are_accounted_for(self):
+        owned = owned_pages(self.cache)
+        assert len(set(owned)) == len(owned)
+        assert sorted(owned + self.cache._free) == list(range(self.cache.num_pages))
+        for sid, length in self.lengths.items():
+            assert self.cache.length(sid) == length
+            assert len(self.cache._pages[sid]) == -(-length // self.cache.page_size)
+
+
+TestV4CacheMachine = V4CacheMachine.TestCase
+TestV4CacheMachine.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+
+
+@pytest.mark.parametrize("page_size", [2, 4, 8, 16], ids=lambda p: f"page{p}")
+def test_entry_slots_are_distinct_and_follow_the_entry_table(page_size):
+    cache = V4Cache(tiny(), num_pages=40, page_size=page_size)
+    ids = [cache.add_sequence() for _ in range(3)]
+    cache.reserve(ids, [37, 21, 8])
+    for layer, kind in ((1, CSA), (2, HCA)):
+        m = tiny().compress_rates[kind]
+        per_page = cache.layers[layer].entries.shape[1]
+        assert per_page == max(1, page_size // m)
+        table = cache.entry_table(layer, ids)
+        every = []
+        for row, sid in enumerate(ids):
+            n = cache.length(sid) // m
+            slots = cache.entry_slots(layer, sid, 0, n)
+            w = torch.arange(n)
+            assert torch.equal(slots, table[row, w // per_page].long() * per_page + w % per_page)
+            # an entry lives in the page of its window's first token
+            assert torch.equal(slots // per_page, cache.slots(sid, 0, n * m)[::m] // page_size)
+            every += slots.tolist()
+        assert len(set(every)) == len(every)
+
+
+def test_truncate_and_free_return_pages():
+    cache = V4Cache(tiny(), num_pages=6, page_size=4)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    cache.reserve([a, b], [9, 7])  # 3 + 2 pages
+    assert cache.num_free_pages == 1
+    with pytest.raises(CacheFullError, match="needs 2 new pages, only 1 of 6"):
+        cache.reserve([a, b], [4, 4])
+    assert (cache.length(a), cache.length(b), cache.num_free_pages) == (9, 7, 1)
+    cache.truncate(a, 8)
+    assert cache.num_free_pages == 2
+    cache.free(b)
+    assert cache.num_free_pages == 4
+    with pytest.raises(ValueError, match="sequence 1 was already freed"):
+        cache.length(b)
+    cache.truncate(a, 0)
+    assert cache.num_free_pages == 6
+
+
+def test_step_starts_count_each_layer_separately():
+    cache = V4Cache(tiny(), num_pages=4, page_size=4)
+    sid = cache.add_sequence()
+    cache.reserve([sid], 5)
+    assert cache.step_starts(0, [sid], 3) == ([0], [0])
+    cache.advance(0, [sid], 3)
+    assert cache.step_starts(0, torch.tensor([sid]), 2) == ([0], [3])
+    cache.advance(0, [sid], 2)
+    assert cache.step_starts(1, (sid,), 5) == ([0], [0])
+    cache.advance(1, [sid], 5)
+    with pytest.raises(ValueError, match="layer 0 holds 5 tokens of sequence 0, which has 5 reserved: 1 new"):
+        cache.step_starts(0, [sid], 1)
+    cache.truncate(sid, 2)
+    assert (cache.written(0, sid), cache.written(1, sid), cache.written(2, sid)) == (2, 2, 0)
+
+
+def test_deepseek_v4_bytes_per_token_as_documented():
+    """The figures of mla.v4_cache's docstring (bfloat16, bytes per token over all layers)."""
+    assert V4Cache(V4Config.deepseek_v4_flash(), 1, 128, dtype=torch.bfloat16).bytes_per_token == 199_392
+    assert V4Cache(V4Config.deepseek_v4_pro(), 1, 128, dtype=torch.bfloat16).bytes_per_token == 289_400
+
+
+def test_bytes_per_token_counts_every_tensor():
+    c = tiny()
+    cache = V4Cache(c, num_pages=2, page_size=8, dtype=torch.bfloat16)
+    d, D = c.head_dim, c.index_head_dim
+    sliding = d
+    csa = d + 2 * 2 * d + 2 * 2 * D + (d + D) / 4
+    hca = d + 2 * d + d / 8
+    assert cache.bytes_per_token == 2 * (sliding + csa + hca)
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        pytest.param(lambda: V4Cache(TINY, 4, 4), TypeError, "V4Config.*dict", id="config-dict"),
+        pytest.param(lambda: V4Cache(tiny(), 4, 6), ValueError, "page_size 6 and the .*compressed_sparse.* rate 4",
+                     id="page6-rate4"),
+        pytest.param(lambda: V4Cache(tiny(compress_rates={CSA: 4, HCA: 12}), 4, 8), ValueError,
+                     "page_size 8 and the heavily.*rate 12", id="page8-rate12"),
+        pytest.param(lambda: V4Cache(tiny(), 0, 4), ValueError, "num_pages must be positive, got 0", id="no-pages"),
+        pytest.param(lambda: V4Cache(tiny(), 4, 4, dtype=torch.int8), TypeError, "dtype.*int8", id="int8"),
+    ],
+)  # fmt: skip
+def test_bad_config(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    "layer, config, match",
+    [
+        pytest.param(0, tiny(sliding_window=16), "sliding_window=8, layer 0 has 16", id="window"),
+        pytest.param(1, tiny(compress_rates={CSA: 8, HCA: 8}), "compress rate of 4, layer 1 has 8", id="csa-rate"),
+        pytest.param(2, tiny(compress_rates={CSA: 4, HCA: 16}), "compress rate of 8, layer 2 has 16", id="hca-rate"),
+        pytest.param(1, tiny(index_head_dim=32), "index_head_dim=16, layer 1 has 32", id="index-dim"),
+        pytest.param(1, tiny(layer_types=(SLIDING, HCA, CSA)), "layer 1 is heavily.*holds a compressed_sparse",
+                     id="kind"),
+    ],
+)  # fmt: skip
+def test_check_fits_names_the_mismatch(layer, config, match):
+    with pytest.raises(ValueError, match=match):
+        V4Cache(tiny(), 4, 4).check_fits(layer, config)
+
+
+def test_reserve_rejects_bad_counts():
+    cache = V4Cache(tiny(), 4, 4)
+    sid = cache.add_sequence()
+    with pytest.raises(ValueError, match="n must be >= 0, got -1 for sequence 0"):
+        cache.reserve([sid], -1)
+    with pytest.raises(ValueError, match="2 counts for 1 sequences"):
+        cache.reserve([sid], [1, 2])
+    with pytest.raises(ValueError, match="unknown sequence id 7"):
+        cache.reserve([7], 1)
+    assert cache.length(sid) == 0 and cache.num_free_pages == 4
+
+
+STEPS = {
+    "single-tokens": [1] * SEQ,
+    "prefill13-then-mixed": [13, 1, 3, 4, 1, 8, 7],
+    "prefill-all": [SEQ],
+    "steps-of-3": [3] * 12 + [1],
+}
+
+
+@pytest.mark.parametrize("steps", STEPS.values(), ids=STEPS.keys())
+@pytest.mark.parametrize("page_size", [2, 4, 16], ids=lambda p: f"page{p}")
+def test_cached_steps_equal_one_shot(steps, page_size):
+    config = tiny()
+    layers = stack(config)
+    x = torch.randn(2, SEQ, config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cache = nan_cache(config, num_pages=2 * (-(-SEQ // page_size)), page_size=page_size)
+    ids = [cache.add_sequence(), cache.add_sequence()]
+    assert_close(decode(layers, cache, ids, x, steps), run(layers, x))
+
+
+@pytest.mark.parametrize("steps", [[5, 1, 1, 9, 3, 1, 16, 8], [40, 1, 1, 1, 1]], ids=["mixed", "prefill40"])
+def test_cached_steps_equal_one_shot_wide(steps):
+    config = V4Config(**WIDE)
+    layers = stack(config, seed=3)
+    x = torch.randn(1, sum(steps), config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    cache = nan_cache(config, num_pages=6, page_size=8)
+    assert_close(decode(layers, cache, [cache.add_sequence()], x, steps), run(layers, x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_low_precision_cache_within_twice_the_one_shot_error(dtype):
+    """A float32 / bfloat16 model with a cache of its dtype: the cached steps' error against the
+    same weights in float64 is at most twice the one-shot forward's own error."""
+    config = tiny()
+    layers = [layer.to(dtype) for layer in stack(config)]
+    x = torch.randn(2, SEQ, config.hidden_size, generator=torch.Generator().manual_seed(1)).to(dtype)
+    cache = V4Cache(config, num_pages=20, page_size=4, dtype=dtype)
+    ids = [cache.add_sequence(), cache.add_sequence()]
+    got = decode(layers, cache, ids, x, STEPS["prefill13-then-mixed"]).double()
+    one_shot = run(layers, x).double()
+    truth = run([layer.double() for layer in layers], x.double())
+    assert got.isfinite().all()
+    assert (got - truth).abs().max() <= 2 * (one_shot - truth).abs().max()
+
+
+@pytest.mark.parametrize("cut", range(11, 29), ids=lambda c: f"cut{c}")
+def test_truncate_then_continue_equals_fresh_prefill(cut):
+    """A 20-token prefill, a 9-token speculative step, rollback to `cut` (every offset inside the
+    windows of 4 and 8 and across their boundaries 12, 16, 20, 24, 28), then 2 more steps."""
+    config = tiny()
+    layers = stack(config)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 29, config.hidden_size, dtype=torch.float64, generator=generator)
+    more = torch.randn(1, 6, config.hidden_size, dtype=torch.float64, generator=generator)
+    rolled = nan_cache(config, num_pages=10, page_size=4)
+    sid = rolled.add_sequence()
+    decode(layers, rolled, [sid], x, [20, 9])
+    rolled.truncate(sid, cut)
+    fresh = nan_cache(config, num_pages=10, page_size=4)
+    fid = fresh.add_sequence()
+    decode(layers, fresh, [fid], x[:, :cut], [cut])
+    assert rolled.num_free_pages == fresh.num_free_pages
+    expected = decode(layers, fresh, [fid], more, [1, 5])
+    assert_close(decode(layers, rolled, [sid], more, [1, 5]), expected)
+    assert_close(expected, run(layers, torch.cat([x[:, :cut], more], dim=1))[:, cut:])
+
+
+def test_ragged_batch_equals_one_shot_per_sequence():
+    """Sequences holding 13, 5 and 0 tokens take steps together (one s per call)."""
+    config = tiny()
+    layers = stack(config)
+    generator = torch.Generator().manual_seed(5)
+    prompts = [13, 5, 0]
+    total = [p + 1 + 3 + 4 for p in prompts]
+    xs = [torch.randn(1, n, config.hidden_size, dtype=torch.float64, generator=generator) for n in total]
+    cache = nan_cache(config, num_pages=12, page_size=4)
+    ids = [cache.add_sequence() for _ in prompts]
+    for sid, x, p in zip(ids, xs, prompts):
+        if p:
+            decode(layers, cache, [sid], x, [p])
+    outs, t = [], list(prompts)
+    for s in (1, 3, 4):
+        cache.reserve(ids, s)
+        outs.append(run(layers, torch.cat([x[:, i : i + s] for x, i in zip(xs, t)]), cache, ids))
+        t = [i + s for i in t]
+    got = torch.cat(outs, dim=1)
+    for row, (x, p) in enumerate(zip(xs, prompts)):
+        assert_close(got[row : row + 1], run(layers, x)[:, p:])
+
+
+def test_a_refused_step_changes_nothing():
+    layer = V4Attention(tiny(), 2).double()
+    cache = V4Cache(tiny(), 4, 4, dtype=torch.float64)
+    sid = cache.add_sequence()
+    cache.reserve([sid], 2)
+    x = torch.randn(1, 2, 48, dtype=torch.float64)
+    with pytest.raises(ValueError, match="positions"):
+        layer(x, torch.tensor([[1, 2]]), cache=cache, seq_ids=[sid])
+    assert cache.written(2, sid) == 0
+    with torch.no_grad():
+        assert_close(layer(x, cache=cache, seq_ids=[sid]), layer(x))
+
+
+def test_cache_keeps_no_graph():
+    layer = V4Attention(tiny(), 1).double()
+    cache = V4Cache(tiny(), 4, 4, dtype=torch.float64)
+    sid = cache.add_sequence()
+    cache.reserve([sid], 5)
+    out = layer(torch.randn(1, 5, 48, dtype=torch.float64), cache=cache, seq_ids=[sid])
+    assert out.requires_grad
+    assert not any(t.requires_grad for store in cache.layers for t in store.tensors())
+
+
+def cached_call(config=None, reserve=2, s=2, **kwargs):
+    """Call layer 2 (HCA) of tiny() with a cache for `config` holding one sequence with
+    `reserve` tokens reserved, on s new tokens."""
+    layer = V4Attention(tiny(), 2).double()
+    cache = V4Cache(config or tiny(), 4, 4, dtype=torch.float64)
+    sid = cache.add_sequence()
+    cache.reserve([sid], reserve)
+    return layer(torch.randn(1, s, 48, dtype=torch.float64), **{"cache": cache, "seq_ids": [sid], **kwargs})
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        pytest.param(lambda: cached_call(cache=LatentCache(3, 4, 4, 24, 8)), TypeError,
+                     "V4Cache, got LatentCache.*V3", id="v3-cache"),
+        pytest.param(lambda: cached_call(tiny(compress_rates={CSA: 4, HCA: 16})), ValueError,
+                     "compress rate of 16, layer 2 has 8", id="hca-rate"),
+        pytest.param(lambda: cached_call(tiny(sliding_window=16)), ValueError, "sliding_window=16, layer 2 has 8",
+                     id="window"),
+        pytest.param(lambda: cached_call(reserve=1), ValueError, "holds 0 tokens of sequence 0, which has 1 reserved",
+                     id="unreserved"),
+        pytest.param(lambda: cached_call(seq_ids=[0, 1]), ValueError, r"one sequence id per row.*\(1\).*\[0, 1\]",
+                     id="ids-per-row"),
+        pytest.param(lambda: cached_call(seq_ids=[5]), ValueError, "unknown sequence id 5", id="unknown-id"),
+        pytest.param(lambda: cached_call(positions=torch.tensor([[1, 2]])), ValueError,
+                     r"indices 0 \.\.\. 1.*\[\[1, 2\]\]", id="hca-positions"),
+        pytest.param(lambda: V4Attention(tiny(), 0)(torch.randn(1, 2, 48), seq_ids=[0]), ValueError,
+                     "seq_ids without a cache", id="ids-no-cache"),
+    ],
+)  # fmt: skip
+def test_cached_forward_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
