@@ -319,23 +319,7 @@ class MLAttention(nn.Module):
 
     def _check_inputs(self, hidden_states, positions, cache, seq_ids) -> tuple[int, int]:
         cfg = self.config
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
-            raise ValueError(f"hidden_states must be a [b, s, hidden_size] tensor, got {_describe(hidden_states)}")
-        b, s, hidden = hidden_states.shape
-        if hidden != cfg.hidden_size:
-            raise ValueError(f"hidden_states has hidden size {hidden}, the config says {cfg.hidden_size}")
-        if s < 1:
-            raise ValueError("hidden_states has no tokens (s = 0)")
-        if positions is None and cache is None:
-            return b, s
-        if not isinstance(positions, torch.Tensor):
-            raise TypeError(f"positions must be an integer tensor [b, s], got {_describe(positions)}")
-        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
-            raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
-        if tuple(positions.shape) != (b, s):
-            raise ValueError(
-                f"positions must have shape [b={b}, s={s}] like hidden_states, got {tuple(positions.shape)}"
-            )
+        b, s = check_tokens(hidden_states, cfg.hidden_size, positions, required=cache is not None)
         if cache is None:
             return b, s
         if not isinstance(cache, LatentCache):
@@ -351,6 +335,28 @@ class MLAttention(nn.Module):
             f"layer_idx={self.layer_idx}, heads={c.num_heads}, kv_lora_rank={c.kv_lora_rank}, "
             f"qk_rope_head_dim={c.qk_rope_head_dim}, backend={self.backend or 'auto'}"
         )
+
+
+def check_tokens(hidden_states, hidden_size: int, positions, required: bool) -> tuple[int, int]:
+    """(b, s) of hidden_states [b, s, hidden_size] (s >= 1) and its positions, an integer tensor
+    [b, s] (None allowed unless `required`); raises naming the value. Shared by the attention
+    modules' boundary checks."""
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
+        raise ValueError(f"hidden_states must be a [b, s, hidden_size] tensor, got {_describe(hidden_states)}")
+    b, s, hidden = hidden_states.shape
+    if hidden != hidden_size:
+        raise ValueError(f"hidden_states has hidden size {hidden}, the config says hidden_size={hidden_size}")
+    if s < 1:
+        raise ValueError("hidden_states has no tokens (s = 0)")
+    if positions is None and not required:
+        return b, s
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be an integer tensor [b, s], got {_describe(positions)}")
+    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
+    if tuple(positions.shape) != (b, s):
+        raise ValueError(f"positions must have shape [b={b}, s={s}] like hidden_states, got {tuple(positions.shape)}")
+    return b, s
 
 
 def check_cache(cache, config: MLAConfig, num_layers: int, device: torch.device) -> None:

@@ -103,7 +103,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mla.attention import RMSNorm, chosen_mask
+from mla.attention import RMSNorm, check_tokens, chosen_mask
 from mla.cache import LatentCache
 from mla.reference.indexer import index_scores, index_topk
 from mla.rope import RotaryEmbedding
@@ -514,26 +514,9 @@ class V4Attention(nn.Module):
         return torch.einsum("bhsl,bld->bshd", probs, kv.to(compute)).to(q.dtype)
 
     def _check_inputs(self, hidden_states, positions) -> tuple[int, int]:
-        c = self.config
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
-            raise ValueError(f"hidden_states must be a [b, s, hidden_size] tensor, got {_describe(hidden_states)}")
+        b, s = check_tokens(hidden_states, self.config.hidden_size, positions, required=False)
         if not hidden_states.is_floating_point():
             raise TypeError(f"hidden_states must be a float tensor, got {hidden_states.dtype}")
-        b, s, hidden = hidden_states.shape
-        if hidden != c.hidden_size:
-            raise ValueError(f"hidden_states has hidden size {hidden}, the config says hidden_size={c.hidden_size}")
-        if s < 1:
-            raise ValueError("hidden_states has no tokens (s = 0)")
-        if positions is None:
-            return b, s
-        if not isinstance(positions, torch.Tensor):
-            raise TypeError(f"positions must be an integer tensor [b, s], got {_describe(positions)}")
-        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
-            raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
-        if tuple(positions.shape) != (b, s):
-            raise ValueError(
-                f"positions must have shape [b={b}, s={s}] like hidden_states, got {tuple(positions.shape)}"
-            )
         return b, s
 
     def _check_positions(self, positions, tokens: torch.Tensor) -> None:
@@ -562,9 +545,3 @@ def _gather(rows: list[torch.Tensor], indices: list[torch.Tensor]) -> tuple[torc
     width = max(r.shape[0] for r in rows)
     padded = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
     return padded, torch.stack([F.pad(i, (0, width - i.shape[0]), value=-1) for i in indices])
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__

@@ -11,6 +11,9 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Atten
 from mla.v4 import CSA, HCA, SLIDING, V4Config
 from mla.v4_attention import V4Attention, compress_pool
 
+# tiny tensors: intra-op threads only add synchronisation on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(
     num_hidden_layers=3,
     layer_types=(SLIDING, CSA, HCA),

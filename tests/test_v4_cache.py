@@ -15,6 +15,9 @@ from mla.v4 import CSA, HCA, SLIDING, V4Config
 from mla.v4_attention import V4Attention
 from mla.v4_cache import V4Cache
 
+# tiny tensors: intra-op threads only add synchronisation on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(
     num_hidden_layers=3,
     layer_types=(SLIDING, CSA, HCA),
