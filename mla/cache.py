@@ -10,13 +10,13 @@ out (plain bf16/fp16/fp32, or the 656-byte FP8 row) belongs to the cache's `form
 lightning-indexer key, `index_pages[layer]`, at the same slot: one block table, so a reservation,
 truncation or free covers latents and index keys together.
 
-Bookkeeping is on the host; `plan` turns it into the device tables of one forward step
+Bookkeeping (sequences, their pages, the free list, all-or-nothing reservations) is
+`mla.pages.PagedSequences`, shared with DeepSeek-V4's cache, on the host; `plan` turns it into the device tables of one forward step
 (`mla.plan.StepPlan`), validating the sequence ids once.
 """
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -25,31 +25,14 @@ import torch.nn.functional as F
 from mla import ops
 from mla.backend import check_backend, resolve_backend
 from mla.formats import cache_format, index_key_format
+from mla.pages import CacheFullError, PagedSequences, as_int, positive
 from mla.plan import StepPlan
 from mla.reference.cache import check_write_args
 
-
-class CacheFullError(RuntimeError):
-    """Not enough free pages for a reservation. The cache is left exactly as it was."""
+__all__ = ["CacheFullError", "LatentCache"]
 
 
-def _as_int(name: str, value) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {value!r}") from None
-
-
-def _positive(name: str, value) -> int:
-    value = _as_int(name, value)
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
-
-
-class LatentCache:
+class LatentCache(PagedSequences):
     """Paged cache of MLA latents for `num_layers` layers and many sequences.
 
     Args:
@@ -100,26 +83,20 @@ class LatentCache:
         backend: str | None = None,
         index_head_dim: int | None = None,
     ):
-        self.num_layers = _positive("num_layers", num_layers)
-        self.num_pages = _positive("num_pages", num_pages)
-        self.page_size = _positive("page_size", page_size)
-        self.kv_lora_rank = _positive("kv_lora_rank", kv_lora_rank)
-        self.rope_dim = _positive("rope_dim", rope_dim)
+        super().__init__(num_pages, page_size)
+        self.num_layers = positive("num_layers", num_layers)
+        self.kv_lora_rank = positive("kv_lora_rank", kv_lora_rank)
+        self.rope_dim = positive("rope_dim", rope_dim)
         self.backend = check_backend(backend)
         self.format = cache_format(dtype, self.kv_lora_rank, self.rope_dim)
         self.dtype = self.format.dtype
         self.device = torch.device(device)
         self.pages = tuple(self.format.allocate(self.num_pages, self.page_size, self.device) for _ in range(num_layers))
-        self.index_head_dim = None if index_head_dim is None else _positive("index_head_dim", index_head_dim)
+        self.index_head_dim = None if index_head_dim is None else positive("index_head_dim", index_head_dim)
         self.index_format = None if index_head_dim is None else index_key_format(dtype, self.index_head_dim)
         self.index_pages = tuple(
             self.index_format.allocate(self.num_pages, self.page_size, self.device) for _ in range(num_layers)
         ) if self.index_format else ()  # fmt: skip
-        # A stack: pop() hands out page 0 first and reuses the most recently freed page.
-        self._free: list[int] = list(range(self.num_pages - 1, -1, -1))
-        self._seq_pages: dict[int, list[int]] = {}
-        self._lengths: dict[int, int] = {}
-        self._next_id = 0
         # Block-table rows kept up to date on the host as pages come and go, so a step's table
         # is one gather, not a loop over every page of every sequence. Entries past a
         # sequence's pages are 0.
@@ -138,72 +115,25 @@ class LatentCache:
         """Whether the pages hold FP8 rows (quantized on write, `is_fp8_kvcache=True` to attend)."""
         return self.format.is_fp8
 
-    @property
-    def num_free_pages(self) -> int:
-        return len(self._free)
-
     def bytes_used(self) -> int:
         """Bytes of the pages owned by sequences, over all layers (whole pages, not tokens)."""
         owned = self.num_pages - len(self._free)
         return owned * self.page_size * self.bytes_per_token * self.num_layers
 
-    def add_sequence(self) -> int:
-        """Start an empty sequence; returns its id (ids are never reused)."""
-        sid = self._next_id
-        self._next_id += 1
-        self._seq_pages[sid] = []
-        self._lengths[sid] = 0
+    def _added(self, sid: int) -> None:
         if not self._free_rows:
             grown = max(4, 2 * self._table.shape[0])
             self._free_rows = list(range(grown - 1, self._table.shape[0] - 1, -1))
             self._table = torch.cat([self._table, self._table.new_zeros(grown - self._table.shape[0], self.num_pages)])
         self._rows[sid] = self._free_rows.pop()
-        return sid
 
-    def length(self, sid: int) -> int:
-        """Tokens reserved for sequence `sid` (written or about to be)."""
-        return self._lengths[self._check_id(sid)]
+    def _taken(self, sid: int, first: int, pages: list[int]) -> None:
+        self._table[self._rows[sid], first : first + len(pages)] = torch.tensor(pages, dtype=torch.int32)
 
-    def reserve(self, seq_ids: Iterable[int], n: int | Sequence[int]) -> None:
-        """Grow each sequence by n tokens (one int for all, or one per sequence), taking pages as needed.
+    def _released(self, sid: int, keep: int, count: int) -> None:
+        self._table[self._rows[sid], keep:count] = 0
 
-        All or nothing: raises CacheFullError, with every sequence unchanged, if the pool
-        cannot cover the whole request.
-        """
-        ids = self._check_ids(seq_ids, distinct=True)
-        counts = self._counts(n, ids, "n")
-        new_pages = [self._pages_for(self._lengths[s] + c) - len(self._seq_pages[s]) for s, c in zip(ids, counts)]
-        if sum(new_pages) > len(self._free):
-            raise CacheFullError(
-                f"reserving {counts} tokens for sequences {ids} needs {sum(new_pages)} new pages, "
-                f"only {len(self._free)} of {self.num_pages} are free; free or truncate sequences first"
-            )
-        for sid, count, k in zip(ids, counts, new_pages):
-            pages = self._seq_pages[sid]
-            if k:
-                taken = [self._free.pop() for _ in range(k)]
-                self._table[self._rows[sid], len(pages) : len(pages) + k] = torch.tensor(taken, dtype=torch.int32)
-                pages.extend(taken)
-            self._lengths[sid] += count
-
-    def truncate(self, sid: int, new_length: int) -> None:
-        """Shorten sequence `sid` to `new_length` tokens; pages no longer used go back to the pool."""
-        self._check_id(sid)
-        new_length = _as_int("new_length", new_length)
-        if not 0 <= new_length <= self._lengths[sid]:
-            raise ValueError(f"cannot truncate sequence {sid} of length {self._lengths[sid]} to {new_length}")
-        pages = self._seq_pages[sid]
-        keep = self._pages_for(new_length)
-        if keep < len(pages):
-            self._free.extend(reversed(pages[keep:]))
-            self._table[self._rows[sid], keep : len(pages)] = 0
-            del pages[keep:]
-        self._lengths[sid] = new_length
-
-    def free(self, sid: int) -> None:
-        """Drop sequence `sid` and return all its pages to the pool."""
-        self.truncate(sid, 0)
-        del self._seq_pages[sid], self._lengths[sid]
+    def _dropped(self, sid: int) -> None:
         self._free_rows.append(self._rows.pop(sid))
 
     def plan(
@@ -245,7 +175,7 @@ class LatentCache:
                 f"sequences (id, length) {short} hold fewer: call cache.reserve(seq_ids, num_new_tokens) first"
             )
         table = self._host_table(ids)  # [b, width]
-        table = F.pad(table, (0, max(0, _as_int("table_width", table_width) - table.shape[1])))
+        table = F.pad(table, (0, max(0, as_int("table_width", table_width) - table.shape[1])))
         # positions and slots in plain Python: a step has few new tokens, and a torch op per
         # table costs more than the loop
         s, page_size = max(counts), self.page_size
@@ -379,45 +309,8 @@ class LatentCache:
         width = max([1] + [len(self._seq_pages[s]) for s in ids])
         return self._table[[self._rows[s] for s in ids], :width]
 
-    @staticmethod
-    def _counts(n, ids: list[int], name: str) -> list[int]:
-        """One int for every sequence, or one per sequence (a sequence or 1-D tensor) -> ints >= 0."""
-        if isinstance(n, torch.Tensor) and n.dim() == 1:
-            n = n.tolist()
-        if isinstance(n, Sequence):
-            if len(n) != len(ids):
-                raise ValueError(f"{name} has {len(n)} counts for {len(ids)} sequences")
-            counts = [_as_int(name, c) for c in n]
-        else:
-            counts = [_as_int(name, n)] * len(ids)
-        for sid, count in zip(ids, counts):
-            if count < 0:
-                raise ValueError(f"{name} must be >= 0, got {count} for sequence {sid}")
-        return counts
-
-    def _pages_for(self, length: int) -> int:
-        return -(-length // self.page_size)
-
     def _check_layer(self, layer) -> int:
-        layer = _as_int("layer", layer)
+        layer = as_int("layer", layer)
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} is out of range for a cache of {self.num_layers} layers")
         return layer
-
-    def _check_id(self, sid) -> int:
-        sid = _as_int("sequence id", sid)
-        if sid not in self._lengths:
-            if 0 <= sid < self._next_id:
-                raise ValueError(f"sequence {sid} was already freed")
-            raise ValueError(f"unknown sequence id {sid}")
-        return sid
-
-    def _check_ids(self, seq_ids: Iterable[int], distinct: bool = False) -> list[int]:
-        if isinstance(seq_ids, torch.Tensor):
-            seq_ids = seq_ids.tolist()
-        if not isinstance(seq_ids, Iterable) or isinstance(seq_ids, (str, bytes)):
-            raise TypeError(f"seq_ids must be a sequence of ints, got {seq_ids!r}")
-        ids = [self._check_id(s) for s in seq_ids]
-        if distinct and len(set(ids)) != len(ids):
-            raise ValueError(f"seq_ids {ids} lists a sequence more than once")
-        return ids

@@ -54,12 +54,12 @@ were reserved, `advance` counts them).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from mla.cache import CacheFullError, LatentCache, _as_int, _positive
+from mla.pages import CacheFullError, PagedSequences, as_int
 from mla.v4 import CSA, SLIDING, V4Config
 
 __all__ = ["CacheFullError", "V4Cache", "V4LayerStore"]
@@ -89,7 +89,7 @@ class V4LayerStore:
         return tuple(t for t in every if t is not None)
 
 
-class V4Cache:
+class V4Cache(PagedSequences):
     """Paged cache of every layer of a DeepSeek-V4 model (module docstring: layout, rollback).
 
     Args:
@@ -113,9 +113,8 @@ class V4Cache:
     ):
         if not isinstance(config, V4Config):
             raise TypeError(f"config must be a V4Config, got {type(config).__name__}")
+        super().__init__(num_pages, page_size)
         self.config = config
-        self.num_pages = _positive("num_pages", num_pages)
-        self.page_size = _positive("page_size", page_size)
         if dtype not in CACHE_DTYPES:
             raise TypeError(f"dtype must be one of {CACHE_DTYPES}, got {dtype!r}")
         for kind, rate in config.compress_rates.items():
@@ -128,12 +127,7 @@ class V4Cache:
         self.index_dtype = torch.float32 if dtype == torch.float64 else dtype
         self.device = torch.device(device)
         self.layers = tuple(self._allocate(kind) for kind in config.layer_types)
-        # A stack: pop() hands out page 0 first and reuses the most recently freed page.
-        self._free: list[int] = list(range(self.num_pages - 1, -1, -1))
-        self._pages: dict[int, list[int]] = {}
-        self._lengths: dict[int, int] = {}
         self._written: list[dict[int, int]] = [{} for _ in config.layer_types]  # tokens each layer holds
-        self._next_id = 0
 
     def _allocate(self, kind: str) -> V4LayerStore:
         c, n, ps = self.config, self.num_pages, self.page_size
@@ -160,68 +154,25 @@ class V4Cache:
         total = sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
         return total // (self.num_pages * self.page_size)
 
-    @property
-    def num_free_pages(self) -> int:
-        return len(self._free)
-
-    def add_sequence(self) -> int:
-        """Start an empty sequence; returns its id (ids are never reused)."""
-        sid = self._next_id
-        self._next_id += 1
-        self._pages[sid], self._lengths[sid] = [], 0
+    def _added(self, sid: int) -> None:
         for written in self._written:
             written[sid] = 0
-        return sid
 
-    def length(self, sid: int) -> int:
-        """Tokens reserved for sequence `sid` (written by every layer or about to be)."""
-        return self._lengths[self._check_id(sid)]
+    def _dropped(self, sid: int) -> None:
+        for written in self._written:
+            del written[sid]
 
     def written(self, layer: int, sid: int) -> int:
         """Tokens layer `layer` holds for sequence `sid`."""
         return self._written[self._check_layer(layer)][self._check_id(sid)]
 
-    def reserve(self, seq_ids: Iterable[int], n: int | Sequence[int]) -> None:
-        """Grow each sequence by n tokens (one int for all, or one per sequence: a sequence or
-        1-D tensor), taking pages.
-
-        All or nothing: raises CacheFullError, with every sequence unchanged, if the pool cannot
-        cover the whole request.
-        """
-        ids = self._check_ids(seq_ids, distinct=True)
-        counts = LatentCache._counts(n, ids, "n")  # the V3 cache's rule for counts
-        new = [self._pages_for(self._lengths[s] + k) - len(self._pages[s]) for s, k in zip(ids, counts)]
-        if sum(new) > len(self._free):
-            raise CacheFullError(
-                f"reserving {counts} tokens for sequences {ids} needs {sum(new)} new pages, "
-                f"only {len(self._free)} of {self.num_pages} are free; free or truncate sequences first"
-            )
-        for sid, count, k in zip(ids, counts, new):
-            self._pages[sid].extend(self._free.pop() for _ in range(k))
-            self._lengths[sid] += count
-
     def truncate(self, sid: int, new_length: int) -> None:
         """Shorten sequence `sid` to `new_length` tokens in every layer (speculative rollback);
         pages no longer used go back to the pool. Exact: the entries and pending compressor state
         are those of the kept tokens (module docstring)."""
-        self._check_id(sid)
-        new_length = _as_int("new_length", new_length)
-        if not 0 <= new_length <= self._lengths[sid]:
-            raise ValueError(f"cannot truncate sequence {sid} of length {self._lengths[sid]} to {new_length}")
-        pages = self._pages[sid]
-        keep = self._pages_for(new_length)
-        self._free.extend(reversed(pages[keep:]))
-        del pages[keep:]
-        self._lengths[sid] = new_length
+        super().truncate(sid, new_length)
         for written in self._written:
-            written[sid] = min(written[sid], new_length)
-
-    def free(self, sid: int) -> None:
-        """Drop sequence `sid` and return all its pages to the pool."""
-        self.truncate(sid, 0)
-        del self._pages[sid], self._lengths[sid]
-        for written in self._written:
-            del written[sid]
+            written[sid] = min(written[sid], self._lengths[sid])
 
     def step_starts(self, layer: int, seq_ids: Iterable[int], s: int) -> tuple[list[int], list[int]]:
         """Where s new tokens of each sequence go in layer `layer`: returns the ids as ints and,
@@ -248,7 +199,7 @@ class V4Cache:
     def slots(self, sid: int, start: int, stop: int) -> torch.Tensor:
         """int64 [stop - start] flat slots (page * page_size + row) of tokens start ... stop - 1."""
         token = torch.arange(start, stop)
-        table = torch.tensor(self._pages[sid], dtype=torch.int64)
+        table = torch.tensor(self._seq_pages[sid], dtype=torch.int64)
         return (table[token // self.page_size] * self.page_size + token % self.page_size).to(self.device)
 
     def entry_slots(self, layer: int, sid: int, start: int, stop: int) -> torch.Tensor:
@@ -257,14 +208,14 @@ class V4Cache:
         rate = self.layers[layer].rate
         per_page = max(1, self.page_size // rate)
         entry = torch.arange(start, stop)
-        table = torch.tensor(self._pages[sid], dtype=torch.int64)
+        table = torch.tensor(self._seq_pages[sid], dtype=torch.int64)
         return (table[(entry * rate) // self.page_size] * per_page + entry % per_page).to(self.device)
 
     def entry_table(self, layer: int, seq_ids: Iterable[int]) -> torch.Tensor:
         """int32 [b, max pages] block table of layer `layer`'s entry tensors (P entries per page),
         padded with 0: the token table with one column per entry page."""
         stride = max(1, self.layers[layer].rate // self.page_size)
-        rows = [self._pages[s][::stride] for s in self._check_ids(seq_ids)]
+        rows = [self._seq_pages[s][::stride] for s in self._check_ids(seq_ids)]
         width = max([1] + [len(r) for r in rows])
         return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32, device=self.device)
 
@@ -308,29 +259,8 @@ class V4Cache:
             f"dtype={self.dtype}, sequences={len(self._lengths)}, free_pages={len(self._free)})"
         )
 
-    def _pages_for(self, length: int) -> int:
-        return -(-length // self.page_size)
-
     def _check_layer(self, layer) -> int:
-        layer = _as_int("layer", layer)
+        layer = as_int("layer", layer)
         if not 0 <= layer < len(self.layers):
             raise ValueError(f"layer {layer} is out of range for a cache of {len(self.layers)} layers")
         return layer
-
-    def _check_id(self, sid) -> int:
-        sid = _as_int("sequence id", sid)
-        if sid not in self._lengths:
-            if 0 <= sid < self._next_id:
-                raise ValueError(f"sequence {sid} was already freed")
-            raise ValueError(f"unknown sequence id {sid}")
-        return sid
-
-    def _check_ids(self, seq_ids: Iterable[int], distinct: bool = False) -> list[int]:
-        if isinstance(seq_ids, torch.Tensor):
-            seq_ids = seq_ids.tolist()
-        if not isinstance(seq_ids, Iterable) or isinstance(seq_ids, (str, bytes)):
-            raise TypeError(f"seq_ids must be a sequence of ints, got {seq_ids!r}")
-        ids = [self._check_id(s) for s in seq_ids]
-        if distinct and len(set(ids)) != len(ids):
-            raise ValueError(f"seq_ids {ids} lists a sequence more than once")
-        return ids

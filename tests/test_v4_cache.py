@@ -107,7 +107,7 @@ def assert_close(actual, expected, bound=1e-10):
 
 
 def owned_pages(cache: V4Cache) -> list[int]:
-    return [p for pages in cache._pages.values() for p in pages]
+    return [p for pages in cache._seq_pages.values() for p in pages]
 
 
 class V4CacheMachine(RuleBasedStateMachine):
@@ -131,11 +131,11 @@ class V4CacheMachine(RuleBasedStateMachine):
         counts = data.draw(st.lists(st.integers(0, 20), min_size=len(ids), max_size=len(ids)))
         size = self.cache.page_size
         need = sum(-(-(self.lengths[s] + n) // size) - -(-self.lengths[s] // size) for s, n in zip(ids, counts))
-        before = {s: list(p) for s, p in self.cache._pages.items()}
+        before = {s: list(p) for s, p in self.cache._seq_pages.items()}
         if need > self.cache.num_free_pages:
             with pytest.raises(CacheFullError, match="free or truncate"):
                 self.cache.reserve(ids, counts)
-            assert self.cache._pages == before
+            assert self.cache._seq_pages == before
             return
         self.cache.reserve(ids, counts)
         for sid, n in zip(ids, counts):
@@ -163,7 +163,7 @@ class V4CacheMachine(RuleBasedStateMachine):
         assert sorted(owned + self.cache._free) == list(range(self.cache.num_pages))
         for sid, length in self.lengths.items():
             assert self.cache.length(sid) == length
-            assert len(self.cache._pages[sid]) == -(-length // self.cache.page_size)
+            assert len(self.cache._seq_pages[sid]) == -(-length // self.cache.page_size)
 
 
 TestV4CacheMachine = V4CacheMachine.TestCase
