@@ -11,8 +11,8 @@ lightning-indexer key, `index_pages[layer]`, at the same slot: one block table, 
 truncation or free covers latents and index keys together.
 
 Bookkeeping (sequences, their pages, the free list, all-or-nothing reservations) is
-`mla.pages.PagedSequences`, shared with DeepSeek-V4's cache, on the host; `plan` turns it into the device tables of one forward step
-(`mla.plan.StepPlan`), validating the sequence ids once.
+`mla.pages.PagedSequences`, shared with DeepSeek-V4's cache, on the host; `plan` turns it into
+the device tables of one forward step (`mla.plan.StepPlan`), validating the sequence ids once.
 """
 
 from __future__ import annotations
