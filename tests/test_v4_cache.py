@@ -15,28 +15,10 @@ from mla.v4 import CSA, HCA, SLIDING, V4Config
 from mla.v4_attention import V4Attention
 from mla.v4_cache import V4Cache
 
+from .test_v4_attention import TINY  # the tiny stack (sliding, CSA m = 4, HCA m' = 8) of both files
+
 # tiny tensors: intra-op threads only add synchronisation on a shared 2-core machine
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY = dict(
-    num_hidden_layers=3,
-    layer_types=(SLIDING, CSA, HCA),
-    compress_rates={CSA: 4, HCA: 8},
-    head_dim=32,
-    rope_dim=8,
-    num_heads=4,
-    sliding_window=8,
-    index_n_heads=4,
-    index_head_dim=16,
-    index_topk=3,
-    hidden_size=48,
-    q_lora_rank=24,
-    o_groups=2,
-    o_lora_rank=16,
-    compress_rope_theta=40000.0,
-    rope_scaling={"factor": 4, "original_max_position_embeddings": 16},
-)
-
 
 WIDE = dict(
     TINY,
