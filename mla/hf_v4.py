@@ -8,25 +8,29 @@ it is kept out of the module tree, so state dicts are unchanged). generate() cre
 `V4HFCache`: a transformers `Cache` holding a `mla.v4_cache.V4Cache`, one sequence per batch
 row. One model forward with that cache:
 
-1. The base model's forward pre-hook begins a step: the s new tokens of every row are reserved
-   (all or nothing).
-2. Every attention layer runs V4Attention's cached path (window rows, compressor rows, closed
-   entries, CSA indexer keys written, then attention over the window, entries and sink).
+1. The base model's forward pre-hook begins a step: the real new tokens of every row (the 1s
+   of transformers' 2-D attention_mask among the step's columns) are reserved, all or nothing,
+   and the rows are grouped by that count (one group but for a left-padded prefill).
+2. Every attention layer runs V4Attention's cached path once per group on the group's real
+   columns (window rows, compressor rows, closed entries, CSA indexer keys written, then
+   attention over the window, entries and sink); pad columns get zeros.
 3. The forward hook commits the step; if the forward raised, the reserved tokens are truncated
    away (rows the step created are freed).
 
-Positions. V4's compressed windows are aligned to each sequence's token 0, so the rotary
-position of a token is its index in its row's sequence (V4Attention's default): transformers'
-position_ids and rotary tables are not read. Rows therefore hold no padding: a 2-D
-attention_mask with a 0 is refused (ValueError), as is anything else than a 2-D mask.
+Positions and padding. V4's compressed windows are aligned to each sequence's token 0, so the
+rotary position of a token is its index in its row's sequence (V4Attention's default):
+transformers' position_ids and rotary tables are not read. A row's sequence holds only its real
+tokens, so rows may be left-padded (generate()'s batches of different prompt lengths); a pad
+after a real token, or a mask that is not 2-D, is refused (ValueError).
 
 What runs where:
 - our cache: the adapters (no gradients: the cache stores detached rows);
 - no cache or a transformers cache: transformers' own attention, unchanged;
 - generate(): greedy and sampling, `num_return_sequences` (rows are expanded before the cache
   is made), and transformers' assisted decoding (`crop`: `V4Cache.truncate`, exact). Refused
-  with ValueError: beam search and any row rearrangement (rows are not forked), a passed
-  transformers cache, `cache_implementation`, padded batches.
+  with ValueError: beam search and any row rearrangement but dropping rows (rows are not
+  forked), a passed transformers cache, `cache_implementation`, right padding. transformers
+  itself refuses assisted generation (prompt lookup, draft models) for V4 models.
 - `mla.speculative`: `as_causal_lm` on a patched model gives `V4PatchedCausalLM` (per-row
   rollback by truncation).
 """
@@ -64,8 +68,10 @@ class V4HFCache(Cache):
         page_size: tokens per page; a multiple or divisor of both compress rates.
         device: where the pages live.
 
-    transformers' view: `get_seq_length()` is the longest row's length; `crop(-n)` drops each
-    row's last n tokens (exact: `V4Cache.truncate`). Build one with `V4HFCache.for_model`.
+    transformers' view: row b is `pads[b]` leading pad columns (left padding, from the 2-D
+    attention_mask of its first forward) then its sequence; `get_seq_length()` is the widest
+    row's columns; `crop(-n)` drops each row's last n columns (exact: `V4Cache.truncate`).
+    Build one with `V4HFCache.for_model`.
     """
 
     def __init__(self, config, batch_size: int = 1, max_length: int = 64, dtype: torch.dtype = torch.float32,
@@ -77,7 +83,11 @@ class V4HFCache(Cache):
         num_pages = batch_size * -(-max_length // page_size)
         self.v4 = V4Cache(V4Config.from_hf(config), num_pages, page_size, dtype=dtype, device=device)
         self.rows: list[int] = []  # sequence id of each batch row
-        self._step: tuple[list[int], bool] | None = None  # (lengths before, rows created by it)
+        self.pads: list[int] = []  # leading pad columns of each row
+        # the step in flight: (lengths and pads before it, whether it created the rows)
+        self._step: tuple[list[int], list[int], bool] | None = None
+        # its rows by number of real tokens: (batch rows [n] or None for all, first real column, sequence ids)
+        self.groups: list[tuple[torch.Tensor | None, int, list[int]]] = []
 
     @classmethod
     def for_model(cls, model: nn.Module, batch_size: int, max_length: int) -> V4HFCache:
@@ -109,7 +119,8 @@ class V4HFCache(Cache):
         )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return max(self.lengths(), default=0)
+        """Columns of the widest row (its pads and tokens)."""
+        return max((n + p for n, p in zip(self.lengths(), self.pads)), default=0)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -152,11 +163,12 @@ class V4HFCache(Cache):
         """Nothing to record: `crop` restores the cache exactly."""
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Drop each row's last -tokens_to_remove tokens (tokens_to_remove <= 0, as DynamicCache)."""
+        """Drop each row's last -tokens_to_remove columns (tokens_to_remove <= 0, as DynamicCache)."""
         if isinstance(tokens_to_remove, bool) or operator.index(tokens_to_remove) > 0:
             raise ValueError(f"crop takes minus the number of tokens to remove (<= 0), got {tokens_to_remove!r}")
-        for sid, length in zip(self.rows, self.lengths()):
-            self.v4.truncate(sid, max(0, length + operator.index(tokens_to_remove)))
+        columns = [max(0, n + p + operator.index(tokens_to_remove)) for n, p in zip(self.lengths(), self.pads)]
+        self.truncate_rows([max(0, c - p) for c, p in zip(columns, self.pads)])
+        self.pads = [min(p, c) for p, c in zip(self.pads, columns)]
 
     def truncate_rows(self, lengths: list[int]) -> None:
         """Cut row b back to lengths[b] tokens (per-row rollback)."""
@@ -176,13 +188,13 @@ class V4HFCache(Cache):
         kept = [self.rows[r] for r in rows]
         for sid in set(self.rows) - set(kept):
             self.v4.free(sid)
-        self.rows = kept
+        self.rows, self.pads = kept, [self.pads[r] for r in rows]
 
     def reset(self) -> None:
         """Free every row (the pages stay allocated)."""
         for sid in self.rows:
             self.v4.free(sid)
-        self.rows = []
+        self.rows, self.pads = [], []
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.keep_rows(torch.as_tensor(indices).tolist())
@@ -197,40 +209,69 @@ class V4HFCache(Cache):
     # The step protocol (called by the base model's hooks)
 
     def _begin_step(self, batch: int, num_new_tokens: int, attention_mask) -> None:
+        """Reserve each row's real tokens among the step's columns and group the rows by their count."""
         if self._step is not None:
             raise RuntimeError("V4HFCache: a forward is already running on this cache")
-        if attention_mask is not None and not (
-            isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and bool(attention_mask.all())
-        ):
-            what = f"shape {tuple(attention_mask.shape)}" if isinstance(attention_mask, torch.Tensor) else "a dict"
-            raise ValueError(
-                f"a patched DeepSeek-V4 model takes no padding: attention_mask must be None or a 2-D mask of ones, "
-                f"got {what}{' with zeros' if isinstance(attention_mask, torch.Tensor) else ''}; run rows of "
-                "different lengths as separate batches"
-            )
         new_rows = not self.rows
         if new_rows:
-            self.rows = [self.v4.add_sequence() for _ in range(batch)]
+            self.rows, self.pads = [self.v4.add_sequence() for _ in range(batch)], [0] * batch
         elif batch != len(self.rows):
             raise ValueError(f"V4HFCache holds {len(self.rows)} rows, the input has {batch}: start a new cache")
-        lengths = self.lengths()
+        lengths, pads = self.lengths(), list(self.pads)
         try:
-            self.v4.reserve(self.rows, num_new_tokens)
+            counts = self._real_tokens(attention_mask, num_new_tokens, lengths)
+            self.v4.reserve(self.rows, counts)
         except CacheFullError as error:
-            self._undo(lengths, new_rows)
+            self._undo(lengths, pads, new_rows)
             raise ValueError(f"V4HFCache is full ({error}); make a bigger one with V4HFCache.for_model") from None
-        self._step = (lengths, new_rows)
+        except BaseException:
+            self._undo(lengths, pads, new_rows)
+            raise
+        self.pads = [p + num_new_tokens - r for p, r in zip(pads, counts)]
+        by_count: dict[int, list[int]] = {}
+        for row, count in enumerate(counts):
+            if count:
+                by_count.setdefault(count, []).append(row)
+        device = self.v4.device
+        self.groups = [
+            (None if len(rows) == batch else torch.tensor(rows, device=device), num_new_tokens - count,
+             [self.rows[r] for r in rows])
+            for count, rows in by_count.items()
+        ]  # fmt: skip
+        self._step = (lengths, pads, new_rows)
+
+    def _real_tokens(self, attention_mask, num_new_tokens: int, lengths: list[int]) -> list[int]:
+        """Real tokens each row adds: the 1s among the 2-D mask's last num_new_tokens columns."""
+        batch = len(self.rows)
+        if attention_mask is None:
+            return [num_new_tokens] * batch
+        width = self.get_seq_length() + num_new_tokens
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, width):
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+            raise ValueError(
+                f"V4HFCache reads a 2-D attention_mask [batch, cached + new] = [{batch}, {width}] "
+                f"(1 = token, 0 = left padding), got {shape}"
+            )
+        new = attention_mask[:, -num_new_tokens:].to("cpu", torch.bool)  # [b, s]
+        bad = (new[:, 1:] < new[:, :-1]).any(-1) | (torch.tensor(lengths) > 0) & ~new.all(-1)
+        if bad.any():
+            raise ValueError(
+                f"attention_mask row {int(bad.nonzero()[0])} has a pad (0) after a real token (1): a patched "
+                "DeepSeek-V4 model takes left padding only (its compressed windows start at each row's first token)"
+            )
+        return new.sum(-1).tolist()
 
     def _end_step(self, failed: bool) -> None:
         step, self._step = self._step, None
         if step is not None and failed:
             self._undo(*step)
 
-    def _undo(self, lengths: list[int], new_rows: bool) -> None:
+    def _undo(self, lengths: list[int], pads: list[int], new_rows: bool) -> None:
         if new_rows:
             self.reset()
         else:
             self.truncate_rows(lengths)
+            self.pads = pads
 
 
 class MLADeepseekV4Attention(_v4.DeepseekV4Attention):
@@ -250,7 +291,17 @@ class MLADeepseekV4Attention(_v4.DeepseekV4Attention):
                                    **kwargs)  # fmt: skip
         if torch.is_grad_enabled() and hidden_states.requires_grad:
             raise ValueError("a V4HFCache holds detached rows: run cached decoding under torch.no_grad()")
-        return self.mla_v4(hidden_states, cache=cache.v4, seq_ids=cache.rows), None
+        if len(cache.groups) == 1 and cache.groups[0][:2] == (None, 0):  # every row adds every column
+            return self.mla_v4(hidden_states, cache=cache.v4, seq_ids=cache.rows), None
+        out = torch.zeros_like(hidden_states)  # pad queries attend nothing
+        for rows, start, seq_ids in cache.groups:
+            part = hidden_states[:, start:] if rows is None else hidden_states[rows, start:]
+            part = self.mla_v4(part, cache=cache.v4, seq_ids=seq_ids)
+            if rows is None:
+                out[:, start:] = part
+            else:
+                out[rows, start:] = part
+        return out, None
 
 
 def _shared_v4_attention(module: _v4.DeepseekV4Attention, config: V4Config) -> V4Attention:
