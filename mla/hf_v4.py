@@ -46,6 +46,7 @@ from transformers import Cache, GenerationMixin
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as _v4
 from transformers.utils.deprecation import deprecate_kwarg
 
+from mla.attention import RMSNorm
 from mla.hf import _step_arguments
 from mla.pages import CacheFullError
 from mla.speculative.adapters import CausalLM
@@ -306,10 +307,16 @@ class MLADeepseekV4Attention(_v4.DeepseekV4Attention):
 
 def _shared_v4_attention(module: _v4.DeepseekV4Attention, config: V4Config) -> V4Attention:
     """A V4Attention whose Parameters are `module`'s own objects (built on the meta device, then
-    each parameter replaced by transformers' one of the same name)."""
+    each parameter replaced by transformers' one of the same name). Its RMSNorms are
+    transformers' modules themselves: checkpoints keep their weights in float32 next to
+    bfloat16 projections, and transformers' norm returns the input's dtype."""
     with torch.device("meta"):
         v4 = V4Attention(config, module.layer_idx)
     v4.rotary = v4_rotary(config, v4.kind)  # float32 tables on the host, not meta
+    for name, norm in list(v4.named_modules()):
+        if isinstance(norm, RMSNorm):  # transformers' own norms: float32 weights, output in the input's dtype
+            owner, _, leaf = name.rpartition(".")
+            setattr(v4.get_submodule(owner), leaf, module.get_submodule(name))
     for name, _ in list(v4.named_parameters()):
         owner, _, leaf = name.rpartition(".")
         try:

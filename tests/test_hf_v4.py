@@ -112,6 +112,27 @@ def test_left_padded_batch_equals_each_row_alone(dense_model):
         assert_close(logits, torch.stack(reference.logits)[:, 0], 2e-6, f"row {row} logits")
 
 
+def test_bfloat16_checkpoint_layout_within_twice_transformers_error(dense_model):
+    """bfloat16 with transformers' float32 modules (`_keep_in_fp32_modules_strict`: norms,
+    sinks, position biases, hyper-connections), as from_pretrained loads V4: the patched model
+    shares those mixed-dtype parameters and errs, against float32 transformers, at most twice
+    as much as bfloat16 transformers does."""
+    model = tiny_model(index_topk=16).to(torch.bfloat16)
+    keep = set(model._keep_in_fp32_modules_strict)
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] in keep:
+            module.float()
+    for name, p in model.named_parameters():
+        if name.rpartition(".")[2] in keep:
+            p.data = p.data.float()
+    kwargs = {**GREEDY, "output_logits": True, "return_dict_in_generate": True}
+    exact = torch.stack(dense_model.generate(prompts(), **kwargs).logits)
+    reference, ours = generate_both(model, prompts())
+    assert torch.equal(ours.sequences, reference.sequences)
+    transformers_error = (torch.stack(reference.logits).float() - exact).abs().max().item()
+    assert_close(torch.stack(ours.logits).float(), exact, 2 * transformers_error, "bfloat16 patched vs float32")
+
+
 def test_sampling_draws_what_transformers_draws(dense_model):
     kwargs = dict(do_sample=True, top_k=0, temperature=1.5, num_return_sequences=2)
     torch.manual_seed(11)
