@@ -199,5 +199,9 @@ def test_refused_inputs(patched):
                           qk_nope_head_dim=16, v_head_dim=16, q_lora_rank=None, num_hidden_layers=4)  # fmt: skip
     with pytest.raises(TypeError, match="not a V4 cache"), torch.no_grad():
         patched(ids, cache=MLACache(v3, dtype=torch.float32), use_cache=True)
+    cache = V4HFCache.for_model(patched, 2, 32)
+    with pytest.raises(ValueError, match="no_grad"):
+        patched(ids, cache=cache, use_cache=True)
+    assert cache.lengths() == []  # the failed first step freed the rows it made
     with pytest.raises(ValueError, match="backend"):
         mla.hf.patch(patched, backend="triton")
