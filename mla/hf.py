@@ -45,6 +45,7 @@ What runs where:
 - beam search, `num_return_sequences`, batch selection: rows are forked by copying their pages
   (the first use of a row keeps its sequence; duplicates copy; dropped rows free their pages);
 - assisted decoding (draft model, prompt lookup) and `crop`: `LatentCache.truncate` per row.
+- DeepSeek-V4 models: `mla.hf_v4` (its own cache, `V4HFCache`; `patch` dispatches to it).
 - attention weights follow transformers: none with sdpa (or flash / flex); with eager and
   output_attentions they are computed from the cached rows in PyTorch ([b, h, s, width], zero
   on pad columns and pad queries).
@@ -66,10 +67,11 @@ try:
     from transformers.models.deepseek_v2 import modeling_deepseek_v2 as _v2
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as _v3
     from transformers.models.deepseek_v32 import modeling_deepseek_v32 as _v32
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as _v4
     from transformers.utils.deprecation import deprecate_kwarg
 except ImportError as error:
     raise ImportError(
-        f'mla.hf needs transformers >= 5.24 with DeepSeek-V2/V3/V3.2: pip install "mla-latent[hf]" ({error})'
+        f'mla.hf needs transformers >= 5.24 with DeepSeek-V2/V3/V3.2/V4: pip install "mla-latent[hf]" ({error})'
     ) from error
 
 from mla.attention import Indexer, chosen_mask
@@ -726,9 +728,14 @@ def patch(model: nn.Module, cache_dtype=None, page_size: int = 64, backend: str 
     hooks that start and end a step on an `MLACache`, and a GenerationMixin model's generate()
     makes an `MLACache` (module docstring: what is handled and what is refused).
 
+    DeepSeek-V4 (DeepseekV4Attention) is dispatched to `mla.hf_v4.patch_v4`: the attention runs
+    `mla.v4_attention.V4Attention`'s cached path over one `V4Cache` (`mla.hf_v4.V4HFCache`),
+    PyTorch reference only, cache_dtype None or float64 / float32 / bfloat16 / float16; see
+    mla.hf_v4's docstring for what it supports and refuses.
+
     Args:
-        model: an nn.Module holding DeepSeek-V2/V3/V3.2 attention, e.g. DeepseekV3ForCausalLM or
-            DeepseekV32ForCausalLM.
+        model: an nn.Module holding DeepSeek-V2/V3/V3.2/V4 attention, e.g. DeepseekV3ForCausalLM,
+            DeepseekV32ForCausalLM or DeepseekV4ForCausalLM.
         cache_dtype: the cache rows: None (the model's dtype when the cache is made),
             torch.bfloat16 / torch.float16 / torch.float32, or "fp8" / torch.float8_e4m3fn.
         page_size: tokens per cache page, >= 1.
@@ -740,21 +747,32 @@ def patch(model: nn.Module, cache_dtype=None, page_size: int = 64, backend: str 
 
     Raises:
         TypeError: `model` is not an nn.Module.
-        ValueError: no DeepSeek-V2/V3/V3.2 attention in `model`; a bad cache_dtype (or FP8 with
+        ValueError: no DeepSeek-V2/V3/V3.2/V4 attention in `model`; a bad cache_dtype (or FP8 with
             dimensions its rows cannot hold), page_size or backend; a module whose `forward`
             was replaced on the instance (accelerate hooks: patch before dispatching).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
+    from mla import hf_v4
+
+    v4_targets = [(name, m) for name, m in model.named_modules() if isinstance(m, _v4.DeepseekV4Attention)]
     targets = [(name, m) for name, m in model.named_modules() if type(m) in _ADAPTERS or type(m) in _ORIGINALS]
-    if not targets:
+    if not targets and not v4_targets:
         raise ValueError(
-            f"patch: {type(model).__name__} contains no DeepseekV2Attention, DeepseekV3Attention or "
-            "DeepseekV32Attention module; only DeepSeek-V2/V3/V3.2 (MLA) models can be patched"
+            f"patch: {type(model).__name__} contains no DeepseekV2Attention, DeepseekV3Attention, "
+            "DeepseekV32Attention or DeepseekV4Attention module; only DeepSeek-V2/V3/V3.2/V4 models can be patched"
         )
     if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
         raise ValueError(f"patch: page_size must be a positive int, got {page_size!r}")
     check_backend(backend)
+    for name, module in targets + v4_targets:
+        if "forward" in vars(module):
+            raise ValueError(
+                f"patch: module {name!r} has its forward replaced on the instance (accelerate/device-map hooks?); "
+                "patch the model before dispatching it"
+            )
+    if v4_targets:
+        return hf_v4.patch_v4(model, v4_targets, PatchSettings(cache_dtype, page_size, backend))
     config = targets[0][1].config
     MLAConfig.from_hf(config)  # what every step plan needs (dims, RoPE): fail here, not in generate()
     if cache_dtype is not None:
@@ -762,12 +780,6 @@ def patch(model: nn.Module, cache_dtype=None, page_size: int = 64, backend: str 
             cache_format(cache_dtype, config.kv_lora_rank, config.qk_rope_head_dim)
         except (TypeError, ValueError) as error:
             raise ValueError(f"patch: cache_dtype {cache_dtype!r} is not a cache this model can use: {error}") from None
-    for name, module in targets:
-        if "forward" in vars(module):
-            raise ValueError(
-                f"patch: module {name!r} has its forward replaced on the instance (accelerate/device-map hooks?); "
-                "patch the model before dispatching it"
-            )
     settings = PatchSettings(cache_dtype, page_size, backend)
     for _, module in targets:
         module.__class__ = _ADAPTERS.get(type(module), type(module))
@@ -797,4 +809,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     method = model.__dict__.get("_prepare_cache_for_generation")
     if isinstance(method, types.MethodType) and method.__func__ is _prepare_cache_for_generation:
         del model.__dict__["_prepare_cache_for_generation"]
+    from mla import hf_v4
+
+    hf_v4.unpatch_v4(model)
     return model

@@ -117,7 +117,8 @@ def as_causal_lm(model) -> CausalLM:
     except ImportError:  # transformers is optional
         PreTrainedModel = ()
     if isinstance(model, PreTrainedModel):
-        return HFCausalLM(model)
+        own = getattr(model, "mla_causal_lm", None)  # set by mla.hf.patch where it owns the cache (DeepSeek-V4)
+        return own() if own is not None else HFCausalLM(model)
     raise TypeError(
         f"model must be an mla.MLAForCausalLM, a transformers PreTrainedModel or a CausalLM adapter, "
         f"got {type(model).__name__}"
