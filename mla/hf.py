@@ -127,7 +127,56 @@ class _Step:
     new_rows: bool  # the step created the rows (an empty cache's first forward)
 
 
-class MLACache(Cache):
+class RowsCache(Cache):
+    """What our transformers caches answer alike: one cache sequence per batch row, transformers'
+    view of a row is its mask columns (`get_seq_length`), crops are exact, nothing is compiled.
+    Subclasses give `get_seq_length`, `__len__` (layers), `_num_rows` and `crop`."""
+
+    def _num_rows(self) -> int:
+        raise NotImplementedError
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.get_seq_length()
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._num_rows() > 0
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * len(self)
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * len(self)
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * len(self)
+
+    @property
+    def batch_size(self) -> int:
+        return self._num_rows() or -1
+
+    def activate_past_recording(self) -> None:
+        """Nothing to record: `crop` restores the cache exactly."""
+
+
+class MLACache(RowsCache):
     """A transformers `Cache` holding a paged `mla.LatentCache`, read and written by the
     attention of a model patched with `mla.hf.patch`.
 
@@ -183,6 +232,10 @@ class MLACache(Cache):
         model needs patch(..., cache_dtype=torch.float32): the cache holds 16/32-bit or FP8 rows)."""
         attention = next((m for m in model.modules() if isinstance(m, _MLAAttention)), None)
         if attention is None:
+            if any(isinstance(m, _v4.DeepseekV4Attention) for m in model.modules()):
+                raise ValueError(
+                    f"{type(model).__name__} is a DeepSeek-V4 model: its cache is mla.hf_v4.V4HFCache.for_model(...)"
+                )
             raise ValueError(f"{type(model).__name__} is not patched: call mla.hf.patch(model) first")
         settings, weight = attention.mla_settings, attention.kv_b_proj.weight
         dtype = settings.cache_dtype if settings.cache_dtype is not None else weight.dtype
@@ -247,45 +300,11 @@ class MLACache(Cache):
         """Columns of transformers' mask the cache holds (a row's pad columns included)."""
         return self._width
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self._width + query_length, 0
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self._width
-
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1  # no fixed maximum: the page pool grows
 
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-    @property
-    def is_croppable(self) -> bool:
-        return True
-
-    @property
-    def is_initialized(self) -> bool:
-        return bool(self._rows)
-
-    @property
-    def is_sliding(self) -> list[bool]:
-        return [False] * len(self)
-
-    @property
-    def is_linear(self) -> list[bool]:
-        return [False] * len(self)
-
-    @property
-    def is_dummy(self) -> list[bool]:
-        return [False] * len(self)
-
-    @property
-    def batch_size(self) -> int:
-        return len(self._rows) if self._rows else -1
-
-    def activate_past_recording(self) -> None:
-        """Nothing to record: `crop` restores the cache exactly."""
+    def _num_rows(self) -> int:
+        return len(self._rows)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last -tokens_to_remove columns (tokens_to_remove <= 0, as DynamicCache)."""

@@ -42,12 +42,12 @@ import types
 
 import torch
 from torch import nn
-from transformers import Cache, GenerationMixin
+from transformers import GenerationMixin
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as _v4
 from transformers.utils.deprecation import deprecate_kwarg
 
 from mla.attention import RMSNorm
-from mla.hf import _step_arguments
+from mla.hf import RowsCache, _step_arguments
 from mla.pages import CacheFullError
 from mla.speculative.adapters import CausalLM
 from mla.v4 import V4Config
@@ -57,7 +57,7 @@ from mla.v4_cache import CACHE_DTYPES, V4Cache
 __all__ = ["MLADeepseekV4Attention", "V4HFCache", "V4PatchedCausalLM", "patch_v4", "unpatch_v4"]
 
 
-class V4HFCache(Cache):
+class V4HFCache(RowsCache):
     """A transformers `Cache` holding a `mla.v4_cache.V4Cache` (one sequence per batch row),
     read and written by the attention of a DeepSeek-V4 model patched with `mla.hf.patch`.
 
@@ -123,45 +123,8 @@ class V4HFCache(Cache):
         """Columns of the widest row (its pads and tokens)."""
         return max((n + p for n, p in zip(self.lengths(), self.pads)), default=0)
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self.get_seq_length()
-
-    def get_max_length(self, layer_idx: int | None = None) -> int:
-        return -1
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-    @property
-    def is_croppable(self) -> bool:
-        return True
-
-    @property
-    def is_initialized(self) -> bool:
-        return bool(self.rows)
-
-    @property
-    def is_sliding(self) -> list[bool]:
-        return [False] * len(self)
-
-    @property
-    def is_linear(self) -> list[bool]:
-        return [False] * len(self)
-
-    @property
-    def is_dummy(self) -> list[bool]:
-        return [False] * len(self)
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.rows) if self.rows else -1
-
-    def activate_past_recording(self) -> None:
-        """Nothing to record: `crop` restores the cache exactly."""
+    def _num_rows(self) -> int:
+        return len(self.rows)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop each row's last -tokens_to_remove columns (tokens_to_remove <= 0, as DynamicCache)."""
