@@ -53,6 +53,7 @@ What runs where:
 
 from __future__ import annotations
 
+import functools
 import operator
 import types
 from collections import defaultdict
@@ -699,20 +700,33 @@ def _step_arguments(args, kwargs) -> dict:
     return given
 
 
-def _begin_step(module, args, kwargs) -> None:
-    """Forward pre-hook of the base model: start the step on an MLACache."""
+def _begin_step(cache_type, module, args, kwargs) -> None:
+    """Forward pre-hook of the base model: start the step on a cache of cache_type (MLACache, or
+    mla.hf_v4's V4HFCache on a V4 model)."""
     given = _step_arguments(args, kwargs)
     cache = given.get("cache")
     tokens = given.get("inputs_embeds") if given.get("inputs_embeds") is not None else given.get("input_ids")
-    if isinstance(cache, MLACache) and tokens is not None:
+    if isinstance(cache, cache_type) and tokens is not None:
         cache._begin_step(tokens.shape[0], tokens.shape[1], given.get("attention_mask"))
 
 
-def _end_step(module, args, kwargs, output) -> None:
+def _end_step(cache_type, module, args, kwargs, output) -> None:
     """Forward hook of the base model (also called when the forward raised, with output None)."""
     cache = _step_arguments(args, kwargs).get("cache")
-    if isinstance(cache, MLACache):
+    if isinstance(cache, cache_type):
         cache._end_step(failed=output is None)
+
+
+def _install_step_hooks(model: nn.Module, base_types, cache_type) -> None:
+    """Hook every base model of `model` (instances of base_types) to begin and end each forward's
+    step on a cache of cache_type; `unpatch` removes the handles kept in `_mla_hooks`."""
+    for base in model.modules():
+        if isinstance(base, base_types) and "_mla_hooks" not in vars(base):
+            base._mla_hooks = (
+                base.register_forward_pre_hook(functools.partial(_begin_step, cache_type), with_kwargs=True),
+                base.register_forward_hook(functools.partial(_end_step, cache_type), with_kwargs=True,
+                                           always_call=True),
+            )  # fmt: skip
 
 
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
@@ -803,12 +817,7 @@ def patch(model: nn.Module, cache_dtype=None, page_size: int = 64, backend: str 
     for _, module in targets:
         module.__class__ = _ADAPTERS.get(type(module), type(module))
         module.mla_settings = settings
-    for base in model.modules():
-        if isinstance(base, _BASE_MODELS) and "_mla_hooks" not in vars(base):
-            base._mla_hooks = (
-                base.register_forward_pre_hook(_begin_step, with_kwargs=True),
-                base.register_forward_hook(_end_step, with_kwargs=True, always_call=True),
-            )
+    _install_step_hooks(model, _BASE_MODELS, MLACache)
     if isinstance(model, GenerationMixin):
         model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
     return model

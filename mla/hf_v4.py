@@ -47,7 +47,7 @@ from transformers.models.deepseek_v4 import modeling_deepseek_v4 as _v4
 from transformers.utils.deprecation import deprecate_kwarg
 
 from mla.attention import RMSNorm
-from mla.hf import RowsCache, _step_arguments
+from mla.hf import RowsCache, _install_step_hooks
 from mla.pages import CacheFullError
 from mla.speculative.adapters import CausalLM
 from mla.v4 import V4Config
@@ -289,22 +289,6 @@ def _shared_v4_attention(module: _v4.DeepseekV4Attention, config: V4Config) -> V
     return v4
 
 
-def _begin_step(module, args, kwargs) -> None:
-    """Forward pre-hook of DeepseekV4Model: begin the step on a V4HFCache."""
-    given = _step_arguments(args, kwargs)
-    cache = given.get("cache")
-    tokens = given.get("inputs_embeds") if given.get("inputs_embeds") is not None else given.get("input_ids")
-    if isinstance(cache, V4HFCache) and tokens is not None:
-        cache._begin_step(tokens.shape[0], tokens.shape[1], given.get("attention_mask"))
-
-
-def _end_step(module, args, kwargs, output) -> None:
-    """Forward hook of DeepseekV4Model (also when the forward raised, with output None)."""
-    cache = _step_arguments(args, kwargs).get("cache")
-    if isinstance(cache, V4HFCache):
-        cache._end_step(failed=output is None)
-
-
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                   max_cache_length):  # fmt: skip
     """generate()'s cache hook on a patched V4 model: a V4HFCache for its rows and max length."""
@@ -349,12 +333,7 @@ def patch_v4(model: nn.Module, targets, settings) -> nn.Module:
         module.__class__ = MLADeepseekV4Attention
         module.mla_settings = settings
         module.__dict__["mla_v4"] = _shared_v4_attention(module, config)  # outside the module tree
-    for base in model.modules():
-        if isinstance(base, _v4.DeepseekV4Model) and "_mla_hooks" not in vars(base):
-            base._mla_hooks = (
-                base.register_forward_pre_hook(_begin_step, with_kwargs=True),
-                base.register_forward_hook(_end_step, with_kwargs=True, always_call=True),
-            )
+    _install_step_hooks(model, _v4.DeepseekV4Model, V4HFCache)
     if isinstance(model, GenerationMixin):
         model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
         model.mla_causal_lm = types.MethodType(_causal_lm, model)
