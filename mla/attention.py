@@ -44,6 +44,7 @@ from mla.cache import LatentCache
 from mla.config import MLAConfig
 from mla.plan import StepPlan
 from mla.reference import split_kv_b
+from mla.reference.indexer import index_scores, index_topk
 from mla.rope import RotaryEmbedding, apply_rope, softmax_scale
 
 
@@ -251,8 +252,6 @@ class MLAttention(nn.Module):
     def _select_uncached(self, hidden_states, q_resid, cos, sin) -> torch.Tensor:
         """The indexer's choice among the s fresh tokens of each sequence (causal), as a bool
         mask [b, s, s]: the reference selection over the keys viewed as one page per sequence."""
-        from mla.reference.indexer import index_scores, index_topk
-
         b, s, _ = hidden_states.shape
         q_index, k_index, weights = self.indexer(hidden_states, q_resid, cos, sin)
         if k_index.dtype == torch.float64:  # scored in float32, as a cache of a float64 model stores them

@@ -389,7 +389,7 @@ class V4Attention(nn.Module):
         if cache is None:
             keys, visible = self._one_shot_keys(hidden_states, q_resid, kv, cos, sin)
         else:
-            keys, visible = self._cached_keys(cache, seq_ids, starts, hidden_states, q_resid, kv, cos, sin)
+            keys, visible = self._cached_keys(cache, seq_ids, starts, tokens, hidden_states, q_resid, kv, cos, sin)
         out = self._attend(q, keys, visible)  # [b, s, h, head_dim]
         out = rotate_tail(out, cos[:, :, None], -sin[:, :, None])  # undo the keys' rotation on V = K
         grouped = out.reshape(b, s, c.o_groups, -1)  # [b, s, g, h * head_dim / g]
@@ -440,11 +440,11 @@ class V4Attention(nn.Module):
         cache.check_fits(self.layer_idx, self.config)
         return cache.step_starts(self.layer_idx, seq_ids, s)
 
-    def _cached_keys(self, cache, ids, starts, hidden_states, q_resid, kv, cos, sin):
-        """Append the new tokens to the cache (window rows, compressor rows, closed entries and
-        indexer keys) and gather what they attend: keys [b, L, head_dim] (each sequence's window
-        rows from its first new token's window on, then its entries, padded) and bool visible
-        [b, s, L]."""
+    def _cached_keys(self, cache, ids, starts, tokens, hidden_states, q_resid, kv, cos, sin):
+        """Append the new tokens (token indices [b, s]) to the cache (window rows, compressor
+        rows, closed entries and indexer keys) and gather what they attend: keys [b, L, head_dim]
+        (each sequence's window rows from its first new token's window on, then its entries,
+        padded) and bool visible [b, s, L]."""
         b, s, _ = hidden_states.shape
         layer, device = self.layer_idx, hidden_states.device
         window = self.config.sliding_window
@@ -458,7 +458,6 @@ class V4Attention(nn.Module):
             [cache.read(layer, "kv", cache.slots(sid, lo, st + s)) for sid, lo, st in zip(ids, first, starts)],
             [torch.arange(lo, st + s, device=device) for lo, st in zip(first, starts)],
         )
-        tokens = torch.tensor(starts, device=device)[:, None] + torch.arange(s, device=device)  # [b, s]
         visible = self._window_mask(tokens, row_tokens[:, None])
         if self.compressor is None:
             return rows, visible
