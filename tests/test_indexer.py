@@ -183,6 +183,42 @@ def test_fp8_scores_within_quantization_error_of_plain(impl, case):
     assert not torch.equal(fp8, plain), "quantization left every score unchanged: the FP8 path was not taken"
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp8_keys_choose_as_plain_keys_where_scores_are_well_separated(impl):
+    """The selection from FP8 keys equals the one from the plain keys they were quantized from
+    when quantization cannot change it: every chosen plain score minus what quantization can
+    move it (the bound of the test above) stays above every unchosen score plus its move.
+    Eight keys point along the queries (large scores), the rest are random (small ones)."""
+    g = torch.Generator().manual_seed(11)
+    heads, dim, n, page, topk = 4, 32, 64, 16, 8
+    q = torch.randn(2, 3, heads, dim, generator=g).abs()
+    weights = torch.rand(2, 3, heads, generator=g) + 0.5
+    keys = torch.randn(2, n, dim, generator=g) * 0.3
+    boosted = torch.randperm(n, generator=g)[:topk]
+    keys[:, boosted] = 2 + torch.rand(2, topk, dim, generator=g)
+    table = torch.arange(2 * n // page, dtype=torch.int32).view(2, n // page)
+    lengths = torch.tensor([n, n], dtype=torch.int32)
+    chosen = {}
+    for fmt_dtype in (torch.float32, "fp8"):
+        fmt = index_key_format(fmt_dtype, dim)
+        cache = fmt.pack(keys, keys.new_zeros(2, n, 0)).view(2 * n // page, page, 1, fmt.row_width)
+        scores = impl.index_scores(q, weights, cache, table, lengths, n, is_fp8=fmt.is_fp8)
+        chosen[fmt_dtype] = (impl.index_topk(scores, topk)[0], scores)
+    plain_chosen, plain = chosen[torch.float32]
+    # fmt and cache are the FP8 ones (the loop's last)
+    scale = cache[..., fmt.scale_offset : fmt.scale_offset + 4 * fmt.num_tiles].contiguous().view(torch.float32)
+    key_error = 2.0**-4 * keys.double().abs() + 2.0**-10 * scale.max()
+    moved = torch.einsum("bshd,bnd,bsh->bsn", q.double(), key_error, weights.double())
+    # the last query of each row sees every key (earlier ones see fewer, causal)
+    picked = torch.zeros_like(plain, dtype=torch.bool).scatter(-1, plain_chosen.long().clamp(min=0), True)
+    low = (plain.double() - moved).masked_fill(~picked, math.inf).amin(-1)
+    high = (plain.double() + moved).masked_fill(picked | plain.isneginf(), -math.inf).amax(-1)
+    separated = low > high
+    assert separated[:, -1].all(), "the full-context queries are not well separated: the test would be vacuous"
+    assert torch.equal(chosen["fp8"][0][separated], plain_chosen[separated])
+    assert sorted(plain_chosen[0, -1].tolist()) == sorted(boosted.tolist())
+
+
 def topk_rule(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The selection rule, stated plainly: candidates are the positions whose score is neither
     -inf nor NaN; rank them by score, the lower position first among equals; keep the first
