@@ -483,6 +483,14 @@ class Model1Format:
         scales = flat[scale_at[:, None] + torch.arange(self.scale_bytes, device=flat.device)]
         return self.unpack(data, scales, dtype)
 
+    def kvcache_view(self, pages: torch.Tensor, page_size: int) -> torch.Tensor:
+        """pages uint8 [num_pages, page_bytes(page_size)] as the k_cache a decode call takes:
+        uint8 [num_pages, page_size, 1, 584] over the same memory, FlashMLA's view (its
+        tests/quant.py). Only the shape and the page stride (stride(0) = page_bytes) mean
+        anything: readers find a token's bytes by the per-page layout above, not by stride(1)."""
+        pages = _check_pages_2d(pages, self.page_bytes(page_size), "pages")
+        return pages[:, : page_size * self.bytes_per_token].view(pages.shape[0], page_size, 1, self.bytes_per_token)
+
     def _offsets(self, page_size: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat byte offsets (int64) of each slot's data run and scale run."""
         page, row = slots // page_size, slots % page_size
