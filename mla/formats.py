@@ -147,11 +147,12 @@ class PlainFormat(CacheFormat):
     """`[latent | k_pe]` in bfloat16, float16 or float32."""
 
     is_fp8 = False
+    dtypes = PLAIN_DTYPES
 
     def __init__(self, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype):
         self.kv_lora_rank = _check_dim("kv_lora_rank", kv_lora_rank, 1)
         self.rope_dim = _check_dim("rope_dim", rope_dim, 0)
-        if dtype not in PLAIN_DTYPES:
+        if dtype not in self.dtypes:
             raise ValueError(
                 f"dtype must be one of {PLAIN_DTYPES}, torch.float8_e4m3fn or one of the strings {FP8_NAMES} "
                 f"(FP8 cache), got {dtype!r}"

@@ -268,13 +268,13 @@ class MLADeepseekV4Attention(_v4.DeepseekV4Attention):
         return out, None
 
 
-def _shared_v4_attention(module: _v4.DeepseekV4Attention, config: V4Config) -> V4Attention:
+def _shared_v4_attention(module: _v4.DeepseekV4Attention, config: V4Config, backend: str | None) -> V4Attention:
     """A V4Attention whose Parameters are `module`'s own objects (built on the meta device, then
     each parameter replaced by transformers' one of the same name). Its RMSNorms are
     transformers' modules themselves: checkpoints keep their weights in float32 next to
     bfloat16 projections, and transformers' norm returns the input's dtype."""
     with torch.device("meta"):
-        v4 = V4Attention(config, module.layer_idx)
+        v4 = V4Attention(config, module.layer_idx, backend)
     v4.rotary = v4_rotary(config, v4.kind)  # float32 tables on the host, not meta
     for name, norm in list(v4.named_modules()):
         if isinstance(norm, RMSNorm):  # transformers' own norms: float32 weights, output in the input's dtype
@@ -322,8 +322,6 @@ def _causal_lm(self) -> V4PatchedCausalLM:
 
 def patch_v4(model: nn.Module, targets, settings) -> nn.Module:
     """`mla.hf.patch` for DeepSeek-V4 (targets: (name, module) of its attention layers)."""
-    if settings.backend not in (None, "reference"):
-        raise ValueError(f"patch: DeepSeek-V4 runs the PyTorch reference only, got backend={settings.backend!r}")
     if settings.cache_dtype is not None and settings.cache_dtype not in CACHE_DTYPES:
         raise ValueError(
             f"patch: a DeepSeek-V4 cache holds one of {CACHE_DTYPES}, got cache_dtype={settings.cache_dtype!r}"
@@ -332,7 +330,7 @@ def patch_v4(model: nn.Module, targets, settings) -> nn.Module:
     for _, module in targets:
         module.__class__ = MLADeepseekV4Attention
         module.mla_settings = settings
-        module.__dict__["mla_v4"] = _shared_v4_attention(module, config)  # outside the module tree
+        module.__dict__["mla_v4"] = _shared_v4_attention(module, config, settings.backend)  # outside the module tree
     _install_step_hooks(model, _v4.DeepseekV4Model, V4HFCache)
     if isinstance(model, GenerationMixin):
         model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)

@@ -15,6 +15,7 @@ from mla.formats import CacheFormat, Fp8Format, PlainFormat
 from mla.reference import cache as reference_cache
 from mla.reference import indexer as reference_indexer
 from mla.reference.contract import DecodeCall
+from mla.reference.decode import flash_mla_with_kvcache as reference_decode
 from mla.reference.decode import run_decode
 
 
@@ -84,19 +85,25 @@ def sparse_decode(
     softmax_scale: float,
     is_fp8_kvcache: bool,
     seqlens_q: torch.Tensor | None = None,
+    attn_sink: torch.Tensor | None = None,
+    extra_k_cache: torch.Tensor | None = None,
+    extra_indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`mla.kernels.flash_mla_with_kvcache` over the slots `indices` (int32 [b, s_q, topk], -1
-    skipped), scheduled per call: (out [b, s_q, h_q, dv] in q's dtype, lse float32 [b, h_q, s_q])."""
+    skipped), and the slots `extra_indices` of `extra_k_cache` in the same softmax, with a
+    per-head sink, scheduled per call: (out [b, s_q, h_q, dv] in q's dtype, lse float32 [b, h_q, s_q])."""
     from mla.kernels import flash_mla_with_kvcache
 
     return flash_mla_with_kvcache(
         q, k_cache, None, None, head_dim_v, softmax_scale=softmax_scale, is_fp8_kvcache=is_fp8_kvcache,
-        indices=indices, seqlens_q=seqlens_q,
+        indices=indices, attn_sink=attn_sink, extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices,
+        seqlens_q=seqlens_q,
     )  # fmt: skip
 
 
 @sparse_decode.register_fake
-def _(q, k_cache, indices, head_dim_v, softmax_scale, is_fp8_kvcache, seqlens_q=None):
+def _(q, k_cache, indices, head_dim_v, softmax_scale, is_fp8_kvcache, seqlens_q=None, attn_sink=None,
+      extra_k_cache=None, extra_indices=None):  # fmt: skip
     b, s_q, h_q, _ = q.shape
     return q.new_empty(b, s_q, h_q, head_dim_v), q.new_empty(b, h_q, s_q, dtype=torch.float32)
 
@@ -158,6 +165,35 @@ def select(fmt: CacheFormat, q: torch.Tensor, weights: torch.Tensor, index_cache
     if page_size:
         return reference_indexer.index_topk(scores, topk, block_table, page_size)
     return reference_indexer.index_topk(scores, topk)
+
+
+def attend_lists(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    indices: torch.Tensor,
+    head_dim_v: int,
+    softmax_scale: float,
+    is_fp8: bool,
+    backend: str,
+    attn_sink: torch.Tensor | None = None,
+    extra_k_cache: torch.Tensor | None = None,
+    extra_indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sparse decode through `backend`: each query of q [b, s, h, d] attends the slots
+    `indices` [b, s, k] of k_cache and, in the same softmax, the slots `extra_indices` of
+    extra_k_cache (-1 skipped), with an optional float32 sink per head: out [b, s, h, head_dim_v]
+    in q's dtype (`flash_mla_with_kvcache`'s contract; the reference checks its arguments, and
+    computes in at least float32 and takes a float64 q)."""
+    if backend == "triton":
+        out, _ = torch.ops.mla.sparse_decode(q, k_cache, indices, head_dim_v, softmax_scale, is_fp8, None, attn_sink,
+                                             extra_k_cache, extra_indices)  # fmt: skip
+        return out
+    out, _ = reference_decode(
+        q, k_cache, None, None, head_dim_v, softmax_scale=softmax_scale, is_fp8_kvcache=is_fp8, indices=indices,
+        attn_sink=attn_sink, extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices,
+        compute_dtype=torch.promote_types(q.dtype, torch.float32),
+    )  # fmt: skip
+    return out
 
 
 def write(fmt: CacheFormat, pages: torch.Tensor, slots: torch.Tensor, latent, k_pe, backend: str,

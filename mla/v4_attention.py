@@ -23,7 +23,7 @@ o_a_proj, then mixes them with o_b_proj. Sliding layers use plain RoPE with rope
 HCA layers use compress_rope_theta with the YaRN frequencies of rope_scaling, for every rotation
 of the layer (query, window keys, entries, indexer).
 
-Compressed entries (`compress_pool`). With rate m, entry w is a softmax-gated pooling of tokens,
+Compressed entries (`mla.reference.compressor.pool`). With rate m, entry w is a softmax-gated pooling of tokens,
 kv_norm-ed and roped at position w * m (its window's first token):
   - HCA (m' = 128): the m' tokens w m' ... (w + 1) m' - 1, per channel
     softmax_j(gate_j + position_bias[j mod m']) weighting kv_j.
@@ -103,42 +103,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mla import ops
 from mla.attention import RMSNorm, check_tokens, chosen_mask
+from mla.backend import check_backend, resolve_backend
 from mla.cache import LatentCache
-from mla.reference.indexer import index_scores, index_topk
+from mla.formats import index_key_format
+from mla.reference.compressor import pool
 from mla.rope import RotaryEmbedding
 from mla.v4 import CSA, HCA, SLIDING, V4Config
 from mla.v4_cache import V4Cache
-
-
-def compress_pool(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.Tensor, overlap: bool) -> torch.Tensor:
-    """The compressor's softmax-gated pooling of whole windows (before its norm and RoPE).
-
-    Args:
-        kv, gate: [b, s, c * d] projections of s tokens (c = 2 with `overlap`, else 1).
-        position_bias: [m, c * d], added to the gate of the token at offset i of its window.
-        overlap: CSA's overlapping windows: entry w pools the first d channels of window w - 1
-            and the last d channels of window w (2m slots; window -1 contributes nothing).
-
-    Returns:
-        [b, s // m, d] in kv's dtype: entry w = sum over its slots of softmax(gate + bias) * kv
-        per channel, computed in at least float32. Tokens past the last whole window are not
-        pooled (their entry has not closed).
-    """
-    b, s, width = kv.shape
-    m = position_bias.shape[0]
-    n = s // m
-    dtype, compute = kv.dtype, torch.promote_types(kv.dtype, torch.float32)
-    kv = kv[:, : n * m].to(compute).unflatten(1, (n, m))  # [b, n, m, c * d]
-    gate = gate[:, : n * m].to(compute).unflatten(1, (n, m)) + position_bias.to(compute)
-    if overlap:
-        d = width // 2
-        # window w - 1's first half joins entry w; before window 0 there is nothing (weight 0)
-        previous_kv = F.pad(kv[..., :d], (0, 0, 0, 0, 1, 0))[:, :n]
-        previous_gate = F.pad(gate[..., :d], (0, 0, 0, 0, 1, 0), value=-math.inf)[:, :n]
-        kv = torch.cat([previous_kv, kv[..., d:]], dim=2)  # [b, n, 2m, d]
-        gate = torch.cat([previous_gate, gate[..., d:]], dim=2)
-    return (kv * gate.softmax(dim=2)).sum(dim=2).to(dtype)
 
 
 def rotate_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -181,7 +154,8 @@ def v4_rotary(config: V4Config, kind: str) -> RotaryEmbedding:
 
 
 class V4Compressor(nn.Module):
-    """A compressor: tokens -> one entry per closed window of m tokens (`compress_pool`, then
+    """A compressor: tokens -> one entry per closed window of m tokens (`pool`, i.e.
+    `mla.reference.compressor.pool`, the pooling the compressor kernel's twin runs too; then
     kv_norm, then RoPE at the window's first position). transformers' DeepseekV4HCACompressor /
     DeepseekV4CSACompressor parameters: kv_proj, gate_proj [c * width, hidden], position_bias
     [m, c * width] (float32 in checkpoints), kv_norm [width]; c = 2 when `overlap`."""
@@ -205,7 +179,7 @@ class V4Compressor(nn.Module):
         rotary tables [1 or b, T // m - skip, rope / 2] of the entries' positions -> the entries
         of its whole windows but the first `skip` [b, T // m - skip, width], in raw's dtype (a
         continuation passes the window before its first new one with skip 1: CSA's overlap)."""
-        pooled = compress_pool(raw[:, :, 0], raw[:, :, 1], self.position_bias, self.overlap)[:, skip:]
+        pooled = pool(raw[:, :, 0], raw[:, :, 1], self.position_bias, self.overlap)[:, skip:]
         return rotate_tail(self.kv_norm(pooled), cos, sin)
 
     def entries(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -247,8 +221,8 @@ class V4Indexer(V4Compressor):
         """The entries each query of whole sequences attends, as a bool mask [b, s, s // m].
 
         hidden_states [b, s, hidden], q_resid [b, s, q_lora_rank], float32 rotary tables of the
-        tokens [1 or b, s, rope / 2] and of the entries [1, s // m, rope / 2]: `choose` over the
-        entries viewed as one page per sequence."""
+        tokens [1 or b, s, rope / 2] and of the entries [1, s // m, rope / 2]: `choose` (the
+        reference) over the entries viewed as one page per sequence."""
         b, s, _ = hidden_states.shape
         keys = self.entries(hidden_states, entry_cos, entry_sin)  # [b, n, D]
         if keys.dtype == torch.float64:  # scored in float32, as V4Cache.index_dtype stores them for float64
@@ -256,34 +230,43 @@ class V4Indexer(V4Compressor):
         device = hidden_states.device
         visible_count = (torch.arange(1, s + 1, device=device) // self.config.compress_rates[CSA]).expand(b, s)
         table = torch.arange(b, dtype=torch.int32, device=device)[:, None]
-        return self.choose(hidden_states, q_resid, cos, sin, keys[:, :, None].contiguous(), table, visible_count)
+        chosen = self.choose(hidden_states, q_resid, cos, sin, keys[:, :, None].contiguous(), table, visible_count,
+                             "reference")  # fmt: skip
+        visible = torch.arange(keys.shape[1], device=device) < visible_count[..., None]
+        return chosen_mask(chosen, visible)
 
-    def choose(self, hidden_states, q_resid, cos, sin, key_pages, table, visible_count) -> torch.Tensor:
-        """Which entries each query attends, bool [b, s, n], from paged indexer keys.
+    def choose(self, hidden_states, q_resid, cos, sin, key_pages, table, visible_count, backend,
+               page_size=None) -> torch.Tensor:  # fmt: skip
+        """Which entries each query attends, from paged indexer keys, through `backend`.
 
         hidden_states [b, s, hidden], q_resid [b, s, q_lora_rank], float32 rotary tables of the
         queries [1 or b, s, rope / 2]; key_pages [num_pages, P, 1, D] (bfloat16 / float16 /
         float32; the queries are scored in its dtype), table int32 [b, pages] (entry w of row
         i at row w % P of page table[i, w // P]), visible_count [b, s] the entries query
-        (i, t) sees, w < (t + 1) // m; n = its maximum. Query t chooses the index_topk best
-        of its visible entries (all when fewer), ties to the lower w: `index_scores` with each
-        query its own row and visible length, then `index_topk`."""
+        (i, t) sees, w < (t + 1) // m. Query t chooses the index_topk best of its visible
+        entries (all when fewer), ties to the lower w: `index_scores` with each query its own
+        row and visible length, then `index_topk` (`mla.ops.select`).
+
+        Returns:
+            int32 [b, s, index_topk], -1 after the last choice: the entries' indices w, or with
+            page_size = P their slots in key_pages' rows (table[i, w // P] * P + w % P), the
+            sparse decode's `indices` format.
+        """
         c = self.config
         b, s, _ = hidden_states.shape
         n = int(visible_count.max())
-        visible = torch.arange(n, device=visible_count.device) < visible_count[..., None]  # [b, s, n]
         if n == 0:
-            return visible
+            return torch.full((b, s, c.index_topk), -1, dtype=torch.int32, device=hidden_states.device)
         q = self.q_b_proj(q_resid).view(b, s, c.index_n_heads, c.index_head_dim)
-        q = rotate_tail(q, cos[:, :, None], sin[:, :, None]).to(key_pages.dtype)
+        q = rotate_tail(q, cos[:, :, None], sin[:, :, None])
         weights = self.scorer(hidden_states)
         with torch.no_grad():  # a choice of entries: nothing to differentiate
-            scores = index_scores(
-                q.reshape(b * s, 1, c.index_n_heads, c.index_head_dim), weights.reshape(b * s, 1, -1),
-                key_pages, table.repeat_interleave(s, dim=0), visible_count.reshape(-1).to(torch.int32), n,
-            ).view(b, s, n)  # fmt: skip
-            chosen, _ = index_topk(scores, c.index_topk)
-        return chosen_mask(chosen, visible)
+            chosen, _ = ops.select(
+                index_key_format(key_pages.dtype, c.index_head_dim), q.reshape(b * s, 1, c.index_n_heads, -1),
+                weights.reshape(b * s, 1, -1), key_pages, table.repeat_interleave(s, dim=0),
+                visible_count.reshape(-1).to(torch.int32), n, None, c.index_topk, page_size, backend,
+            )  # fmt: skip
+        return chosen.view(b, s, -1)
 
 
 class V4Attention(nn.Module):
@@ -292,6 +275,10 @@ class V4Attention(nn.Module):
     Args:
         config: a V4Config.
         layer_idx: the layer; its kind is config.layer_types[layer_idx].
+        backend: the cached path's implementation: "triton" (`mla.kernels`: the sparse decode
+            kernel, the indexer's scores and top-k), "reference" (their PyTorch twins, any dtype
+            and device), or None (`mla.backend`'s rule; the reference over a float64 cache).
+            The cache-free path is PyTorch always.
 
     Parameters (transformers' DeepseekV4Attention names, so its state dicts load as they are):
         q_a_proj [q_lora_rank, hidden], q_a_norm [q_lora_rank], q_b_proj [h * head_dim,
@@ -301,8 +288,9 @@ class V4Attention(nn.Module):
         layers `compressor.indexer` (`V4Indexer`).
     """
 
-    def __init__(self, config: V4Config, layer_idx: int):
+    def __init__(self, config: V4Config, layer_idx: int, backend: str | None = None):
         super().__init__()
+        self.backend = check_backend(backend)
         if not isinstance(config, V4Config):
             raise TypeError(f"config must be a V4Config, got {type(config).__name__}")
         n = len(config.layer_types)
@@ -329,9 +317,9 @@ class V4Attention(nn.Module):
         self.softmax_scale = c.head_dim**-0.5
 
     @classmethod
-    def from_hf(cls, hf_attention: nn.Module) -> V4Attention:
+    def from_hf(cls, hf_attention: nn.Module, backend: str | None = None) -> V4Attention:
         """Copy a transformers DeepseekV4Attention (weights, dtype, device)."""
-        module = cls(V4Config.from_hf(hf_attention.config), hf_attention.layer_idx)
+        module = cls(V4Config.from_hf(hf_attention.config), hf_attention.layer_idx, backend)
         weight = hf_attention.q_b_proj.weight
         module.to(device=weight.device, dtype=weight.dtype)
         module.load_state_dict(hf_attention.state_dict())
@@ -388,9 +376,9 @@ class V4Attention(nn.Module):
 
         if cache is None:
             keys, visible = self._one_shot_keys(hidden_states, q_resid, kv, cos, sin)
+            out = self._attend(q, keys, visible)  # [b, s, h, head_dim]
         else:
-            keys, visible = self._cached_keys(cache, seq_ids, starts, tokens, hidden_states, q_resid, kv, cos, sin)
-        out = self._attend(q, keys, visible)  # [b, s, h, head_dim]
+            out = self._cached_attend(cache, seq_ids, starts, tokens, hidden_states, q_resid, q, kv, cos, sin)
         out = rotate_tail(out, cos[:, :, None], -sin[:, :, None])  # undo the keys' rotation on V = K
         grouped = out.reshape(b, s, c.o_groups, -1)  # [b, s, g, h * head_dim / g]
         w = self.o_a_proj.weight.view(c.o_groups, c.o_lora_rank, -1)  # [g, r, h * head_dim / g]
@@ -440,48 +428,73 @@ class V4Attention(nn.Module):
         cache.check_fits(self.layer_idx, self.config)
         return cache.step_starts(self.layer_idx, seq_ids, s)
 
-    def _cached_keys(self, cache, ids, starts, tokens, hidden_states, q_resid, kv, cos, sin):
+    def _cached_attend(self, cache, ids, starts, tokens, hidden_states, q_resid, q, kv, cos, sin) -> torch.Tensor:
         """Append the new tokens (token indices [b, s]) to the cache (window rows, compressor
-        rows, closed entries and indexer keys) and gather what they attend: keys [b, L, head_dim]
-        (each sequence's window rows from its first new token's window on, then its entries,
-        padded) and bool visible [b, s, L]."""
+        rows, closed entries and indexer keys), then attend in one sparse decode call
+        (`mla.ops.attend_lists`): each query's window as `indices` into the window rows, the
+        entries it sees (every visible one for HCA, the indexer's choice for CSA) as the extra
+        cache's slots, and the sinks. Returns [b, s, h, head_dim] in q's dtype."""
         b, s, _ = hidden_states.shape
-        layer, device = self.layer_idx, hidden_states.device
-        window = self.config.sliding_window
+        layer, device, window = self.layer_idx, hidden_states.device, self.config.sliding_window
+        backend = self._cached_backend(cache, device)
         token_slots = [cache.slots(sid, start, start + s) for sid, start in zip(ids, starts)]
         for i, slots in enumerate(token_slots):
             cache.write(layer, "kv", slots, kv[i])
         cache.advance(layer, ids, s)
-        # token t sees rows t - sliding_window + 1 ... t: the first new token needs the oldest
-        first = [max(0, start - window + 1) for start in starts]
-        rows, row_tokens = _gather(
-            [cache.read(layer, "kv", cache.slots(sid, lo, st + s)) for sid, lo, st in zip(ids, first, starts)],
-            [torch.arange(lo, st + s, device=device) for lo, st in zip(first, starts)],
-        )
-        visible = self._window_mask(tokens, row_tokens[:, None])
-        if self.compressor is None:
-            return rows, visible
+        # query start + j attends tokens start + j - window + 1 ... start + j (those >= 0)
+        reach = torch.arange(s)[:, None] + torch.arange(1 - window, 1)  # [s, window]
+        rows = []
+        for sid, start in zip(ids, starts):
+            lo = max(0, start - window + 1)
+            held = cache.slots(sid, lo, start + s)
+            offset = (start + reach - lo).to(held.device)
+            rows.append(torch.where(offset >= 0, held[offset.clamp_min(0)], -1))
+        indices = torch.stack(rows).to(torch.int32)  # [b, s, window]
 
-        m = self.config.compress_rates[self.kind]
-        counts = [(start + s) // m for start in starts]  # entries each sequence has after this step
+        pages = cache.layers[layer].kv
+        extra = extra_slots = None
+        if self.compressor is not None:
+            extra_slots = self._cached_entries(cache, ids, starts, tokens, hidden_states, q_resid, cos, sin, token_slots,
+                                               backend)  # fmt: skip
+            extra = None if extra_slots is None else cache.layers[layer].entries.unsqueeze(2)
+        out = ops.attend_lists(
+            q.to(pages.dtype), pages.unsqueeze(2), indices, self.config.head_dim, self.softmax_scale, False, backend,
+            self.sinks.detach().float(), extra, extra_slots,
+        )  # fmt: skip
+        return out.to(q.dtype)
+
+    def _cached_backend(self, cache, device) -> str:
+        """The backend of the cached path: the module's, or `mla.backend`'s rule; a float64
+        cache (for exactness tests) runs the reference, as the kernels read 16- and 32-bit rows."""
+        if cache.dtype == torch.float64:
+            if self.backend == "triton":
+                raise ValueError("backend='triton' reads bfloat16 / float16 / float32 caches, got a float64 V4Cache")
+            return "reference"
+        return resolve_backend(self.backend, device)
+
+    def _cached_entries(self, cache, ids, starts, tokens, hidden_states, q_resid, cos, sin, token_slots, backend):
+        """Store the compressor rows and close the windows the new tokens complete, then list
+        the entries each query attends as slots of the layer's entry rows: int32 [b, s, k], -1
+        padded, or None while no query sees any."""
+        layer, m = self.layer_idx, self.config.compress_rates[self.kind]
         self._close_windows(cache, "raw", "entries", self.compressor, self.compressor.project(hidden_states),
                             ids, starts, token_slots, m)  # fmt: skip
-        entries, _ = _gather(
-            [cache.read(layer, "entries", cache.entry_slots(layer, sid, 0, n)) for sid, n in zip(ids, counts)],
-            [torch.arange(n, device=device) for n in counts],
-        )
-        visible_count = (tokens + 1) // m  # [b, s]
         if self.kind == CSA:
             indexer = self.compressor.indexer
             self._close_windows(cache, "index_raw", "index_keys", indexer, indexer.project(hidden_states),
                                 ids, starts, token_slots, m)  # fmt: skip
-            layer_store = cache.layers[layer]
-            entry_mask = indexer.choose(hidden_states, q_resid, cos, sin, layer_store.index_keys,
-                                        cache.entry_table(layer, ids), visible_count)  # fmt: skip
-        else:
-            entry_mask = torch.arange(entries.shape[1], device=device) < visible_count[..., None]
-        entry_mask = F.pad(entry_mask, (0, entries.shape[1] - entry_mask.shape[-1]))
-        return torch.cat([rows, entries], dim=1), torch.cat([visible, entry_mask], dim=-1)
+        visible_count = (tokens + 1) // m  # [b, s]: query t sees entries w < (t + 1) // m
+        n = int(visible_count.max())
+        if n == 0:
+            return None
+        if self.kind == CSA:
+            key_pages = cache.layers[layer].index_keys
+            return indexer.choose(hidden_states, q_resid, cos, sin, key_pages, cache.entry_table(layer, ids),
+                                  visible_count, backend, page_size=key_pages.shape[1])  # fmt: skip
+        held = [cache.entry_slots(layer, sid, 0, (start + tokens.shape[1]) // m) for sid, start in zip(ids, starts)]
+        slots = torch.stack([F.pad(h, (0, n - h.shape[0]), value=-1) for h in held])  # [b, n]
+        seen = torch.arange(n, device=slots.device) < visible_count.to(slots.device)[..., None]  # [b, s, n]
+        return torch.where(seen, slots[:, None], -1).to(torch.int32)
 
     def _close_windows(self, cache, raw_name, entry_name, compressor, raw, ids, starts, token_slots, m) -> None:
         """Store the new tokens' compressor rows `raw` [b, s, 2, width] in cache tensor
@@ -508,7 +521,8 @@ class V4Attention(nn.Module):
         logits = torch.einsum("bshd,bld->bhsl", q.to(compute), kv.to(compute)) * self.softmax_scale
         logits = logits.masked_fill(~visible[:, None], -math.inf)
         b, h, s, _ = logits.shape
-        sink = self.sinks.to(compute).view(1, h, 1, 1).expand(b, h, s, 1)
+        # float32 sinks, as DeepSeek keeps them and the decode kernels take them
+        sink = self.sinks.float().to(compute).view(1, h, 1, 1).expand(b, h, s, 1)
         probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]  # the sink's share is dropped
         return torch.einsum("bhsl,bld->bshd", probs, kv.to(compute)).to(q.dtype)
 
@@ -534,13 +548,6 @@ class V4Attention(nn.Module):
         c = self.config
         return (
             f"layer_idx={self.layer_idx}, kind={self.kind}, heads={c.num_heads}, head_dim={c.head_dim}, "
-            f"rope_dim={c.rope_dim}, sliding_window={c.sliding_window}"
+            f"rope_dim={c.rope_dim}, sliding_window={c.sliding_window}, backend={self.backend or 'auto'}"
         )
 
-
-def _gather(rows: list[torch.Tensor], indices: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence rows [L_i, d] and their indices [L_i] -> rows [b, max L_i, d] padded with
-    zeros and indices [b, max L_i] padded with -1 (never visible)."""
-    width = max(r.shape[0] for r in rows)
-    padded = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
-    return padded, torch.stack([F.pad(i, (0, width - i.shape[0]), value=-1) for i in indices])

@@ -66,9 +66,11 @@ Argument checks live in `check_compress_args` / `check_write_args`, shared with 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from mla.formats import PLAIN_DTYPES, Model1Format, _check_slots
 
@@ -191,6 +193,37 @@ def check_write_args(pages, page_size, slots, shape: CompressShape, dtype):
     return fmt, dtype, slots
 
 
+def pool(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.Tensor, overlap: bool) -> torch.Tensor:
+    """The compressor's softmax-gated pooling of whole windows (before its norm and RoPE): the one
+    definition, differentiable, any float dtype; `compress` and `mla.v4_attention` call it.
+
+    Args:
+        kv, gate: [b, s, c * d] projections of s tokens (c = 2 with `overlap`, else 1).
+        position_bias: [m, c * d], added to the gate of the token at offset i of its window.
+        overlap: CSA's overlapping windows: entry w pools the first d channels of window w - 1
+            and the last d channels of window w (2m slots; window -1 contributes nothing).
+
+    Returns:
+        [b, s // m, d] in kv's dtype: entry w = sum over its slots of softmax(gate + bias) * kv
+        per channel, computed in at least float32. Tokens past the last whole window are not
+        pooled (their entry has not closed).
+    """
+    b, s, width = kv.shape
+    m = position_bias.shape[0]
+    n = s // m
+    dtype, compute = kv.dtype, torch.promote_types(kv.dtype, torch.float32)
+    kv = kv[:, : n * m].to(compute).unflatten(1, (n, m))  # [b, n, m, c * d]
+    gate = gate[:, : n * m].to(compute).unflatten(1, (n, m)) + position_bias.to(compute)
+    if overlap:
+        d = width // 2
+        # window w - 1's first half joins entry w; before window 0 there is nothing (weight 0)
+        previous_kv = F.pad(kv[..., :d], (0, 0, 0, 0, 1, 0))[:, :n]
+        previous_gate = F.pad(gate[..., :d], (0, 0, 0, 0, 1, 0), value=-math.inf)[:, :n]
+        kv = torch.cat([previous_kv, kv[..., d:]], dim=2)  # [b, n, 2m, d]
+        gate = torch.cat([previous_gate, gate[..., d:]], dim=2)
+    return (kv * gate.softmax(dim=2)).sum(dim=2).to(dtype)
+
+
 def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x (float32) rounded to dtype and back, as DeepSeek's activations are."""
     return x.to(dtype).float()
@@ -199,20 +232,12 @@ def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _entries(shape: CompressShape, kv, gate, bias, norm_weight, cos, sin, prev_kv, prev_gate, eps, dtype):
     """The entries, float32 [n, head_dim], each rounded to dtype."""
     n, m, d = shape.n, shape.m, shape.head_dim
-    values = kv.float()
-    logits = gate.float() + bias.float()  # [n, m, W]
-    if shape.overlap:
-        if shape.has_prev:
-            first_kv = prev_kv.float()[None]
-            first_logit = (prev_gate.float() + bias.float()[:, :d])[None]
-        else:
-            first_kv = values.new_zeros(1, m, d)
-            first_logit = values.new_full((1, m, d), float("-inf"))
-        ca_kv = torch.cat([first_kv, values[:-1, :, :d]])[:n]  # [n, m, d]
-        ca_logit = torch.cat([first_logit, logits[:-1, :, :d]])[:n]
-        values = torch.cat([ca_kv, values[:, :, d:]], dim=1)  # [n, 2m, d]
-        logits = torch.cat([ca_logit, logits[:, :, d:]], dim=1)
-    pooled = _round((values * logits.softmax(dim=1)).sum(dim=1), dtype)  # [n, d]
+    values, logits = kv.float().flatten(0, 1)[None], gate.float().flatten(0, 1)[None]  # [1, n * m, W]
+    if shape.has_prev:  # the window before kv[0]: only its Ca half (first d channels) is pooled
+        width = values.shape[-1]
+        values = torch.cat([F.pad(prev_kv.float(), (0, width - d))[None], values], dim=1)
+        logits = torch.cat([F.pad(prev_gate.float(), (0, width - d))[None], logits], dim=1)
+    pooled = _round(pool(values, logits, bias.float(), shape.overlap)[0, -n:], dtype)  # [n, d]
     normed = pooled * torch.rsqrt(pooled.square().mean(dim=-1, keepdim=True) + eps)
     entry = _round(norm_weight.float() * normed, dtype)
     half = shape.rope_dim // 2

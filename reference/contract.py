@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from mla.formats import PLAIN_DTYPES, CacheFormat, decode_format
+from mla.formats import PLAIN_DTYPES, CacheFormat, PlainFormat, decode_format
 
 
 Q_DTYPES = PLAIN_DTYPES
@@ -186,9 +186,18 @@ def _first(bad: torch.Tensor) -> tuple[int, ...]:
     return tuple(torch.nonzero(bad)[0].tolist())
 
 
-def _cache_format(k_cache, head_dim_v, d: int, is_fp8: bool) -> CacheFormat:
+class Float64Rows(PlainFormat):
+    """Plain float64 rows: a cache only the reference reads (`mla.v4_cache.V4Cache` in float64,
+    for tests that compare paths exactly); no kernel takes them."""
+
+    dtypes = (torch.float64,)
+
+
+def _cache_format(k_cache, head_dim_v, d: int, is_fp8: bool, q_dtypes) -> CacheFormat:
     """The format k_cache is read in; ValueError naming head_dim_v when the format cannot hold it."""
     try:
+        if not is_fp8 and k_cache.dtype == torch.float64 and torch.float64 in q_dtypes:
+            return Float64Rows(head_dim_v, d - head_dim_v, torch.float64)
         return decode_format(k_cache, head_dim_v, d, is_fp8)
     except ValueError as e:
         kind = "FP8 " if is_fp8 else ""
@@ -260,7 +269,7 @@ def check_decode(
             raise TypeError(
                 f"k_cache dtype {k_cache.dtype} must match q dtype {q.dtype} (FP8 caches need is_fp8_kvcache=True)"
             )
-    fmt = _cache_format(k_cache, head_dim_v, d, is_fp8_kvcache)
+    fmt = _cache_format(k_cache, head_dim_v, d, is_fp8_kvcache, q_dtypes)
     _check_pages(fmt, k_cache, "k_cache", None)
     num_blocks, page_size, h_kv = k_cache.shape[:3]
     if h_q % h_kv:

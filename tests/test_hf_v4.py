@@ -57,7 +57,7 @@ def dense_model():
 
 @pytest.fixture
 def patched(dense_model):
-    yield mla.hf.patch(dense_model)
+    yield mla.hf.patch(dense_model, backend="reference")
     mla.hf.unpatch(dense_model)
 
 
@@ -69,7 +69,7 @@ def generate_both(model, ids, **kwargs):
     """(unpatched, patched) generate outputs with logits."""
     kwargs = {**GREEDY, "output_logits": True, "return_dict_in_generate": True, **kwargs}
     reference = model.generate(ids, **kwargs)
-    mla.hf.patch(model)
+    mla.hf.patch(model, backend="reference")
     try:
         ours = model.generate(ids, **kwargs)
     finally:
@@ -101,7 +101,7 @@ def test_left_padded_batch_equals_each_row_alone(dense_model):
     ids[1, :8] = 0
     kwargs = {**GREEDY, "output_logits": True, "return_dict_in_generate": True}
     alone = [dense_model.generate(ids[row : row + 1, 8 * row :], **kwargs) for row in range(2)]
-    mla.hf.patch(dense_model)
+    mla.hf.patch(dense_model, backend="reference")
     try:
         ours = dense_model.generate(ids, attention_mask=mask, **kwargs)
     finally:
@@ -137,7 +137,7 @@ def test_sampling_draws_what_transformers_draws(dense_model):
     kwargs = dict(do_sample=True, top_k=0, temperature=1.5, num_return_sequences=2)
     torch.manual_seed(11)
     reference = dense_model.generate(prompts(1), **{**GREEDY, **kwargs})
-    mla.hf.patch(dense_model)
+    mla.hf.patch(dense_model, backend="reference")
     try:
         torch.manual_seed(11)
         ours = dense_model.generate(prompts(1), **{**GREEDY, **kwargs})
@@ -177,7 +177,7 @@ def test_failed_step_rolls_back_and_crop_is_exact(patched):
 
 def test_patch_shares_parameters_and_unpatch_restores(dense_model):
     keys = list(dense_model.state_dict())
-    mla.hf.patch(dense_model)
+    mla.hf.patch(dense_model, backend="reference")
     attention = dense_model.model.layers[1].self_attn
     assert type(attention) is MLADeepseekV4Attention
     assert attention.mla_v4.compressor.indexer.q_b_proj.weight is attention.compressor.indexer.q_b_proj.weight
@@ -203,5 +203,3 @@ def test_refused_inputs(patched):
     with pytest.raises(ValueError, match="no_grad"):
         patched(ids, cache=cache, use_cache=True)
     assert cache.lengths() == []  # the failed first step freed the rows it made
-    with pytest.raises(ValueError, match="backend"):
-        mla.hf.patch(patched, backend="triton")

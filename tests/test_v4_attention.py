@@ -9,7 +9,8 @@ from transformers import DeepseekV4Config
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Attention, DeepseekV4RotaryEmbedding
 
 from mla.v4 import CSA, HCA, SLIDING, V4Config
-from mla.v4_attention import V4Attention, compress_pool
+from mla.reference.compressor import pool
+from mla.v4_attention import V4Attention
 
 # tiny tensors: intra-op threads only add synchronisation on a shared 2-core machine
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -155,7 +156,7 @@ def test_prefix_forward_equals_one_shot(kind):
 
 
 def pool_by_definition(kv, gate, bias, overlap):
-    """compress_pool's docstring, one entry and one slot at a time."""
+    """pool's docstring, one entry and one slot at a time."""
     b, s, width = kv.shape
     m = bias.shape[0]
     d = width // 2 if overlap else width
@@ -177,12 +178,12 @@ def pool_by_definition(kv, gate, bias, overlap):
     [pytest.param(4, True, 18, id="csa-m4-s18"), pytest.param(3, False, 11, id="hca-m3-s11"),
      pytest.param(4, True, 3, id="csa-no-closed-window")],
 )  # fmt: skip
-def test_compress_pool_matches_its_definition(rate, overlap, s):
+def test_pool_matches_its_definition(rate, overlap, s):
     width = 2 * 6 if overlap else 6
     generator = torch.Generator().manual_seed(4)
     kv, gate = (torch.randn(2, s, width, dtype=torch.float64, generator=generator) for _ in range(2))
     bias = torch.randn(rate, width, dtype=torch.float64, generator=generator)
-    pooled = compress_pool(kv, gate, bias, overlap)
+    pooled = pool(kv, gate, bias, overlap)
     assert pooled.shape == (2, s // rate, width // (2 if overlap else 1))
     assert_close(pooled, pool_by_definition(kv, gate, bias, overlap), 1e-14, "pooling")
 
