@@ -478,11 +478,11 @@ class V4Attention(nn.Module):
         padded, or None while no query sees any."""
         layer, m = self.layer_idx, self.config.compress_rates[self.kind]
         self._close_windows(cache, "raw", "entries", self.compressor, self.compressor.project(hidden_states),
-                            ids, starts, token_slots, m)  # fmt: skip
+                            ids, starts, token_slots, m, backend)  # fmt: skip
         if self.kind == CSA:
             indexer = self.compressor.indexer
             self._close_windows(cache, "index_raw", "index_keys", indexer, indexer.project(hidden_states),
-                                ids, starts, token_slots, m)  # fmt: skip
+                                ids, starts, token_slots, m, backend)  # fmt: skip
         visible_count = (tokens + 1) // m  # [b, s]: query t sees entries w < (t + 1) // m
         n = int(visible_count.max())
         if n == 0:
@@ -496,11 +496,14 @@ class V4Attention(nn.Module):
         seen = torch.arange(n, device=slots.device) < visible_count.to(slots.device)[..., None]  # [b, s, n]
         return torch.where(seen, slots[:, None], -1).to(torch.int32)
 
-    def _close_windows(self, cache, raw_name, entry_name, compressor, raw, ids, starts, token_slots, m) -> None:
+    def _close_windows(self, cache, raw_name, entry_name, compressor, raw, ids, starts, token_slots, m,
+                       backend) -> None:  # fmt: skip
         """Store the new tokens' compressor rows `raw` [b, s, 2, width] in cache tensor
         `raw_name`, then pool every window they close (its last token among them) from the
-        cached rows into `entry_name`, before anything attends it. CSA's entry w also reads
-        window w - 1, so pooling starts one window early and skips that entry."""
+        cached rows into `entry_name`, before anything attends it: with the Triton backend
+        `mla.kernels.compressor.write_compressed` (pool, norm, RoPE and write in one kernel),
+        else `compressor.pool` and a cache write. CSA's entry w also reads window w - 1, so
+        pooling starts one window early and skips that entry."""
         layer, s = self.layer_idx, raw.shape[1]
         for i, (sid, start, slots) in enumerate(zip(ids, starts, token_slots)):
             cache.write(layer, raw_name, slots, raw[i])
@@ -510,8 +513,23 @@ class V4Attention(nn.Module):
             skip = 1 if compressor.overlap and lo > 0 else 0
             rows = cache.read(layer, raw_name, cache.slots(sid, (lo - skip) * m, hi * m))
             entry_cos, entry_sin = self.rotary(torch.arange(lo, hi, device=raw.device)[None] * m)
-            entries = compressor.pool(rows[None].to(raw.dtype), entry_cos, entry_sin, skip)[0]
-            cache.write(layer, entry_name, cache.entry_slots(layer, sid, lo, hi), entries)
+            entry_slots = cache.entry_slots(layer, sid, lo, hi)
+            if backend != "triton":
+                entries = compressor.pool(rows[None].to(raw.dtype), entry_cos, entry_sin, skip)[0]
+                cache.write(layer, entry_name, entry_slots, entries)
+                continue
+            from mla.kernels.compressor import write_compressed  # Triton loads on first use, as in mla.ops
+
+            pages = getattr(cache.layers[layer], entry_name)
+            pages = pages if pages.dim() == 4 else pages.unsqueeze(2)  # [num_pages, P, 1, width]
+            d = pages.shape[-1]
+            window = rows[skip * m :].unflatten(0, (hi - lo, m))  # [n, m, 2, c * d]
+            before = rows[:m, :, :d] if skip else None  # the previous window's Ca half
+            write_compressed(
+                pages, pages.shape[1], entry_slots, window[:, :, 0], window[:, :, 1], compressor.position_bias,
+                compressor.kv_norm.weight, entry_cos[0], entry_sin[0], None if before is None else before[:, 0],
+                None if before is None else before[:, 1], self.config.rms_norm_eps,
+            )  # fmt: skip
 
     def _attend(self, q: torch.Tensor, kv: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """q [b, s, h, d], kv [b, L, d] (K = V), bool visible [b, s, L] (every query sees at

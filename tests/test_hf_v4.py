@@ -203,3 +203,38 @@ def test_refused_inputs(patched):
     with pytest.raises(ValueError, match="no_grad"):
         patched(ids, cache=cache, use_cache=True)
     assert cache.lengths() == []  # the failed first step freed the rows it made
+
+
+def test_triton_backend_runs_the_kernels_and_equals_the_reference(dense_model, monkeypatch):
+    """backend="triton" (the interpreter here): each decode step of each layer attends in one
+    sparse kernel call (window + entries + sinks), CSA layers choose with the indexer kernels,
+    and closing windows pool with the compressor kernel; tokens equal the reference backend's."""
+    import mla.kernels
+    import mla.kernels.compressor
+    import mla.kernels.indexer
+
+    ids = prompts()[:, :9]
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
+                  return_dict_in_generate=True)  # fmt: skip
+    mla.hf.patch(dense_model, backend="reference")
+    try:
+        expected = dense_model.generate(ids, **kwargs)
+    finally:
+        mla.hf.unpatch(dense_model)
+    calls = []
+    for module, name in ((mla.kernels, "flash_mla_with_kvcache"), (mla.kernels.indexer, "index_scores"),
+                         (mla.kernels.indexer, "index_topk"), (mla.kernels.compressor, "write_compressed")):  # fmt: skip
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    mla.hf.patch(dense_model, backend="triton")
+    try:
+        actual = dense_model.generate(ids, **kwargs)
+    finally:
+        mla.hf.unpatch(dense_model)
+    assert torch.equal(actual.sequences, expected.sequences)
+    assert_close(torch.stack(actual.logits), torch.stack(expected.logits), 1e-4, "triton vs reference logits")
+    # the last decode step (token 10 -> 11: no window closes): layers sliding, CSA, HCA, CSA
+    step = ["flash_mla_with_kvcache", "index_scores", "index_topk", "flash_mla_with_kvcache",
+            "flash_mla_with_kvcache", "index_scores", "index_topk", "flash_mla_with_kvcache"]  # fmt: skip
+    assert calls[-len(step) :] == step, calls
+    assert "write_compressed" in calls

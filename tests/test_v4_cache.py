@@ -300,9 +300,13 @@ def test_cached_steps_equal_one_shot_wide(steps):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_low_precision_cache_within_twice_the_one_shot_error(dtype):
     """A float32 / bfloat16 model with a cache of its dtype: the cached steps' error against the
-    same weights in float64 is at most twice the one-shot forward's own error."""
+    same weights in float64 is at most twice the one-shot forward's own error (the reference
+    backend: the interpreter computes bfloat16 wrongly, and the kernels are compared with it
+    in test_triton_backend_equals_the_reference)."""
     config = tiny()
     layers = [layer.to(dtype) for layer in stack(config)]
+    for layer in layers:
+        layer.backend = "reference"
     x = torch.randn(2, SEQ, config.hidden_size, generator=torch.Generator().manual_seed(1)).to(dtype)
     cache = V4Cache(config, num_pages=20, page_size=4, dtype=dtype)
     ids = [cache.add_sequence(), cache.add_sequence()]
@@ -414,3 +418,21 @@ def cached_call(config=None, reserve=2, s=2, **kwargs):
 def test_cached_forward_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_triton_backend_equals_the_reference():
+    """backend="triton" (the interpreter here) over a float32 cache: the sparse decode kernel,
+    the indexer kernels and the compressor kernel give the reference backend's outputs, for a
+    prefill, single-token steps and multi-token (verify-sized) steps of a batch of two."""
+    config = tiny(num_hidden_layers=3, layer_types=(SLIDING, CSA, HCA))
+    layers = [layer.float() for layer in stack(config)]
+    x = torch.randn(2, 21, config.hidden_size, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for backend in ("reference", "triton"):
+        for layer in layers:
+            layer.backend = backend
+        cache = V4Cache(config, num_pages=24, page_size=4, dtype=torch.float32)
+        ids = [cache.add_sequence(), cache.add_sequence()]
+        outs.append(decode(layers, cache, ids, x, [9, 1, 3, 1, 1, 6]))
+    assert_close(outs[1], outs[0], 1e-5)
+    assert_close(outs[0], run(layers, x), 1e-5)
