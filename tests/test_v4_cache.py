@@ -168,10 +168,10 @@ def test_entry_slots_are_distinct_and_follow_the_entry_table(page_size):
             slots = cache.entry_slots(layer, sid, 0, n)
             w = torch.arange(n)
             assert torch.equal(slots, table[row, w // per_page].long() * per_page + w % per_page)
-            # an entry lives in the page of its window's first token
-            assert torch.equal(slots // per_page, cache.slots(sid, 0, n * m)[::m] // page_size)
             every += slots.tolist()
+        # the kind's own pool: the entries of all sequences at distinct slots of its pages
         assert len(set(every)) == len(every)
+        assert {s // per_page for s in every} <= set(range(cache.layers[layer].entries.shape[0]))
 
 
 def test_truncate_and_free_return_pages():
@@ -228,10 +228,16 @@ def test_bytes_per_token_counts_every_tensor():
     "make, error, match",
     [
         pytest.param(lambda: V4Cache(TINY, 4, 4), TypeError, "V4Config.*dict", id="config-dict"),
-        pytest.param(lambda: V4Cache(tiny(), 4, 6), ValueError, "page_size 6 and the .*compressed_sparse.* rate 4",
-                     id="page6-rate4"),
-        pytest.param(lambda: V4Cache(tiny(compress_rates={CSA: 4, HCA: 12}), 4, 8), ValueError,
-                     "page_size 8 and the heavily.*rate 12", id="page8-rate12"),
+        pytest.param(lambda: V4Cache(tiny(), 4, 4, dtype="fp8"), ValueError, "head_dim=512 with rope_dim=64.*"
+                     "head_dim=32, rope_dim=8", id="fp8-head32"),
+        pytest.param(lambda: V4Cache(tiny(), 4, 4, max_rollback=-1), ValueError, "max_rollback must be None or >= 0",
+                     id="rollback-negative"),
+        pytest.param(lambda: V4Cache(tiny(), 4, 4, max_rollback=1.5), TypeError, "max_rollback must be an integer",
+                     id="rollback-float"),
+        pytest.param(lambda: V4Cache(tiny(), 4, 4, num_entry_pages=0), ValueError,
+                     "num_entry_pages must be positive, got 0", id="no-entry-pages"),
+        pytest.param(lambda: V4Cache(tiny(), 4, 4, num_entry_pages={CSA: 2}), ValueError,
+                     "num_entry_pages must give pages for each compressed layer kind", id="entry-pages-missing-kind"),
         pytest.param(lambda: V4Cache(tiny(), 0, 4), ValueError, "num_pages must be positive, got 0", id="no-pages"),
         pytest.param(lambda: V4Cache(tiny(), 4, 4, dtype=torch.int8), TypeError, "dtype.*int8", id="int8"),
     ],
