@@ -637,7 +637,8 @@ class CompactV4CacheMachine(V4CacheMachine):
         for sid, length in self.lengths.items():
             pages = cache._seq_pages[sid]
             assert cache.length(sid) == length and len(pages) == -(-length // cache.page_size)
-            assert pages[: cache.first_held(sid) // cache.page_size] == [RELEASED] * (cache.first_held(sid) // cache.page_size)
+            released = cache.first_held(sid) // cache.page_size
+            assert pages[:released] == [RELEASED] * released and RELEASED not in pages[released:]
             assert cache.held_pages(sid) <= page_bound(cache, self.step.get(sid, (0, 0))[1])
         for pool in cache.pools.values():
             taken = [p for sid in self.lengths for p in pool.tables[sid]]
@@ -648,3 +649,98 @@ class CompactV4CacheMachine(V4CacheMachine):
 
 TestCompactV4CacheMachine = CompactV4CacheMachine.TestCase
 TestCompactV4CacheMachine.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+
+
+MODEL1 = Model1Format()
+FP8_CONFIG = dict(
+    TINY, head_dim=512, rope_dim=64, num_heads=2, index_n_heads=2, index_head_dim=64, hidden_size=64, q_lora_rank=32
+)  # MODEL1 rows are 512 wide with 64 roped channels
+
+
+def model1_rounded(rows: torch.Tensor) -> torch.Tensor:
+    """What a MODEL1 page gives back for float rows [n, 512]."""
+    return MODEL1.unpack(*MODEL1.pack(rows))
+
+
+class Model1RoundedCache(V4Cache):
+    """A float32 cache holding exactly the values an FP8 one holds: kv and entries rounded
+    through MODEL1, raw compressor rows and index keys in bfloat16."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, dtype=torch.float32, **kwargs)
+        names = ("raw", "index_raw", "index_keys")
+        self.layers = tuple(
+            dataclasses.replace(store, **{n: t.bfloat16() for n in names if (t := getattr(store, n)) is not None})
+            for store in self.layers
+        )
+
+    def write(self, layer, name, slots, rows):
+        if name in ("kv", "entries"):
+            rows = model1_rounded(rows.detach().reshape(-1, 512).float())
+        super().write(layer, name, slots, rows)
+
+
+def test_fp8_layout_and_round_trip():
+    """MODEL1 pages for kv (page_size rows) and entries (P rows), bfloat16 for the rest; write /
+    read is Model1Format's pack / unpack (float64 through float32); kvcache is the MODEL1 view
+    over the same bytes."""
+    config = V4Config(**FP8_CONFIG)
+    cache = V4Cache(config, num_pages=3, page_size=8, dtype="fp8", num_entry_pages=5)
+    csa, hca = cache.layers[1], cache.layers[2]
+    assert cache.dtype == torch.float8_e4m3fn and cache.is_fp8
+    assert csa.kv.dtype == torch.uint8 and tuple(csa.kv.shape) == (3, MODEL1.page_bytes(8))
+    assert tuple(csa.entries.shape) == (5, MODEL1.page_bytes(2))  # P = 8 // 4 entries per page
+    assert tuple(hca.entries.shape) == (5, MODEL1.page_bytes(1))
+    assert csa.raw.dtype == csa.index_raw.dtype == csa.index_keys.dtype == hca.raw.dtype == torch.bfloat16
+    generator = torch.Generator().manual_seed(9)
+    scales = torch.logspace(-3, 3, 6, dtype=torch.float64)[:, None]  # tiles far from 1 both ways
+    rows = torch.randn(6, 512, dtype=torch.float64, generator=generator) * scales
+    targets = [(0, "kv", [23, 0, 9, 8, 15, 1]), (1, "entries", [9, 0, 3, 4, 7, 2]), (2, "entries", [4, 0, 2, 1, 3])]
+    for layer, name, where in targets:
+        slots = torch.tensor(where)
+        cache.write(layer, name, slots, rows[: len(where)])
+        got = cache.read(layer, name, slots)
+        assert got.dtype == torch.float32 and torch.equal(got, model1_rounded(rows[: len(where)].float()))
+        assert torch.equal(cache.read(layer, name, slots, dtype=torch.bfloat16), got.bfloat16())
+    bf16 = torch.randn(2, 512, generator=generator).bfloat16()
+    cache.write(0, "kv", torch.tensor([3, 4]), bf16)
+    assert torch.equal(cache.read(0, "kv", torch.tensor([3, 4])), model1_rounded(bf16))
+    view = cache.kvcache(0)
+    assert tuple(view.shape) == (3, 8, 1, 584) and view.data_ptr() == cache.layers[0].kv.data_ptr()
+    assert tuple(cache.kvcache(1, "entries").shape) == (5, 2, 1, 584)
+    assert cache.kvcache(1, "index_keys") is csa.index_keys
+
+
+def test_plain_kvcache_is_a_view():
+    cache = V4Cache(tiny(), num_pages=3, page_size=8, dtype=torch.bfloat16)
+    kv, entries = cache.kvcache(1), cache.kvcache(1, "entries")
+    assert tuple(kv.shape) == (3, 8, 1, 32) and tuple(entries.shape) == (3, 2, 1, 32)
+    kv[2, 5, 0] = 3.0
+    assert torch.equal(cache.read(1, "kv", torch.tensor([21])), torch.full((1, 32), 3.0, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="kvcache takes 'kv', 'entries' or 'index_keys', got 'raw'"):
+        cache.kvcache(1, "raw")
+    with pytest.raises(ValueError, match="layer 0 is a sliding layer: it has no compressed entries"):
+        cache.entry_slots(0, 0, 0, 1)
+
+
+@pytest.mark.parametrize("max_rollback", [None, 0], ids=["keep-all", "rollback0"])
+def test_fp8_cache_equals_its_rounding(max_rollback):
+    """A float32 model over an FP8 cache gives exactly what it gives over a float32 cache holding
+    the MODEL1-rounded rows (and bfloat16 raw rows and keys), compact or not; and it stays within
+    FP8 rounding of the float32 cache."""
+    config = V4Config(**FP8_CONFIG)
+    layers = [layer.float() for layer in stack(config, seed=4)]
+    x = torch.randn(2, 20, config.hidden_size, generator=torch.Generator().manual_seed(10))
+    steps = [5, 1, 3, 4, 1, 6]
+    outs = []
+    for cache in (
+        V4Cache(config, 12, 4, dtype="fp8", max_rollback=max_rollback),
+        Model1RoundedCache(config, 12, 4),
+        V4Cache(config, 12, 4, dtype=torch.float32),
+    ):
+        ids = [cache.add_sequence(), cache.add_sequence()]
+        outs.append(decode(layers, cache, ids, x, steps) - x)  # the layers' share of the residual stream
+    fp8, rounded, fp32 = outs
+    assert torch.equal(fp8, rounded)
+    # e4m3 keeps 3 mantissa bits (relative rounding <= 2^-4 per value)
+    assert (fp8 - fp32).abs().max() <= 2**-4 * fp32.abs().max()
