@@ -69,9 +69,12 @@ V4-Pro (30 CSA, 31 HCA), against `mla.v4.V4CacheLayout`'s 6,886 B (Flash) and 9,
 1M tokens: nearly all of it the raw compressor rows and the every-token kv rows. With
 max_rollback R the token rows are a constant (keep + R + page rounding) per sequence, so at long
 context a sequence holds little more than its entries and index keys: per token and CSA layer
-(d + D) / m values, per HCA layer d / m' (FP8: 584 B per entry in MODEL1 pages, bfloat16 index
-keys). V4CacheLayout keeps float32 accumulators instead of raw rows and MXFP4 index keys; its
-accounting is unchanged.
+(d + D) / m values, per HCA layer d / m'. V4-Flash at 1M tokens, page_size 64, max_rollback 0
+(2 token pages held): 6,904 B per token in bfloat16 (V4CacheLayout: 6,886) and 4,758 B in FP8
+(V4CacheLayout: 3,518, which stores MXFP4 index keys, 68 B instead of our bfloat16 256 B, and
+counts no MODEL1 page padding: our CSA entry pages of P = 16 take 612 B per entry, the one-entry
+HCA pages 1152 B). V4CacheLayout's accounting (float32 accumulators instead of raw rows) is
+unchanged.
 
 Bookkeeping is on the host. A step: `reserve(ids, s)`, then per layer the forward writes the
 s new tokens of each sequence after what that layer already holds (`step_starts` checks they
@@ -230,11 +233,11 @@ class V4Cache(PagedSequences):
             rate = self.config.compress_rates[kind]
             return self.num_pages * -(-self.page_size // (rate * self._per_page(rate)))
         if isinstance(num_entry_pages, Mapping):
-            unknown = sorted(set(num_entry_pages) - set(self.config.layer_types) - {SLIDING}, key=str)
-            if unknown or kind not in num_entry_pages:
+            kinds = sorted(set(self.config.layer_types) & set(COMPRESSED_TYPES))
+            if set(num_entry_pages) != set(kinds):
                 raise ValueError(
-                    f"num_entry_pages must give pages for each compressed layer kind of the model "
-                    f"{sorted(set(self.config.layer_types) & set(COMPRESSED_TYPES))}, got {dict(num_entry_pages)}"
+                    f"num_entry_pages must give pages for each compressed layer kind of the model, and only "
+                    f"those: {kinds}, got {dict(num_entry_pages)}"
                 )
             return positive(f"num_entry_pages[{kind!r}]", num_entry_pages[kind])
         return positive("num_entry_pages", num_entry_pages)
@@ -385,9 +388,9 @@ class V4Cache(PagedSequences):
         new_length = as_int("new_length", new_length)
         if 0 <= new_length <= self._lengths[sid] and not self._rows_held_for(sid, new_length):
             length, held = self._lengths[sid], self.first_held(sid)
-            lowest = next(
-                (n for n in range(held, length + 1) if self._rows_held_for(sid, n)), length
-            )  # within keep + 1 of held
+            # every n from held + keep on is held (a step reads at most keep tokens back)
+            candidates = range(held, min(length, held + self.keep) + 1)
+            lowest = next((n for n in candidates if self._rows_held_for(sid, n)), length)
             raise ValueError(
                 f"sequence {sid} can roll back at most {length - lowest} tokens (to length {lowest}, or to 0) "
                 f"with max_rollback={self.max_rollback}: the rows of its tokens before {held} were released, "

@@ -223,6 +223,27 @@ def test_deepseek_v4_bytes_per_token_as_documented():
     assert V4Cache(V4Config.deepseek_v4_pro(), 1, 128, dtype=torch.bfloat16).bytes_per_token == 289_400
 
 
+@pytest.mark.parametrize("dtype, entry_bytes", [(torch.bfloat16, 6880), ("fp8", 4737)], ids=["bf16", "fp8"])
+def test_deepseek_v4_flash_compact_bytes_at_1m_tokens(dtype, entry_bytes):
+    """The module docstring's figures (meta tensors, nothing allocated): after a step at 1M
+    tokens a sequence with max_rollback 0 and page_size 64 holds its entries and 2 token pages
+    (tokens from 2^20 - 1 - keep 127, down to a page). Entries per token: CSA (512 + 128) * 2 / 4,
+    HCA 1024 / 128 in bfloat16; FP8: CSA (9792 / 16 + 256) / 4 (16-entry MODEL1 pages and
+    bfloat16 index keys), HCA 1152 / 128 (one-entry pages)."""
+    n, config = 1 << 20, V4Config.deepseek_v4_flash()
+    cache = V4Cache(config, n // 64, 64, dtype=dtype, device="meta", max_rollback=0)
+    sid = cache.add_sequence()
+    for s in (n - 1, 1):
+        cache.reserve([sid], s)
+        for layer in range(len(cache.layers)):
+            cache.advance(layer, [sid], s)
+    raw = 21 * (2 * 1024 + 2 * 256) * 2 + 20 * 2 * 512 * 2  # CSA kv / gate rows and the indexer's, HCA's
+    kv = 1024 if dtype == torch.bfloat16 else 37440 // 64  # a 64-row MODEL1 page: 65 runs of 576 B
+    rows = raw + 43 * kv  # token row bytes over the 43 layers
+    assert cache.held_pages(sid) == 2
+    assert cache.held_bytes(sid) == 2 * 64 * rows + entry_bytes * n
+
+
 def test_bytes_per_token_counts_every_tensor():
     c = tiny()
     cache = V4Cache(c, num_pages=2, page_size=8, dtype=torch.bfloat16)
@@ -247,6 +268,8 @@ def test_bytes_per_token_counts_every_tensor():
                      "num_entry_pages must be positive, got 0", id="no-entry-pages"),
         pytest.param(lambda: V4Cache(tiny(), 4, 4, num_entry_pages={CSA: 2}), ValueError,
                      "num_entry_pages must give pages for each compressed layer kind", id="entry-pages-missing-kind"),
+        pytest.param(lambda: V4Cache(tiny(layer_types=(SLIDING, CSA, CSA)), 4, 4, num_entry_pages={CSA: 2, HCA: 2}),
+                     ValueError, "only those: .'compressed_sparse_attention'.,", id="entry-pages-extra-kind"),
         pytest.param(lambda: V4Cache(tiny(), 0, 4), ValueError, "num_pages must be positive, got 0", id="no-pages"),
         pytest.param(lambda: V4Cache(tiny(), 4, 4, dtype=torch.int8), TypeError, "dtype.*int8", id="int8"),
     ],
