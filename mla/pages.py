@@ -131,7 +131,8 @@ class PagedSequences:
     def _release_front(self, sid: int, before: int) -> int:
         """Give back the pages of sequence `sid` whose tokens all lie before token `before` (its
         length and later pages unchanged; those table entries become RELEASED). Returns how many
-        pages went back to the pool. The caller decides which tokens are no longer needed."""
+        pages went back to the pool. The caller decides which tokens are no longer needed; no hook
+        runs (a cache that mirrors the tables on the device must update them itself)."""
         pages = self._seq_pages[sid]
         front, stop = self._front[sid], min(max(0, before) // self.page_size, len(pages))
         if stop <= front:
