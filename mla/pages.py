@@ -4,7 +4,10 @@ A pool of `num_pages` pages of `page_size` tokens, handed to sequences through a
 sequence owns an ordered list of pages (token t of a sequence sits at row t % page_size of its
 page t // page_size) and a length. Reservations are all or nothing; truncation returns the pages
 a sequence no longer uses. The caches (`mla.LatentCache`, `mla.v4_cache.V4Cache`) add their
-tensors and their own per-sequence state through the three hooks `_added`, `_taken`, `_released`.
+tensors and their own per-sequence state through the hooks `_added`, `_taken`, `_released`,
+`_dropped`. A cache that needs only a sequence's recent tokens (`mla.v4_cache.V4Cache` with
+`max_rollback`) gives back its oldest pages early with `_release_front`: their table entries
+become RELEASED, the sequence keeps its length, and `first_held` says where its held tokens start.
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ import operator
 from collections.abc import Iterable, Sequence
 
 import torch
+
+
+RELEASED = -1
+"""A sequence's page-list entry for a page it gave back early (`PagedSequences._release_front`)."""
 
 
 class CacheFullError(RuntimeError):
@@ -51,6 +58,7 @@ class PagedSequences:
         self._free: list[int] = list(range(self.num_pages - 1, -1, -1))
         self._seq_pages: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
+        self._front: dict[int, int] = {}  # leading pages each sequence gave back early
         self._next_id = 0
 
     @property
@@ -63,12 +71,18 @@ class PagedSequences:
         self._next_id += 1
         self._seq_pages[sid] = []
         self._lengths[sid] = 0
+        self._front[sid] = 0
         self._added(sid)
         return sid
 
     def length(self, sid: int) -> int:
         """Tokens reserved for sequence `sid` (written or about to be)."""
         return self._lengths[self._check_id(sid)]
+
+    def first_held(self, sid: int) -> int:
+        """The first token of sequence `sid` whose page it still holds (0 unless it gave pages back
+        early with `_release_front`; a multiple of page_size)."""
+        return self._front[self._check_id(sid)] * self.page_size
 
     def reserve(self, seq_ids: Iterable[int], n: int | Sequence[int]) -> None:
         """Grow each sequence by n tokens (one int for all, or one per sequence: a sequence or
@@ -102,16 +116,35 @@ class PagedSequences:
         pages = self._seq_pages[sid]
         keep = self._pages_for(new_length)
         if keep < len(pages):
-            self._free.extend(reversed(pages[keep:]))
+            self._free.extend(reversed([p for p in pages[keep:] if p != RELEASED]))
             self._released(sid, keep, len(pages))
             del pages[keep:]
+            self._front[sid] = min(self._front[sid], keep)
         self._lengths[sid] = new_length
 
     def free(self, sid: int) -> None:
         """Drop sequence `sid` and return all its pages to the pool."""
         self.truncate(sid, 0)
-        del self._seq_pages[sid], self._lengths[sid]
+        del self._seq_pages[sid], self._lengths[sid], self._front[sid]
         self._dropped(sid)
+
+    def _release_front(self, sid: int, before: int) -> int:
+        """Give back the pages of sequence `sid` whose tokens all lie before token `before` (its
+        length and later pages unchanged; those table entries become RELEASED). Returns how many
+        pages went back to the pool. The caller decides which tokens are no longer needed; no hook
+        runs (a cache that mirrors the tables on the device must update them itself)."""
+        pages = self._seq_pages[sid]
+        front, stop = self._front[sid], min(max(0, before) // self.page_size, len(pages))
+        if stop <= front:
+            return 0
+        self._free.extend(reversed(pages[front:stop]))
+        pages[front:stop] = [RELEASED] * (stop - front)
+        self._front[sid] = stop
+        return stop - front
+
+    def _releasable(self, sid: int, before: int) -> int:
+        """Pages `_release_front(sid, before)` would give back (changes nothing)."""
+        return max(0, min(max(0, before) // self.page_size, len(self._seq_pages[sid])) - self._front[sid])
 
     # Hooks for the caches' own per-sequence state (defaults: none).
     def _added(self, sid: int) -> None:

@@ -451,14 +451,16 @@ class V4Attention(nn.Module):
             rows.append(torch.where(offset >= 0, held[offset.clamp_min(0)], -1))
         indices = torch.stack(rows).to(torch.int32)  # [b, s, window]
 
-        pages = cache.layers[layer].kv
+        pages = cache.kvcache(layer, "kv")
         extra = extra_slots = None
         if self.compressor is not None:
             extra_slots = self._cached_entries(cache, ids, starts, tokens, hidden_states, q_resid, cos, sin, token_slots,
                                                backend)  # fmt: skip
-            extra = None if extra_slots is None else cache.layers[layer].entries.unsqueeze(2)
+            extra = None if extra_slots is None else cache.kvcache(layer, "entries")
+        # plain rows are read in their dtype; MODEL1 rows dequantize to q's (the kernel takes 16- and 32-bit q)
+        q_in = q.to(pages.dtype) if not cache.is_fp8 else q.float() if q.dtype == torch.float64 else q
         out = ops.attend_lists(
-            q.to(pages.dtype), pages.unsqueeze(2), indices, self.config.head_dim, self.softmax_scale, False, backend,
+            q_in, pages, indices, self.config.head_dim, self.softmax_scale, cache.is_fp8, backend,
             self.sinks.detach().float(), extra, extra_slots,
         )  # fmt: skip
         return out.to(q.dtype)
@@ -520,13 +522,13 @@ class V4Attention(nn.Module):
                 continue
             from mla.kernels.compressor import write_compressed  # Triton loads on first use, as in mla.ops
 
-            pages = getattr(cache.layers[layer], entry_name)
-            pages = pages if pages.dim() == 4 else pages.unsqueeze(2)  # [num_pages, P, 1, width]
-            d = pages.shape[-1]
+            pages = getattr(cache.layers[layer], entry_name)  # MODEL1 pages, or plain rows
+            pages = pages.unsqueeze(2) if pages.dim() == 3 else pages  # plain: [num_pages, P, 1, width]
+            d = compressor.kv_norm.weight.shape[0]
             window = rows[skip * m :].unflatten(0, (hi - lo, m))  # [n, m, 2, c * d]
             before = rows[:m, :, :d] if skip else None  # the previous window's Ca half
             write_compressed(
-                pages, pages.shape[1], entry_slots, window[:, :, 0], window[:, :, 1], compressor.position_bias,
+                pages, cache.page_size, entry_slots, window[:, :, 0], window[:, :, 1], compressor.position_bias,
                 compressor.kv_norm.weight, entry_cos[0], entry_sin[0], None if before is None else before[:, 0],
                 None if before is None else before[:, 1], self.config.rms_norm_eps,
             )  # fmt: skip
