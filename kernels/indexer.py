@@ -62,7 +62,7 @@ def scores_tiles(arch: int | None) -> ScoresTiles:
     the loop). GPU: a [64 heads, 64 positions] fp32 score tile is 32 registers per thread at 4
     warps; 8 blocks of 64 make a 512-position chunk, so q is re-read once per 512 keys; 3
     stages keep two key blocks in flight (triton 3.7.1, H=64, D=128: no spills, mma.sync on
-    sm_80 / sm_89 at 162-183 registers, wgmma on sm_90 at 95-116)."""
+    sm_80 / sm_89 at 162-183 registers, wgmma on sm_90 at 95-116; MXFP4 keys 194 and 128)."""
     if arch is None:
         return ScoresTiles(64, 2, 4, 1)
     return ScoresTiles(64, 8, 4, 3)
@@ -102,27 +102,50 @@ def _ue8m0_to_f32(b_e):
 
 
 @triton.jit
-def _load_mxfp4(p_row, m_key, dim, stride_d, scale_offset, num_scales, BLOCK_D: tl.constexpr):
+def _load_mxfp4(p_row, m_key, dim, stride_d, scale_offset, num_scales, BLOCK_D: tl.constexpr,
+                WORDS: tl.constexpr):  # fmt: skip
     """MXFP4 keys (`mla.formats.Mxfp4KeyFormat`) of the rows at p_row (their bytes): [BLOCK_N,
     BLOCK_D] float32, code * scale, exact. Byte i holds channel 2 i (low nibble) and 2 i + 1
     (high); one UE8M0 scale per 32 channels (16 bytes) at byte scale_offset + i // 16. Bytes of
-    masked rows and past dim are not read (code 0: the value 0)."""
+    masked rows and past dim are not read (code 0: the value 0).
+
+    WORDS (rows 4-byte aligned, contiguous: dim a multiple of 128): the codes are read as int32
+    words of 8 channels and split with shifts, which Triton's pipeliner streams through a
+    shared-memory ring (as `_load_latent`'s FP8 codes); else byte by byte."""
     BLOCK_N: tl.constexpr = p_row.shape[0]
-    BLOCK_C: tl.constexpr = BLOCK_D // 2  # code bytes
     BLOCK_S: tl.constexpr = BLOCK_D // 32  # scales
     tl.static_assert(BLOCK_D % 32 == 0, "MXFP4 keys come in blocks of 32 channels")
-    o_c = tl.arange(0, BLOCK_C)
-    m_c = m_key[:, None] & (o_c < dim // 2)[None, :]
-    b_c = tl.load(p_row[:, None] + o_c[None, :] * stride_d, mask=m_c, other=0).to(tl.int32)  # [BLOCK_N, BLOCK_C]
     o_s = tl.arange(0, BLOCK_S)
     m_s = m_key[:, None] & (o_s < num_scales)[None, :]
     b_e = tl.load(p_row[:, None] + (scale_offset + o_s[None, :]) * stride_d, mask=m_s, other=0).to(tl.int32)
     b_sc = _ue8m0_to_f32(b_e)  # [BLOCK_N, BLOCK_S]
-    b_sc = tl.reshape(tl.broadcast_to(b_sc[:, :, None], [BLOCK_N, BLOCK_S, 16]), [BLOCK_N, BLOCK_C])
-    b_lo = _e2m1_to_f32(b_c & 0xF) * b_sc
-    b_hi = _e2m1_to_f32(b_c >> 4) * b_sc
-    # join stacks on a new last axis: [n, i, 0] is channel 2 i, [n, i, 1] channel 2 i + 1
-    return tl.reshape(tl.join(b_lo, b_hi), [BLOCK_N, BLOCK_D])
+    if WORDS:
+        BLOCK_W: tl.constexpr = BLOCK_D // 8
+        o_w = tl.arange(0, BLOCK_W)
+        p_w = p_row.to(tl.pointer_type(tl.int32), bitcast=True)  # [BLOCK_N]
+        b_w = tl.load(p_w[:, None] + o_w[None, :], mask=m_key[:, None] & (o_w < dim // 8)[None, :], other=0)
+        b_sc = tl.reshape(tl.broadcast_to(b_sc[:, :, None], [BLOCK_N, BLOCK_S, 4]), [BLOCK_N, BLOCK_W])
+        # nibble k of word w is channel 8 w + k (little-endian bytes, low nibble first); join
+        # stacks on a new last axis, so these three levels put nibble 4 c + 2 b + a at [w, c, b, a]
+        b_v0 = _e2m1_to_f32(b_w & 0xF) * b_sc
+        b_v1 = _e2m1_to_f32((b_w >> 4) & 0xF) * b_sc
+        b_v2 = _e2m1_to_f32((b_w >> 8) & 0xF) * b_sc
+        b_v3 = _e2m1_to_f32((b_w >> 12) & 0xF) * b_sc
+        b_v4 = _e2m1_to_f32((b_w >> 16) & 0xF) * b_sc
+        b_v5 = _e2m1_to_f32((b_w >> 20) & 0xF) * b_sc
+        b_v6 = _e2m1_to_f32((b_w >> 24) & 0xF) * b_sc
+        b_v7 = _e2m1_to_f32((b_w >> 28) & 0xF) * b_sc
+        b_k = tl.join(tl.join(tl.join(b_v0, b_v4), tl.join(b_v2, b_v6)),
+                      tl.join(tl.join(b_v1, b_v5), tl.join(b_v3, b_v7)))  # fmt: skip
+    else:
+        BLOCK_C: tl.constexpr = BLOCK_D // 2  # code bytes
+        o_c = tl.arange(0, BLOCK_C)
+        m_c = m_key[:, None] & (o_c < dim // 2)[None, :]
+        b_c = tl.load(p_row[:, None] + o_c[None, :] * stride_d, mask=m_c, other=0).to(tl.int32)  # [BLOCK_N, BLOCK_C]
+        b_sc = tl.reshape(tl.broadcast_to(b_sc[:, :, None], [BLOCK_N, BLOCK_S, 16]), [BLOCK_N, BLOCK_C])
+        # join stacks on a new last axis: [n, i, 0] is channel 2 i, [n, i, 1] channel 2 i + 1
+        b_k = tl.join(_e2m1_to_f32(b_c & 0xF) * b_sc, _e2m1_to_f32(b_c >> 4) * b_sc)
+    return tl.reshape(b_k, [BLOCK_N, BLOCK_D])
 
 
 @triton.jit
@@ -158,6 +181,7 @@ def _index_scores_kernel(
     stride_ob, stride_os, stride_on,
     IS_FP8: tl.constexpr,
     IS_FP4: tl.constexpr,
+    FP4_WORDS: tl.constexpr,
     SOFT_E4M3: tl.constexpr,
     DOT_IN_Q_DTYPE: tl.constexpr,
     RAGGED: tl.constexpr,
@@ -206,7 +230,7 @@ def _index_scores_kernel(
                                                  stride_kn, stride_kp, PAGE_BLOCKS, BLOCK_N)  # fmt: skip
         o_n = n0 + tl.arange(0, BLOCK_N)
         if IS_FP4:
-            b_k = _load_mxfp4(k_ptr + o_row, m_key, dim, stride_kd, scale_offset, num_tiles, BLOCK_D)
+            b_k = _load_mxfp4(k_ptr + o_row, m_key, dim, stride_kd, scale_offset, num_tiles, BLOCK_D, FP4_WORDS)
         else:
             b_k = _load_latent(k_ptr + o_row, m_key, o_d, m_d, dim, stride_kd, scale_offset, num_tiles, IS_FP8,
                                SOFT_E4M3, BLOCK_T)  # fmt: skip
@@ -371,6 +395,9 @@ def index_scores(
     quantized = is_fp8 or is_fp4
     exact_in_q = not quantized or q.dtype == torch.bfloat16
     cache = index_cache.view(torch.uint8) if quantized else index_cache
+    # MXFP4 codes as int32 words need 4-byte aligned rows (68 bytes per 128 channels)
+    fp4_words = is_fp4 and cache.stride(3) == 1 and all(x % 4 == 0 for x in (*cache.stride()[:2],
+                                                                             cache.storage_offset()))  # fmt: skip
     grid = (call.b * call.s_q, triton.cdiv(call.max_seqlen, cut.block_n * cut.blocks))
     _index_scores_kernel[grid](
         q, weights, cache, block_table, cache_seqlens, seqlens_q, out,
@@ -380,6 +407,7 @@ def index_scores(
         *out.stride(),
         IS_FP8=is_fp8,
         IS_FP4=is_fp4,
+        FP4_WORDS=fp4_words,
         SOFT_E4M3=arch is not None and arch < 89,
         DOT_IN_Q_DTYPE=exact_in_q and not interpret,
         BLOCK_H=_block_d(call.heads),

@@ -246,13 +246,14 @@ def test_fp4_scores_are_the_scores_of_the_dequantized_keys(nan_empty, impl, case
     assert torch.equal(impl.index_scores(**args), impl.index_scores(**plain))
 
 
-def test_fp4_kernel_decodes_every_code_and_scale_exactly(nan_empty):
+@pytest.mark.parametrize("dim,n", [pytest.param(32, 32, id="d32-bytes"), pytest.param(128, 16, id="d128-words")])
+def test_fp4_kernel_decodes_every_code_and_scale_exactly(nan_empty, dim, n):
     """Every byte value as a pair of e2m1 codes, under power-of-two scales across the finite
     range (the subnormal 2^-127 of byte 0 too; below 2^73, so that no key overflows to inf and
     each one-hot dot is exact) and a NaN scale (0xFF): query r reads channel r, as
     relu(k) - relu(-k) over two heads, and equals `Mxfp4KeyFormat.unpack` (NaN where the key
-    row holds a NaN)."""
-    dim, page, n = 32, 8, 32
+    row holds a NaN). 17-byte rows (dim 32) are read by bytes, 68-byte ones (128) by words."""
+    page = 8
     fmt = Mxfp4KeyFormat(dim)
     g = torch.Generator().manual_seed(15)
     rows = torch.zeros(n, fmt.row_width, dtype=torch.uint8)
@@ -271,7 +272,7 @@ def test_fp4_kernel_decodes_every_code_and_scale_exactly(nan_empty):
     expected = torch.where(keys.isnan().any(-1, keepdim=True), math.nan, keys).T
     torch.testing.assert_close(scores, expected, rtol=0, atol=0, equal_nan=True)
     assert scores[:, 5].isnan().all() and scores[:, :5].isfinite().all()
-    assert keys[3].abs().max() == 6 * 2.0**-127  # row 3's subnormal scale is among the values read
+    assert keys[3, :32].abs().max() == 6 * 2.0**-127  # row 3's subnormal scale is among the values read
     # a NaN scale over positive codes reads NaN, not the inf of its exponent bits (16 heads: no
     # padded head, whose zero query times an inf key would make a NaN of its own)
     poisoned = torch.full((1, 1, 1, fmt.row_width), 0x22, dtype=torch.uint8)
