@@ -355,6 +355,24 @@ def _configs() -> dict[str, Config]:
     for fp8, s_q in ((False, 1), (True, 1), (True, 2)):
         add(f"index-{'fp8' if fp8 else 'bf16'}-h{INDEX_HEADS}-d{INDEX_DIM}-sq{s_q}", "_index_scores_kernel",
             functools.partial(_index_call, fp8, s_q), _index_work(fp8, s_q))  # fmt: skip
+
+    def index_fp4() -> None:
+        """`_index_call` (s_q 1) over DeepSeek-V4's MXFP4 keys (68-byte rows for 128 channels)."""
+        from mla.kernels import index_scores
+
+        b, pages = DECODE_BATCH, DECODE_SEQLEN // PAGE_SIZE
+        index_scores(_fake_cuda((b, 1, INDEX_HEADS, INDEX_DIM), torch.bfloat16),
+                     _fake_cuda((b, 1, INDEX_HEADS), torch.float32),
+                     _fake_cuda((b * pages, PAGE_SIZE, 1, fp4.row_width), torch.uint8),
+                     _fake_cuda((b, pages), torch.int32), _fake_cuda((b,), torch.int32), DECODE_SEQLEN,
+                     is_fp4=True)  # fmt: skip
+
+    from mla.formats import Mxfp4KeyFormat, index_key_format
+
+    fp4, fp8_bytes, flops = Mxfp4KeyFormat(INDEX_DIM), *_index_work(True, 1)  # FP8's work, smaller rows
+    fp4_bytes = fp8_bytes - DECODE_BATCH * DECODE_SEQLEN * (index_key_format("fp8", INDEX_DIM).bytes_per_token
+                                                            - fp4.bytes_per_token)  # fmt: skip
+    add(f"index-fp4-h{INDEX_HEADS}-d{INDEX_DIM}-sq1", "_index_scores_kernel", index_fp4, (fp4_bytes, flops))
     add(f"index-topk{SPARSE_TOPK}", "_index_topk_kernel", _topk_call)
     # DeepSeek-V4's compressor: HCA (128 tokens per entry), CSA (4, overlapping), the CSA indexer's keys
     for name, rate, overlap, dim, fp8 in (("hca-fp8", 128, False, 512, True), ("csa-fp8", 4, True, 512, True),

@@ -5,7 +5,8 @@ Scores: one program per (row r, query token i, chunk of positions). It loads the
 [heads, dim] queries and weights once, then walks its chunk in blocks of BLOCK_N positions:
 gather the block's key rows through the block table (`_table_rows`, shared with decode; one
 block ahead of the math, so Triton's pipeliner streams the key loads), load them plain or
-FP8-dequantized (`_load_latent`, the decode kernel's tile loader), one [heads, dim] x
+FP8-dequantized (`_load_latent`, the decode kernel's tile loader) or MXFP4-dequantized
+(`_load_mxfp4`: DeepSeek-V4's 4-bit keys, e2m1 nibbles and UE8M0 scales), one [heads, dim] x
 [dim, BLOCK_N] dot on the tensor cores, relu, weighted sum over heads, store (-inf where the
 token does not see the position). The compiled-code report (`python -m bench.compiled`,
 configurations index-*) shows registers, spills, MMA kind and stages per arch.
@@ -61,7 +62,7 @@ def scores_tiles(arch: int | None) -> ScoresTiles:
     the loop). GPU: a [64 heads, 64 positions] fp32 score tile is 32 registers per thread at 4
     warps; 8 blocks of 64 make a 512-position chunk, so q is re-read once per 512 keys; 3
     stages keep two key blocks in flight (triton 3.7.1, H=64, D=128: no spills, mma.sync on
-    sm_80 / sm_89 at 162-183 registers, wgmma on sm_90 at 95-116)."""
+    sm_80 / sm_89 at 162-183 registers, wgmma on sm_90 at 95-116; MXFP4 keys 194 and 128)."""
     if arch is None:
         return ScoresTiles(64, 2, 4, 1)
     return ScoresTiles(64, 8, 4, 3)
@@ -71,6 +72,80 @@ def topk_block(arch: int | None) -> int:
     """Scores per step of the top-k passes: small under the interpreter so that rows of a few
     hundred positions span several blocks (the carried counts are tested)."""
     return 128 if arch is None else 1024
+
+
+# float32 bits of the e2m1 magnitudes 2..7 (1, 1.5, 2, 3, 4, 6) are (code + E2M1_BIAS) << 22:
+# bit 0 of the code is the mantissa bit, bits 1-2 the exponent (bias 1, float32's 127)
+E2M1_BIAS = tl.constexpr(252)
+F32_HALF_BITS = tl.constexpr(0x3F000000)
+F32_SIGN_BIT = tl.constexpr(-(2**31))
+UE8M0_ZERO_BITS = tl.constexpr(0x00400000)  # scale byte 0: 2^-127, a float32 subnormal
+UE8M0_NAN = tl.constexpr(0xFF)
+
+
+@triton.jit
+def _e2m1_to_f32(b_code):
+    """float32 values of float4 e2m1 codes (int32 holding 0..15), exactly, branch-free: codes
+    0 and 1 (0 and 0.5) are the subnormals, set apart; bit 3 is the sign."""
+    b_mag = b_code & 7
+    b_bits = tl.where(b_mag < 2, b_mag * F32_HALF_BITS, (b_mag + E2M1_BIAS) << 22)
+    b_bits = tl.where((b_code & 8) != 0, b_bits | F32_SIGN_BIT, b_bits)
+    return b_bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _ue8m0_to_f32(b_e):
+    """float32 values of UE8M0 scale bytes (int32 holding 0..255): 2^(e - 127), the float32
+    with exponent field e; 0 is the subnormal 2^-127, 0xFF is NaN (as torch.float8_e8m0fnu)."""
+    b_bits = tl.where(b_e == 0, UE8M0_ZERO_BITS, b_e << 23)
+    return tl.where(b_e == UE8M0_NAN, float("nan"), b_bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _load_mxfp4(p_row, m_key, dim, stride_d, scale_offset, num_scales, BLOCK_D: tl.constexpr,
+                WORDS: tl.constexpr):  # fmt: skip
+    """MXFP4 keys (`mla.formats.Mxfp4KeyFormat`) of the rows at p_row (their bytes): [BLOCK_N,
+    BLOCK_D] float32, code * scale, exact. Byte i holds channel 2 i (low nibble) and 2 i + 1
+    (high); one UE8M0 scale per 32 channels (16 bytes) at byte scale_offset + i // 16. Bytes of
+    masked rows and past dim are not read (code 0: the value 0).
+
+    WORDS (rows 4-byte aligned, contiguous: dim a multiple of 128): the codes are read as int32
+    words of 8 channels and split with shifts, which Triton's pipeliner streams through a
+    shared-memory ring (as `_load_latent`'s FP8 codes); else byte by byte."""
+    BLOCK_N: tl.constexpr = p_row.shape[0]
+    BLOCK_S: tl.constexpr = BLOCK_D // 32  # scales
+    tl.static_assert(BLOCK_D % 32 == 0, "MXFP4 keys come in blocks of 32 channels")
+    o_s = tl.arange(0, BLOCK_S)
+    m_s = m_key[:, None] & (o_s < num_scales)[None, :]
+    b_e = tl.load(p_row[:, None] + (scale_offset + o_s[None, :]) * stride_d, mask=m_s, other=0).to(tl.int32)
+    b_sc = _ue8m0_to_f32(b_e)  # [BLOCK_N, BLOCK_S]
+    if WORDS:
+        BLOCK_W: tl.constexpr = BLOCK_D // 8
+        o_w = tl.arange(0, BLOCK_W)
+        p_w = p_row.to(tl.pointer_type(tl.int32), bitcast=True)  # [BLOCK_N]
+        b_w = tl.load(p_w[:, None] + o_w[None, :], mask=m_key[:, None] & (o_w < dim // 8)[None, :], other=0)
+        b_sc = tl.reshape(tl.broadcast_to(b_sc[:, :, None], [BLOCK_N, BLOCK_S, 4]), [BLOCK_N, BLOCK_W])
+        # nibble k of word w is channel 8 w + k (little-endian bytes, low nibble first); join
+        # stacks on a new last axis, so these three levels put nibble 4 c + 2 b + a at [w, c, b, a]
+        b_v0 = _e2m1_to_f32(b_w & 0xF) * b_sc
+        b_v1 = _e2m1_to_f32((b_w >> 4) & 0xF) * b_sc
+        b_v2 = _e2m1_to_f32((b_w >> 8) & 0xF) * b_sc
+        b_v3 = _e2m1_to_f32((b_w >> 12) & 0xF) * b_sc
+        b_v4 = _e2m1_to_f32((b_w >> 16) & 0xF) * b_sc
+        b_v5 = _e2m1_to_f32((b_w >> 20) & 0xF) * b_sc
+        b_v6 = _e2m1_to_f32((b_w >> 24) & 0xF) * b_sc
+        b_v7 = _e2m1_to_f32((b_w >> 28) & 0xF) * b_sc
+        b_k = tl.join(tl.join(tl.join(b_v0, b_v4), tl.join(b_v2, b_v6)),
+                      tl.join(tl.join(b_v1, b_v5), tl.join(b_v3, b_v7)))  # fmt: skip
+    else:
+        BLOCK_C: tl.constexpr = BLOCK_D // 2  # code bytes
+        o_c = tl.arange(0, BLOCK_C)
+        m_c = m_key[:, None] & (o_c < dim // 2)[None, :]
+        b_c = tl.load(p_row[:, None] + o_c[None, :] * stride_d, mask=m_c, other=0).to(tl.int32)  # [BLOCK_N, BLOCK_C]
+        b_sc = tl.reshape(tl.broadcast_to(b_sc[:, :, None], [BLOCK_N, BLOCK_S, 16]), [BLOCK_N, BLOCK_C])
+        # join stacks on a new last axis: [n, i, 0] is channel 2 i, [n, i, 1] channel 2 i + 1
+        b_k = tl.join(_e2m1_to_f32(b_c & 0xF) * b_sc, _e2m1_to_f32(b_c >> 4) * b_sc)
+    return tl.reshape(b_k, [BLOCK_N, BLOCK_D])
 
 
 @triton.jit
@@ -93,7 +168,7 @@ def _block_key_rows(p_table, n0, n_seen, stride_tn, num_pages, page_size, stride
 def _index_scores_kernel(
     q_ptr,  # [b, s_q, heads, dim]
     w_ptr,  # float32 [b, s_q, heads]
-    k_ptr,  # [num_pages, page_size, 1, dim]; FP8: the rows' bytes, uint8 [..., row_width]
+    k_ptr,  # [num_pages, page_size, 1, dim]; FP8 / MXFP4: the rows' bytes, uint8 [..., row_width]
     block_table_ptr,  # int32 [b, table_width]
     seqlens_ptr,  # int32 [b]
     seqlens_q_ptr,  # int32 [b] (None: every row has s_q queries)
@@ -105,6 +180,8 @@ def _index_scores_kernel(
     stride_tb, stride_tn,
     stride_ob, stride_os, stride_on,
     IS_FP8: tl.constexpr,
+    IS_FP4: tl.constexpr,
+    FP4_WORDS: tl.constexpr,
     SOFT_E4M3: tl.constexpr,
     DOT_IN_Q_DTYPE: tl.constexpr,
     RAGGED: tl.constexpr,
@@ -152,8 +229,11 @@ def _index_scores_kernel(
         o_row_next, m_key_next = _block_key_rows(p_table, n0 + BLOCK_N, n_seen, stride_tn, num_pages, page_size,
                                                  stride_kn, stride_kp, PAGE_BLOCKS, BLOCK_N)  # fmt: skip
         o_n = n0 + tl.arange(0, BLOCK_N)
-        b_k = _load_latent(k_ptr + o_row, m_key, o_d, m_d, dim, stride_kd, scale_offset, num_tiles, IS_FP8,
-                           SOFT_E4M3, BLOCK_T)  # fmt: skip
+        if IS_FP4:
+            b_k = _load_mxfp4(k_ptr + o_row, m_key, dim, stride_kd, scale_offset, num_tiles, BLOCK_D, FP4_WORDS)
+        else:
+            b_k = _load_latent(k_ptr + o_row, m_key, o_d, m_d, dim, stride_kd, scale_offset, num_tiles, IS_FP8,
+                               SOFT_E4M3, BLOCK_T)  # fmt: skip
         b_s = tl.dot(b_q, tl.trans(b_k.to(b_q.dtype)), input_precision="ieee")  # [BLOCK_H, BLOCK_N]
         # relu that keeps NaN (as torch.relu does; max.f32 would return the 0)
         b_s = tl.where(b_s < 0.0, 0.0, b_s)
@@ -265,6 +345,7 @@ def index_scores(
     max_seqlen: int,
     seqlens_q: torch.Tensor | None = None,
     is_fp8: bool = False,
+    is_fp4: bool = False,
 ) -> torch.Tensor:
     """Lightning-indexer scores of every cached position for every query token.
 
@@ -276,7 +357,10 @@ def index_scores(
         index_cache: [num_pages, page_size, 1, dim] in q's dtype; FP8 (is_fp8): uint8 or
             float8_e4m3fn [num_pages, page_size, 1, row_width] rows of
             `mla.formats.index_key_format("fp8", dim)` (codes, then one float32 scale per 128
-            channels; 132 bytes for 128), dequantized exactly on load.
+            channels; 132 bytes for 128), dequantized exactly on load. MXFP4 (is_fp4): uint8
+            [num_pages, page_size, 1, row_width] rows of `mla.formats.Mxfp4KeyFormat(dim)`
+            (DeepSeek-V4's indexer keys: dim / 2 bytes of e2m1 nibbles, then one UE8M0 scale
+            per 32 channels; 68 bytes for 128; dim a multiple of 32), dequantized exactly.
         block_table: int32 [b, max_pages]: position j of row r is row j % page_size of page
             block_table[r, j // page_size]; entries past a row's last page are never read.
         cache_seqlens: int32 [b], L_r: cached tokens per row, this step's queries included.
@@ -285,17 +369,19 @@ def index_scores(
         seqlens_q: int32 [b] or None: row r's queries are its first n_r = seqlens_q[r] columns
             (the rest of q is padding, never read); None: n_r = s_q.
         is_fp8: index_cache holds FP8 rows.
+        is_fp4: index_cache holds MXFP4 rows (not with is_fp8: ValueError).
 
     Returns:
         float32 [b, s_q, max_seqlen]: the score where query i of row r sees position j (i < n_r,
         j < L_r and j <= L_r - n_r + i: query i is the token at position L_r - n_r + i), -inf
         everywhere else (padding queries are all -inf). Products and sums in float32: the dot
         runs in q's dtype with float32 accumulation when the keys are exact in it (plain keys;
-        FP8 keys under bfloat16), else in float32; a NaN or inf in a visible key reaches its
+        FP8 and MXFP4 keys under bfloat16), else in float32; a NaN or inf in a visible key reaches its
         score. Value checks as `mla.reference.contract`'s: on CPU tensors only; unchecked page
         ids outside the cache are skipped (-inf), never read.
     """
-    call = check_index_scores_args(q, weights, index_cache, block_table, cache_seqlens, max_seqlen, seqlens_q, is_fp8)
+    call = check_index_scores_args(q, weights, index_cache, block_table, cache_seqlens, max_seqlen, seqlens_q, is_fp8,
+                                   is_fp4)  # fmt: skip
     require_triton_device(q.device, "mla.reference.index_scores")
     fmt = call.fmt
     out = torch.empty(call.b, call.s_q, call.max_seqlen, dtype=torch.float32, device=q.device)
@@ -304,18 +390,24 @@ def index_scores(
     interpret = interpreting()
     arch = _target_arch()
     cut = scores_tiles(arch)
-    # bfloat16 holds every dequantized FP8 key exactly (power-of-two scales); float16 does not.
-    # The interpreter computes bfloat16 dots wrongly: everything in float32 there.
-    exact_in_q = not is_fp8 or q.dtype == torch.bfloat16
-    cache = index_cache.view(torch.uint8) if is_fp8 else index_cache
+    # bfloat16 holds every dequantized FP8 or MXFP4 key exactly (power-of-two scales); float16
+    # does not. The interpreter computes bfloat16 dots wrongly: everything in float32 there.
+    quantized = is_fp8 or is_fp4
+    exact_in_q = not quantized or q.dtype == torch.bfloat16
+    cache = index_cache.view(torch.uint8) if quantized else index_cache
+    # MXFP4 codes as int32 words need 4-byte aligned rows (68 bytes per 128 channels)
+    fp4_words = is_fp4 and cache.stride(3) == 1 and all(x % 4 == 0 for x in (*cache.stride()[:2],
+                                                                             cache.storage_offset()))  # fmt: skip
     grid = (call.b * call.s_q, triton.cdiv(call.max_seqlen, cut.block_n * cut.blocks))
     _index_scores_kernel[grid](
         q, weights, cache, block_table, cache_seqlens, seqlens_q, out,
         call.s_q, call.heads, call.dim, call.page_size, call.num_pages, block_table.shape[1], call.max_seqlen,
-        fmt.scale_offset if is_fp8 else 0, fmt.num_tiles if is_fp8 else 1,
+        fmt.scale_offset if quantized else 0, fmt.num_blocks if is_fp4 else fmt.num_tiles if is_fp8 else 1,
         *q.stride(), *weights.stride(), cache.stride(0), cache.stride(1), cache.stride(3), *block_table.stride(),
         *out.stride(),
         IS_FP8=is_fp8,
+        IS_FP4=is_fp4,
+        FP4_WORDS=fp4_words,
         SOFT_E4M3=arch is not None and arch < 89,
         DOT_IN_Q_DTYPE=exact_in_q and not interpret,
         BLOCK_H=_block_d(call.heads),

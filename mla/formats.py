@@ -44,6 +44,9 @@ import torch
 FP8_NAMES = ("fp8", "float8", "float8_e4m3fn")
 """Strings that select the FP8 cache (any case); torch.float8_e4m3fn does too."""
 
+FP4_NAMES = ("fp4", "mxfp4")
+"""Strings that select MXFP4 indexer keys (`index_key_format`, any case); torch.float4_e2m1fn_x2 does too."""
+
 PLAIN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 FP8_TILE = 128
@@ -69,6 +72,13 @@ def is_fp8_dtype(dtype) -> bool:
     return dtype == torch.float8_e4m3fn
 
 
+def is_fp4_dtype(dtype) -> bool:
+    """Whether `dtype` names MXFP4 indexer keys: torch.float4_e2m1fn_x2 or one of FP4_NAMES."""
+    if isinstance(dtype, str):
+        return dtype.lower() in FP4_NAMES
+    return dtype == torch.float4_e2m1fn_x2
+
+
 def _check_dim(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -86,6 +96,7 @@ class CacheFormat:
         row_width: elements of storage_dtype per token.
         bytes_per_token: bytes of one token in one layer.
         is_fp8: whether rows are FP8 (`flash_mla_with_kvcache(..., is_fp8_kvcache=True)`).
+        is_fp4: whether rows are MXFP4 (False here; `Mxfp4KeyFormat`'s indexer keys are).
         head_dim, head_dim_v: d = r + dr and dv = r of the absorbed query the kernels take.
     """
 
@@ -96,6 +107,7 @@ class CacheFormat:
     row_width: int
     bytes_per_token: int
     is_fp8: bool
+    is_fp4 = False
 
     @property
     def head_dim(self) -> int:
@@ -286,14 +298,17 @@ def cache_format(dtype, kv_lora_rank: int, rope_dim: int) -> PlainFormat | Fp8Fo
     return PlainFormat(kv_lora_rank, rope_dim, dtype)
 
 
-def index_key_format(dtype, index_head_dim: int) -> PlainFormat | Fp8Format:
+def index_key_format(dtype, index_head_dim: int) -> PlainFormat | Fp8Format | Mxfp4KeyFormat:
     """The row of one cached indexer key (DeepSeek-V3.2's lightning indexer): index_head_dim
     values in bfloat16 / float16 / float32, or in FP8 ("fp8", torch.float8_e4m3fn) the latent
     row's rules without k_pe: index_head_dim e4m3 codes, then one float32 power-of-two scale per
-    128 channels (132 bytes for V3.2's 128, as DeepSeek stores them). Read it with
-    `unpack(rows)[0]`; rope_dim is 0."""
+    128 channels (132 bytes for V3.2's 128, as DeepSeek stores them); read those with
+    `unpack(rows)[0]`, rope_dim is 0. MXFP4 ("mxfp4", "fp4", torch.float4_e2m1fn_x2):
+    DeepSeek-V4's FP4 key, `Mxfp4KeyFormat` (68 bytes for 128; read with `unpack(rows)`)."""
     if is_fp8_dtype(dtype):
         return _Fp8KeyFormat(index_head_dim, 0)
+    if is_fp4_dtype(dtype):
+        return Mxfp4KeyFormat(index_head_dim)
     return PlainFormat(index_head_dim, 0, dtype)
 
 
@@ -535,6 +550,8 @@ class Mxfp4KeyFormat:
     block = 32
     dtype = torch.float4_e2m1fn_x2
     storage_dtype = torch.uint8
+    is_fp8 = False
+    is_fp4 = True
     amax_floor = 6 * 2.0**-126
     """DeepSeek's floor on a block's amax, so the smallest scale is 2 ** -126."""
 
@@ -552,6 +569,19 @@ class Mxfp4KeyFormat:
         num_pages = _check_dim("num_pages", num_pages, 0)
         page_size = _check_dim("page_size", page_size, 1)
         return torch.zeros(num_pages, page_size, self.row_width, dtype=torch.uint8, device=device)
+
+    def check_pages(self, pages: torch.Tensor, name: str = "pages") -> torch.Tensor:
+        """Validate pages uint8 [num_pages, page_size, h_kv, bytes_per_token] (the 4-d form
+        `index_scores` reads; `allocate(...).unsqueeze(2)`) and return them."""
+        if not isinstance(pages, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(pages).__name__}")
+        if pages.dtype != torch.uint8:
+            raise TypeError(f"{name} must be uint8 (raw MXFP4 key bytes), got {pages.dtype}")
+        if pages.dim() != 4 or pages.shape[-1] != self.row_width:
+            raise ValueError(
+                f"{name} must be [num_pages, page_size, h_kv, {self.row_width}] for {self}, got shape {tuple(pages.shape)}"
+            )
+        return pages
 
     def pack(self, keys: torch.Tensor) -> torch.Tensor:
         """Quantize keys [..., d] (bfloat16 / float16 / float32) -> rows uint8 [..., bytes_per_token]."""

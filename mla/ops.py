@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from mla.formats import CacheFormat, Fp8Format, PlainFormat
+from mla.formats import CacheFormat, Fp8Format, Mxfp4KeyFormat, PlainFormat
 from mla.reference import cache as reference_cache
 from mla.reference import indexer as reference_indexer
 from mla.reference.contract import DecodeCall
@@ -118,15 +118,17 @@ def index_scores(
     max_seqlen: int,
     seqlens_q: torch.Tensor | None,
     is_fp8: bool,
+    is_fp4: bool = False,
 ) -> torch.Tensor:
     """`mla.kernels.index_scores`: float32 [b, s_q, max_seqlen] indexer scores, -inf where unseen."""
     from mla.kernels import indexer
 
-    return indexer.index_scores(q, weights, index_cache, block_table, cache_seqlens, max_seqlen, seqlens_q, is_fp8)
+    return indexer.index_scores(q, weights, index_cache, block_table, cache_seqlens, max_seqlen, seqlens_q, is_fp8,
+                                is_fp4)  # fmt: skip
 
 
 @index_scores.register_fake
-def _(q, weights, index_cache, block_table, cache_seqlens, max_seqlen, seqlens_q, is_fp8):
+def _(q, weights, index_cache, block_table, cache_seqlens, max_seqlen, seqlens_q, is_fp8, is_fp4=False):
     return q.new_empty(q.shape[0], q.shape[1], max_seqlen, dtype=torch.float32)
 
 
@@ -147,21 +149,23 @@ def _(scores, topk, block_table, page_size):
     return scores.new_empty(b, s_q, topk, dtype=torch.int32), scores.new_empty(b, s_q, dtype=torch.int32)
 
 
-def select(fmt: CacheFormat, q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor,
+def select(fmt: CacheFormat | Mxfp4KeyFormat, q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor,
            block_table: torch.Tensor, cache_seqlens: torch.Tensor, max_seqlen: int, seqlens_q: torch.Tensor | None,
            topk: int, page_size: int | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """DeepSeek-V3.2's selection through `backend`: the indexer scores of q [b, s, H, D] with
     weights float32 [b, s, H] over a paged key cache of format `fmt` (`index_key_format`), then
     their exact top-k (`mla.reference.indexer`); slots through block_table when page_size is
     given, else positions. Arguments already checked, as for `attend`. Plain keys are scored in
-    their own dtype; FP8 keys dequantize to q's (a float64 q as float32)."""
-    q = q.to(fmt.dtype if not fmt.is_fp8 else torch.float32 if q.dtype == torch.float64 else q.dtype)
+    their own dtype; FP8 and MXFP4 keys (an `Mxfp4KeyFormat` fmt, index_cache its rows as uint8
+    [num_pages, page_size, 1, bytes_per_token]) dequantize to q's (a float64 q as float32)."""
+    quantized = fmt.is_fp8 or fmt.is_fp4
+    q = q.to(fmt.dtype if not quantized else torch.float32 if q.dtype == torch.float64 else q.dtype)
     if backend == "triton":
         scores = torch.ops.mla.index_scores(q, weights, index_cache, block_table, cache_seqlens, max_seqlen, seqlens_q,
-                                            fmt.is_fp8)  # fmt: skip
+                                            fmt.is_fp8, fmt.is_fp4)  # fmt: skip
         return torch.ops.mla.index_topk(scores, topk, block_table if page_size else None, page_size or 0)
     scores = reference_indexer.index_scores(q, weights, index_cache, block_table, cache_seqlens, max_seqlen, seqlens_q,
-                                            fmt.is_fp8)  # fmt: skip
+                                            fmt.is_fp8, fmt.is_fp4)  # fmt: skip
     if page_size:
         return reference_indexer.index_topk(scores, topk, block_table, page_size)
     return reference_indexer.index_topk(scores, topk)

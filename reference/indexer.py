@@ -3,7 +3,8 @@ scores of every cached position for every query token, and the exact top-k of th
 
     score[r, i, j] = sum_h weights[r, i, h] * relu(q[r, i, h] . k[r, j])
 
-over the index keys k (one [D] row per cached token, in the paged index cache, plain or FP8),
+over the index keys k (one [D] row per cached token, in the paged index cache, plain, FP8 or
+MXFP4),
 for the positions j query token i of row r may see (causal: the step's n_r queries are the last
 n_r tokens of the row's L_r); -inf elsewhere. `index_topk` turns a row of scores into the slot
 list sparse decode reads (`flash_mla_with_kvcache(..., indices=...)`).
@@ -22,7 +23,7 @@ import math
 
 import torch
 
-from mla.formats import PLAIN_DTYPES, CacheFormat, index_key_format
+from mla.formats import PLAIN_DTYPES, CacheFormat, Mxfp4KeyFormat, index_key_format
 
 from .cache import gather_pages
 from .contract import (
@@ -45,7 +46,7 @@ class IndexScoresCall:
     """Facts of a validated `index_scores` call: the key row format, q's [b, s_q, heads, dim],
     the cache's page_size and num_pages, and the scores' width max_seqlen."""
 
-    fmt: CacheFormat
+    fmt: CacheFormat | Mxfp4KeyFormat
     b: int
     s_q: int
     heads: int
@@ -76,13 +77,14 @@ def _python_int(name: str, value, minimum: int) -> int:
 
 
 def check_index_scores_args(
-    q, weights, index_cache, block_table, cache_seqlens, max_seqlen, seqlens_q, is_fp8, q_dtypes=Q_DTYPES
+    q, weights, index_cache, block_table, cache_seqlens, max_seqlen, seqlens_q, is_fp8, is_fp4=False,
+    q_dtypes=Q_DTYPES,
 ) -> IndexScoresCall:
     """Validate an `index_scores` call (arguments as documented there). TypeError for a wrong
     type or dtype, ValueError for a wrong rank, shape, device or value; the message names the
     argument and the bad value. Values (lengths, page ids, seqlens_q) are read on CPU tensors
     only (`mla.reference.contract.reads_values`). q_dtypes: the dtypes q may have (the
-    reference adds float64)."""
+    reference adds float64). The key row format both twins read is chosen here (call.fmt)."""
     _tensor("q", q)
     _tensor("weights", weights)
     _tensor("index_cache", index_cache)
@@ -99,11 +101,16 @@ def check_index_scores_args(
         raise ValueError(f"weights must be [b={b}, s_q={s_q}, heads={heads}], got shape {tuple(weights.shape)}")
     if not isinstance(is_fp8, bool):
         raise TypeError(f"is_fp8 must be a bool, got {is_fp8!r}")
-    if is_fp8:
+    if not isinstance(is_fp4, bool):
+        raise TypeError(f"is_fp4 must be a bool, got {is_fp4!r}")
+    if is_fp8 and is_fp4:
+        raise ValueError("is_fp8 and is_fp4 are exclusive: an index cache holds FP8 or MXFP4 rows, not both")
+    if is_fp8 or is_fp4:
+        kind = "FP8" if is_fp8 else "MXFP4"
         try:
-            fmt = index_key_format("fp8", dim)
+            fmt = index_key_format(kind.lower(), dim)
         except ValueError as e:
-            raise ValueError(f"q's head dim {dim} is not a valid FP8 index key row: {e}") from None
+            raise ValueError(f"q's head dim {dim} is not a valid {kind} index key row: {e}") from None
     else:
         if index_cache.dtype in (torch.uint8, torch.float8_e4m3fn):
             raise TypeError(f"index_cache is {index_cache.dtype} but is_fp8=False: FP8 index caches need is_fp8=True")
@@ -113,7 +120,7 @@ def check_index_scores_args(
                 "(FP8 index caches need is_fp8=True)"
             )
         fmt = index_key_format(index_cache.dtype, dim)
-    kind = "FP8 " if is_fp8 else ""
+    kind = "FP8 " if is_fp8 else "MXFP4 " if is_fp4 else ""
     if index_cache.dim() != 4 or index_cache.shape[2] != 1 or index_cache.shape[3] != fmt.row_width:
         raise ValueError(
             f"index_cache must be [num_pages, page_size, 1, {fmt.row_width}] ({kind}rows of q's head dim {dim}), "
@@ -183,18 +190,20 @@ def index_scores(
     max_seqlen: int,
     seqlens_q: torch.Tensor | None = None,
     is_fp8: bool = False,
+    is_fp4: bool = False,
 ) -> torch.Tensor:
     """Lightning-indexer scores; arguments, returns and semantics as `mla.kernels.index_scores`
-    (its docstring is the full contract), plus: q may be float64 (over an FP8 cache, dequantized
-    exactly; a float64 plain cache is not a key format), then the math runs in float64 and the
-    scores are rounded to float32 once. Otherwise in float32.
+    (its docstring is the full contract), plus: q may be float64 (over an FP8 or MXFP4 cache,
+    dequantized exactly; a float64 plain cache is not a key format), then the math runs in
+    float64 and the scores are rounded to float32 once. Otherwise in float32.
 
     Memory: gathers the block table's whole width of keys, [b, max_pages * page_size, dim], and
     [b, s_q, heads, max_pages * page_size] logits: for tests and small models.
     """
     call = check_index_scores_args(
-        q, weights, index_cache, block_table, cache_seqlens, max_seqlen, seqlens_q, is_fp8, REFERENCE_Q_DTYPES
-    )
+        q, weights, index_cache, block_table, cache_seqlens, max_seqlen, seqlens_q, is_fp8, is_fp4,
+        q_dtypes=REFERENCE_Q_DTYPES,
+    )  # fmt: skip
     fmt = call.fmt
     compute = torch.promote_types(q.dtype, torch.float32)
     table, _, visible = dense_visibility(
@@ -202,7 +211,9 @@ def index_scores(
     )  # visible [b, s_q, n = width * page_size]
     n = visible.shape[-1]
     rows = gather_pages(index_cache.view(fmt.storage_dtype), table, n)[:, :, 0]  # [b, n, row_width]
-    keys = fmt.unpack(rows)[0].to(compute)  # [b, n, dim]; rows not visible may hold NaN, masked below
+    # [b, n, dim]; rows not visible may hold NaN, masked below. MXFP4 rows unpack to the keys alone,
+    # the others to (keys, an empty k_pe)
+    keys = (fmt.unpack(rows) if is_fp4 else fmt.unpack(rows)[0]).to(compute)
     logits = torch.einsum("bshd,bnd->bshn", q.to(compute), keys)
     scores = (logits.relu() * weights.to(compute)[..., None]).sum(dim=2)  # [b, s_q, n]
     scores = scores.masked_fill(~visible, -math.inf).float()

@@ -1,5 +1,5 @@
-"""The lightning indexer: `index_scores` against the formula evaluated plainly in float64 (plain
-and FP8 index keys, shuffled block tables, NaN in every cache row no query may read, ragged
+"""The lightning indexer: `index_scores` against the formula evaluated plainly in float64 (plain,
+FP8 and MXFP4 index keys, shuffled block tables, NaN in every cache row no query may read, ragged
 steps), and `index_topk`'s exact selection, tie rule and slot lists; both twins, identical
 errors for bad input."""
 
@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from mla import kernels, reference
-from mla.formats import index_key_format
+from mla import kernels, ops, reference
+from mla.formats import Mxfp4KeyFormat, index_key_format
 
 TWINS = {"reference": reference, "triton": kernels}
 IMPLS = [pytest.param(module, id=name) for name, module in TWINS.items()]
@@ -24,7 +24,7 @@ EPS32 = torch.finfo(torch.float32).eps
 class IndexCase:
     """One index_scores call: b = len(lens) rows of cached lengths `lens`, s_q query columns
     (seqlens_q: real queries per row, None: all), `heads` x `dim` queries in `dtype`, keys in
-    `dtype` or FP8 (fp8), pages of page_size; max_seqlen = max(lens) + pad."""
+    `dtype`, FP8 (fp8) or MXFP4 (fp4), pages of page_size; max_seqlen = max(lens) + pad."""
 
     s_q: int
     heads: int
@@ -33,13 +33,14 @@ class IndexCase:
     lens: tuple[int, ...]
     dtype: str
     fp8: bool = False
+    fp4: bool = False
     seqlens_q: tuple[int, ...] | None = None
     pad: int = 0
     seed: int = 0
 
     @property
     def id(self) -> str:
-        keys = "-fp8" if self.fp8 else ""
+        keys = "-fp8" if self.fp8 else "-fp4" if self.fp4 else ""
         ragged = "-ragged" if self.seqlens_q else ""
         lens = "x".join(map(str, self.lens))
         shape = f"b{len(self.lens)}-sq{self.s_q}-h{self.heads}-d{self.dim}-page{self.page_size}"
@@ -47,28 +48,28 @@ class IndexCase:
 
     def build(self) -> tuple[dict, torch.Tensor]:
         """(index_scores' arguments, keys float64 [b, max(lens), dim]: the values the cache
-        holds at each position, dequantized for FP8). Pages are shuffled across rows; every
-        slot past a row's length, and every spare page, holds NaN (FP8: NaN codes and scales);
-        table columns past a row's pages hold page ids far outside the cache."""
+        holds at each position, dequantized for FP8 / MXFP4). Pages are shuffled across rows;
+        every slot past a row's length, and every spare page, holds NaN (FP8 / MXFP4: NaN codes
+        and scales); table columns past a row's pages hold page ids far outside the cache."""
         g = torch.Generator().manual_seed(self.seed)
         dtype = DTYPES[self.dtype]
         b, longest, p = len(self.lens), max(self.lens), self.page_size
-        fmt = index_key_format("fp8" if self.fp8 else dtype, self.dim)
+        fmt = index_key_format("fp8" if self.fp8 else "mxfp4" if self.fp4 else dtype, self.dim)
         pages_per_row = [-(-n // p) for n in self.lens]
         num_pages = sum(pages_per_row) + 2
         order = torch.randperm(num_pages, generator=g)
         width = max(pages_per_row) + 1
         table = torch.full((b, width), 10**6, dtype=torch.int32)
-        cache = fmt.allocate(num_pages, p, "cpu")
-        cache.fill_(255) if self.fp8 else cache.fill_(math.nan)
+        cache = torch.zeros(num_pages, p, 1, fmt.row_width, dtype=fmt.storage_dtype)
+        cache.fill_(math.nan) if cache.is_floating_point() else cache.fill_(255)
         keys = torch.randn(b, longest, self.dim, generator=g).to(dtype)
         start = 0
         for r, n in enumerate(self.lens):
             table[r, : pages_per_row[r]] = order[start : start + pages_per_row[r]].int()
             start += pages_per_row[r]
             for j in range(n):
-                cache[table[r, j // p], j % p, 0] = fmt.pack(keys[r, j], keys.new_zeros(0))
-        values = fmt.unpack(cache)[0].double()  # [num_pages, p, 1, dim]
+                cache[table[r, j // p], j % p, 0] = pack_keys(fmt, keys[r, j])
+        values = unpack_keys(fmt, cache).double()  # [num_pages, p, 1, dim]
         position = torch.arange(longest)
         # positions past a row's length read a NaN row (or none: the table's far-off ids)
         pages = table[:, position // p].clamp(max=num_pages - 1)  # [b, longest]
@@ -79,9 +80,19 @@ class IndexCase:
             q=q, weights=weights, index_cache=cache, block_table=table,
             cache_seqlens=torch.tensor(self.lens, dtype=torch.int32), max_seqlen=longest + self.pad,
             seqlens_q=None if self.seqlens_q is None else torch.tensor(self.seqlens_q, dtype=torch.int32),
-            is_fp8=self.fp8,
+            is_fp8=self.fp8, is_fp4=self.fp4,
         )  # fmt: skip
         return args, keys
+
+
+def pack_keys(fmt, keys: torch.Tensor) -> torch.Tensor:
+    """Key rows of `fmt` (an `index_key_format`) for keys [..., dim]."""
+    return fmt.pack(keys) if fmt.is_fp4 else fmt.pack(keys, keys.new_zeros(*keys.shape[:-1], 0))
+
+
+def unpack_keys(fmt, rows: torch.Tensor) -> torch.Tensor:
+    """The float32 (plain: own dtype) keys [..., dim] that rows of `fmt` hold."""
+    return fmt.unpack(rows) if fmt.is_fp4 else fmt.unpack(rows)[0]
 
 
 SCORE_CASES = [
@@ -92,6 +103,9 @@ SCORE_CASES = [
     IndexCase(1, 64, 128, 64, (129, 64), "bf16", fp8=True, seed=4),
     IndexCase(3, 4, 32, 4, (23, 50), "fp32", fp8=True, seqlens_q=(1, 3), seed=5),
     IndexCase(2, 4, 256, 16, (40, 17), "fp16", fp8=True, seed=6),
+    IndexCase(3, 4, 32, 4, (23, 50), "fp32", fp4=True, seqlens_q=(1, 3), seed=12),
+    IndexCase(1, 8, 96, 16, (40, 17), "bf16", fp4=True, pad=3, seed=13),
+    IndexCase(1, 16, 128, 64, (129, 64), "fp16", fp4=True, seed=14),
 ]
 
 
@@ -217,6 +231,73 @@ def test_fp8_keys_choose_as_plain_keys_where_scores_are_well_separated(impl):
     assert separated[:, -1].all(), "the full-context queries are not well separated: the test would be vacuous"
     assert torch.equal(chosen["fp8"][0][separated], plain_chosen[separated])
     assert sorted(plain_chosen[0, -1].tolist()) == sorted(boosted.tolist())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in SCORE_CASES if c.fp4 and c.dtype == "fp32"])
+def test_fp4_scores_are_the_scores_of_the_dequantized_keys(nan_empty, impl, case):
+    """Scores over MXFP4 pages equal, bit for bit, the scores over float32 pages holding
+    `Mxfp4KeyFormat.unpack(pack(keys))` (the dequantized values are exact in float32; the
+    unused rows stay NaN in both)."""
+    args, _ = case.build()
+    fmt = Mxfp4KeyFormat(case.dim)
+    plain = dict(args, index_cache=fmt.unpack(args["index_cache"]), is_fp4=False)
+    assert plain["index_cache"].dtype == torch.float32 and plain["index_cache"].isnan().any()
+    assert torch.equal(impl.index_scores(**args), impl.index_scores(**plain))
+
+
+@pytest.mark.parametrize("dim,n", [pytest.param(32, 32, id="d32-bytes"), pytest.param(128, 16, id="d128-words")])
+def test_fp4_kernel_decodes_every_code_and_scale_exactly(nan_empty, dim, n):
+    """Every byte value as a pair of e2m1 codes, under power-of-two scales across the finite
+    range (the subnormal 2^-127 of byte 0 too; below 2^73, so that no key overflows to inf and
+    each one-hot dot is exact) and a NaN scale (0xFF): query r reads channel r, as
+    relu(k) - relu(-k) over two heads, and equals `Mxfp4KeyFormat.unpack` (NaN where the key
+    row holds a NaN). 17-byte rows (dim 32) are read by bytes, 68-byte ones (128) by words."""
+    page = 8
+    fmt = Mxfp4KeyFormat(dim)
+    g = torch.Generator().manual_seed(15)
+    rows = torch.zeros(n, fmt.row_width, dtype=torch.uint8)
+    rows[:, : fmt.scale_offset] = torch.arange(n * fmt.scale_offset).view(n, -1) % 256  # every byte value
+    rows[:, fmt.scale_offset :] = torch.randint(1, 200, (n, fmt.num_blocks), generator=g, dtype=torch.uint8)
+    rows[3, fmt.scale_offset] = 0
+    rows[5, fmt.scale_offset] = 255
+    cache = rows.view(n // page, page, 1, fmt.row_width)
+    eye = torch.eye(dim)
+    q = torch.stack([eye, -eye], dim=1)[:, None]  # [b = dim, 1, 2, dim]: row r reads channel r
+    weights = torch.tensor([1.0, -1.0]).expand(dim, 1, 2).contiguous()
+    table = torch.arange(n // page, dtype=torch.int32).expand(dim, -1).contiguous()  # every row, same pages
+    lengths = torch.full((dim,), n, dtype=torch.int32)
+    scores = kernels.index_scores(q, weights, cache, table, lengths, n, is_fp4=True)[:, 0]  # [dim, n]
+    keys = fmt.unpack(rows)  # [n, dim]
+    expected = torch.where(keys.isnan().any(-1, keepdim=True), math.nan, keys).T
+    torch.testing.assert_close(scores, expected, rtol=0, atol=0, equal_nan=True)
+    assert scores[:, 5].isnan().all() and scores[:, :5].isfinite().all()
+    assert keys[3, :32].abs().max() == 6 * 2.0**-127  # row 3's subnormal scale is among the values read
+    # a NaN scale over positive codes reads NaN, not the inf of its exponent bits (16 heads: no
+    # padded head, whose zero query times an inf key would make a NaN of its own)
+    poisoned = torch.full((1, 1, 1, fmt.row_width), 0x22, dtype=torch.uint8)
+    poisoned[..., fmt.scale_offset :] = 0xFF
+    one = torch.ones(1, dtype=torch.int32)
+    score = kernels.index_scores(torch.ones(1, 1, 16, dim), torch.ones(1, 1, 16), poisoned, one[None] - 1, one, 1,
+                                 is_fp4=True)  # fmt: skip
+    assert score.isnan().all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_select_reads_mxfp4_keys_through_their_format(backend):
+    """`mla.ops.select` with an `Mxfp4KeyFormat` (as `index_key_format("mxfp4", dim)` gives)
+    scores MXFP4 pages and selects as the reference twin over the same pages."""
+    case = IndexCase(3, 4, 32, 4, (23, 50), "bf16", fp4=True, seqlens_q=(1, 3), seed=16)
+    args, _ = case.build()
+    fmt = index_key_format("mxfp4", case.dim)
+    assert isinstance(fmt, Mxfp4KeyFormat) and index_key_format("FP4", 64).row_width == 34
+    assert index_key_format(torch.float4_e2m1fn_x2, 128).bytes_per_token == 68
+    a = args
+    chosen = ops.select(fmt, a["q"], a["weights"], a["index_cache"], a["block_table"], a["cache_seqlens"],
+                        a["max_seqlen"], a["seqlens_q"], 8, case.page_size, backend)  # fmt: skip
+    scores = reference.index_scores(**args)
+    expected = reference.index_topk(scores, 8, a["block_table"], case.page_size)
+    assert torch.equal(chosen[0], expected[0]) and torch.equal(chosen[1], expected[1])
 
 
 def topk_rule(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,6 +437,11 @@ BAD_SCORES = [
     pytest.param(replace(index_cache=lambda a: a["index_cache"].view(torch.uint8)), TypeError, r"index_cache is torch.uint8 but is_fp8=False", id="fp8-cache-unflagged"),
     pytest.param(replace(is_fp8=True), ValueError, r"index_cache must be \[num_pages, page_size, 1, 36\] \(FP8 rows", id="plain-cache-as-fp8"),
     pytest.param(replace(is_fp8=1), TypeError, r"is_fp8 must be a bool, got 1", id="fp8-flag-type"),
+    pytest.param(replace(is_fp4=1), TypeError, r"is_fp4 must be a bool, got 1", id="fp4-flag-type"),
+    pytest.param(replace(is_fp4=True, is_fp8=True), ValueError, r"is_fp8 and is_fp4 are exclusive", id="fp8-and-fp4"),
+    pytest.param(replace(is_fp4=True), ValueError, r"index_cache must be \[num_pages, page_size, 1, 17\] \(MXFP4 rows of q's head dim 32\), got shape \(\d+, 4, 1, 32\)", id="plain-cache-as-fp4"),
+    pytest.param(replace(is_fp4=True, index_cache=lambda a: a["index_cache"][..., :17].to(torch.int8)), TypeError, r"index_cache must be uint8 \(raw MXFP4 key bytes\), got torch.int8", id="fp4-cache-dtype"),
+    pytest.param(replace(is_fp4=True, q=lambda a: a["q"][..., :16]), ValueError, r"q's head dim 16 is not a valid MXFP4 index key row: index_head_dim=16 must be a multiple of 32", id="fp4-dim"),
     pytest.param(replace(block_table=lambda a: a["block_table"].long()), TypeError, r"block_table must be an int32 tensor \[b, max_pages\], got torch.int64", id="table-dtype"),
     pytest.param(replace(cache_seqlens=lambda a: a["cache_seqlens"][:1]), ValueError, r"batch mismatch: q has 2, block_table 2, cache_seqlens 1", id="lengths-batch"),
     pytest.param(replace(max_seqlen=8), ValueError, r"max_seqlen = 8 is below cache_seqlens\[1\] = 9", id="max-seqlen-short"),

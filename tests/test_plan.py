@@ -10,7 +10,7 @@ import torch
 
 import mla
 import mla.ops  # noqa: F401  (registers torch.ops.mla.*)
-from mla.formats import Fp8Format
+from mla.formats import Fp8Format, Mxfp4KeyFormat
 
 from .utils import randomize_
 
@@ -139,6 +139,7 @@ def op_samples():
     table = torch.tensor([[2, 0], [1, 0]], dtype=torch.int32)
     lens = torch.tensor([5, 3], dtype=torch.int32)
     q = torch.randn(2, 2, 4, r + dr, generator=g)
+    fp4 = Mxfp4KeyFormat(r)
     return {
         "write_latent": (torch.ops.mla.write_latent, (torch.zeros(3, page, 1, r + dr), slots, latent, k_pe)),
         "write_latent_fp8": (torch.ops.mla.write_latent_fp8, (fp8.allocate(3, page, "cpu"), slots, latent, k_pe)),
@@ -150,6 +151,9 @@ def op_samples():
         "index_scores": (torch.ops.mla.index_scores, (torch.randn(2, 2, 3, 16, generator=g), torch.randn(2, 2, 3),
                                                       torch.randn(3, page, 1, 16, generator=g), table, lens, 6,
                                                       None, False)),
+        "index_scores_fp4": (torch.ops.mla.index_scores, (torch.randn(2, 2, 3, r, generator=g), torch.randn(2, 2, 3),
+                                                          fp4.pack(torch.randn(3, page, 1, r, generator=g)), table,
+                                                          lens, 6, None, False, True)),
         "index_topk": (torch.ops.mla.index_topk, (torch.randn(2, 2, 6, generator=g), 3, table, page)),
     }  # fmt: skip
 
@@ -162,7 +166,7 @@ def _schedule(lens, rows):
 
 @pytest.mark.skipif(not (INTERPRET or CUDA), reason="the ops run Triton kernels: a GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("name", ["write_latent", "write_latent_fp8", "decode", "sparse_decode", "index_scores",
-                                  "index_topk"])
+                                  "index_scores_fp4", "index_topk"])
 def test_custom_ops_pass_opcheck(name):
     op, args = op_samples()[name]
     torch.library.opcheck(op, args)
