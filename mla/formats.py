@@ -435,7 +435,7 @@ class Model1Format:
     dtype = torch.float8_e4m3fn
     storage_dtype = torch.uint8
     is_fp8 = True
-    kv_lora_rank = head_dim_v = 512
+    head_dim_v = 512
     """K = V: a decode call's output has all 512 channels, the rope ones included."""
 
     def page_bytes(self, page_size: int) -> int:
