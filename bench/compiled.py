@@ -92,6 +92,9 @@ LARGE_BATCH = 256
 # of the cache; with an extra cache (DeepSeek-V4's window + compressed entries) also
 # EXTRA_TOPK slots of a second cache in the same softmax.
 SPARSE_TOPK, EXTRA_TOPK = 2048, 512
+# DeepSeek-V4 decode over MODEL1 FP8 pages (K = V, d = dv = 512): the sliding window's
+# V4_WINDOW tokens as indices into k_cache, EXTRA_TOPK compressed entries as the extra cache.
+V4_WINDOW = 128
 # Sparse prefill (flash_mla_sparse_fwd): query tokens of one chunk.
 PREFILL_TOKENS = 64
 # One cache write: a decode step of 64 sequences, DeepSeek-V3 rows (512 latent + 64 rope).
@@ -224,6 +227,39 @@ def _sparse_call(h_q: int, fp8: bool, extra: bool, sink: bool) -> None:
     )
 
 
+def _model1_call(h_q: int) -> None:
+    """One DeepSeek-V4 decode step (s_q = 1) over DECODE_BATCH sequences, as FlashMLA's V4 path
+    calls it: MODEL1 pages (`Model1Format.kvcache_view`), the window as V4_WINDOW indices into
+    k_cache, EXTRA_TOPK compressed entries of the extra cache, per-row lengths, a sink."""
+    from mla.formats import Model1Format
+    from mla.kernels import flash_mla_with_kvcache, get_mla_metadata
+
+    fmt, b = Model1Format(), DECODE_BATCH
+    num_pages = b * DECODE_SEQLEN // PAGE_SIZE
+
+    def cache():
+        return fmt.kvcache_view(_fake_cuda((num_pages, fmt.page_bytes(PAGE_SIZE)), torch.uint8), PAGE_SIZE)
+
+    meta, _ = get_mla_metadata(num_sm=NUM_SMS)
+    flash_mla_with_kvcache(
+        _fake_cuda((b, 1, h_q, fmt.head_dim), torch.bfloat16), cache(), None, None, fmt.head_dim_v, meta,
+        is_fp8_kvcache=True, indices=_fake_cuda((b, 1, V4_WINDOW), torch.int32),
+        topk_length=_fake_cuda((b,), torch.int32), attn_sink=_fake_cuda((h_q,), torch.float32),
+        extra_k_cache=cache(), extra_indices_in_kvcache=_fake_cuda((b, 1, EXTRA_TOPK), torch.int32),
+        extra_topk_length=_fake_cuda((b,), torch.int32),
+    )  # fmt: skip
+
+
+def _model1_work(h_q: int) -> tuple[int, int]:
+    from mla.formats import Model1Format
+
+    from .decode import decode_bytes, decode_flops
+
+    fmt, keys = Model1Format(), V4_WINDOW + EXTRA_TOPK
+    return (decode_bytes(DECODE_BATCH, 1, h_q, keys, fmt, torch.bfloat16.itemsize),
+            decode_flops(DECODE_BATCH, 1, h_q, keys, fmt.head_dim, fmt.head_dim_v))  # fmt: skip
+
+
 def _prefill_call(h_q: int) -> None:
     """flash_mla_sparse_fwd over one chunk of PREFILL_TOKENS bf16 query tokens, SPARSE_TOPK
     rows of a DECODE_SEQLEN-token KV array each, with an attention sink."""
@@ -345,6 +381,9 @@ def _configs() -> dict[str, Config]:
     add("sparse-bf16-h64-topk2048", *sparse(64, False, False, False))
     add("sparse-fp8-h64-extra-sink", *sparse(64, True, True, True))
     add("sparse-bf16-h128-extra-sink", *sparse(128, False, True, True))
+    for h_q in (64, 128):
+        add(f"v4-model1-h{h_q}-extra-sink", "_mla_decode_kernel", functools.partial(_model1_call, h_q),
+            _model1_work(h_q))  # fmt: skip
     # the chunk's tokens share one KV array: each of its rows crosses HBM once
     add("prefill-sparse-bf16-h128", "_mla_decode_kernel", functools.partial(_prefill_call, 128),
         _decode_work(1, PREFILL_TOKENS, 128, SPARSE_TOPK, fp8=False, rows=DECODE_SEQLEN, **DEEPSEEK_V3))  # fmt: skip

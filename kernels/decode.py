@@ -1,6 +1,6 @@
 """Fused MLA attention over a paged latent cache (absorbed form, flash-decoding): dense, sparse
 (top-k slot lists), a second ("extra") cache in the same softmax, attention sinks, ragged
-query lengths, FP8 or plain rows.
+query lengths, plain rows, DeepSeek-V3's FP8 rows or DeepSeek-V4's FP8 "MODEL1" pages.
 
 In the absorbed form MLA decode is multi-query attention over the latent cache: every query
 head of a latent head reads the same [kv_lora_rank + rope] row per token, and the first
@@ -12,8 +12,9 @@ latent head and reads each block of key rows once for all of them, for both QK^T
     list, so a program holds the h_q/h_kv rows of one token.
 A program walks its key list in blocks: gather the block's slots (block table or indices,
 `_block_rows`, one block ahead of the math so the cache loads can be pipelined), load the rows
-(`_load_latent`, `_load_rope`: plain or FP8 dequantised on load), update the online softmax
-(`_online_softmax`). The extra cache's entries follow the main list's in the same walk.
+(`_load_latent`, `_load_rope`: plain or FP8 dequantised on load; `_load_model1`: a MODEL1
+token's K = V vector), update the online softmax (`_online_softmax`). The extra cache's
+entries follow the main list's in the same walk.
 How a launch is cut (tiles, warps, stages) per GPU arch: `decode_tiles`, which the
 compiled-code report (`python -m bench.compiled`) checks for spills, MMA kind and pipelining.
 
@@ -24,9 +25,14 @@ computed on the device (`get_mla_metadata`, or on first use of a `FlashMLASchedM
 host synchronisation, so a decode step can be captured in a CUDA graph; only the split count
 (a grid dimension) is decided on the host, from shapes.
 
-Argument checks: `mla.reference.contract`, shared with the twin `mla.reference.decode`.
-Byte layout of FP8 rows: `mla.formats.Fp8Format`, whose offsets and scale count reach the
-kernel as arguments.
+Argument checks: `mla.reference.contract`, shared with the twin `mla.reference.decode`; it
+also picks the format (`mla.formats.decode_format`). Byte layout of V3's FP8 rows:
+`mla.formats.Fp8Format`, whose offsets and scale count reach the kernel as arguments. MODEL1
+(`mla.formats.Model1Format`) is not an array of rows: in a page all tokens' data runs (448 e4m3
+codes, 64 bfloat16 rope values) come first, then all their scale runs (7 UE8M0 bytes + pad), so
+a key has two pointers, each found by the row addressing with its run's base and step (the
+kernel's M1_* constants, the format's numbers); the page stride is passed. In V4, K = V over
+all 512 channels: there is no separate rope dot, and the output has the rope channels too.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import triton
 import triton.language as tl
 
 from mla.backend import interpreting, require_triton_device
+from mla.formats import Model1Format
 from mla.reference.contract import (
     DecodeCall,
     FlashMLASchedMeta,
@@ -60,6 +67,20 @@ LN2 = tl.constexpr(math.log(2.0))
 RCP_LN2 = tl.constexpr(1.0 / math.log(2.0))
 # An e4m3 code's bits placed as fp16 bits read as its value times 2^-8 (exponent biases 7, 15).
 E4M3_AS_FP16_SCALE = tl.constexpr(256.0)
+# DeepSeek-V4's MODEL1 token (`Model1Format`, the layout's owner): 512 channels, the first 448
+# e4m3 codes with one UE8M0 scale per 64, the last 64 bfloat16 rope values; in its page, a
+# token's data run is M1_DATA bytes and its scale run M1_SCALE, all scale runs after all data runs.
+M1_DIM = tl.constexpr(Model1Format.head_dim)
+M1_NOPE = tl.constexpr(Model1Format.nope_dim)
+M1_TILE = tl.constexpr(Model1Format.tile)
+M1_DATA = tl.constexpr(Model1Format.data_bytes)
+M1_SCALE = tl.constexpr(Model1Format.scale_bytes)
+# UE8M0 bytes whose float32 value is not the byte shifted into the exponent field: 0 is the
+# subnormal 2^-127 (bits 0x00400000), 255 is NaN
+UE8M0_ZERO_BITS = tl.constexpr(0x00400000)
+F32_NAN_BITS = tl.constexpr(0x7FC00000)
+# a bfloat16 is the high half of its float32: the high value of an int32 word as float32 bits
+BF16_HIGH = tl.constexpr(-65536)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,23 +102,26 @@ MMA_ROWS = 16
 WGMMA_ROWS = 64
 
 
-def decode_tiles(rows: int, is_fp8: bool, arch: int | None) -> DecodeTiles:
+def decode_tiles(rows: int, is_fp8: bool, arch: int | None, model1: bool = False) -> DecodeTiles:
     """The tiles of a launch with `rows` query rows per latent head, for sm_<arch> (None: the
     interpreter), as the compiled-code report (`python -m bench.compiled`) checks them: no
     register spills with DeepSeek's 512-channel latent, two or more cache blocks in flight,
-    and a CTA that fits the arch's shared memory.
+    and a CTA that fits the arch's shared memory. model1: DeepSeek-V4's MODEL1 pages.
 
     GPU: 8 warps hold a [32, 512] fp32 accumulator in 64 registers per thread (4 warps need
     128 and spill) and a [64, 512] one in 128; 3 stages keep two cache blocks in flight.
     Blocks of 32 keys on sm_80 (164 KB of shared memory per SM), 16 where memory is tighter:
     sm_86 / sm_89 (100 KB), FP8 (its decoded tile is staged in shared memory too) and the
-    64-row Hopper tiles (whose registers are full)."""
+    64-row Hopper tiles (whose registers are full). MODEL1 builds its 512-channel K = V tile
+    from codes, scales and rope in registers: with 32 rows it spills on sm_80 / sm_89 (255
+    registers and ~1 KB of spills), with 16 it does not, so there a latent head's rows take
+    more programs (each re-reads the keys, from L2)."""
     if arch is None:
         # the interpreter is fastest with few, large tiles
         return DecodeTiles(min(64, max(MMA_ROWS, triton.next_power_of_2(rows))), 64, 4, 1, False)
     if arch >= 90:
         return DecodeTiles(WGMMA_ROWS, 16, 8, 3, False)
-    block_m = min(32, max(MMA_ROWS, triton.next_power_of_2(rows)))
+    block_m = min(MMA_ROWS if model1 else 32, max(MMA_ROWS, triton.next_power_of_2(rows)))
     tight = arch != 80 or is_fp8
     # sm_80 has no fp8 conversion instructions: its codes are decoded with integer ops
     return DecodeTiles(block_m, 16 if tight else 32, 8, 3, soft_e4m3=arch < 89)
@@ -166,12 +190,15 @@ def _block_rows(
     n0, n_start, n_stop, n_main,
     k_ptr, p_keys, stride_key, num_keys, page_size, stride_kn, stride_kp, o_kh, stride_kd,
     x_ptr, p_x, stride_xkey, x_num_slots, x_page_size, stride_xn, stride_xp, o_xh, stride_xd,
-    SPARSE: tl.constexpr, HAS_EXTRA: tl.constexpr, PAGE_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPARSE: tl.constexpr, HAS_EXTRA: tl.constexpr, PAGE_BLOCKS: tl.constexpr, MODEL1: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The rows of key-list entries [n0, n0 + BLOCK_N) in [n_start, n_stop): (pointers [BLOCK_N],
-    mask of keys to read, channel strides). Entries below n_main are the main list's (k_cache
-    through a slot list if SPARSE, else the block table), the rest the extra slot list's
-    (x_ptr's cache), so one loop walks both and one software pipeline streams them."""
+    scale pointers [BLOCK_N], mask of keys to read, channel strides). Entries below n_main are
+    the main list's (k_cache through a slot list if SPARSE, else the block table), the rest the
+    extra slot list's (x_ptr's cache), so one loop walks both and one software pipeline streams
+    them. MODEL1: the pointers are the tokens' data runs (stride_kp: the data run's bytes) and
+    the scale pointers their scale runs; otherwise the scale pointers are the rows'."""
     o_n = n0 + tl.arange(0, BLOCK_N)
     m_n = (o_n >= n_start) & (o_n < n_stop)
     m_main = m_n & (o_n < n_main)
@@ -182,15 +209,31 @@ def _block_rows(
         o_row, m_key = _table_rows(p_keys, n0, o_n, m_main, m_page, stride_key, num_keys, page_size, stride_kn,
                                    stride_kp, o_kh, PAGE_BLOCKS)  # fmt: skip
     p_row = k_ptr + o_row
+    p_sc = p_row
+    if MODEL1:
+        # the scale runs follow the page's data runs: the same addressing, another base and step
+        o_sc_run = page_size * M1_DATA + o_kh
+        if SPARSE:
+            o_sc, _ = _list_rows(p_keys, o_n, m_main, stride_key, num_keys, page_size, stride_kn, M1_SCALE, o_sc_run)
+        else:
+            o_sc, _ = _table_rows(p_keys, n0, o_n, m_main, m_page, stride_key, num_keys, page_size, stride_kn,
+                                  M1_SCALE, o_sc_run, PAGE_BLOCKS)  # fmt: skip
+        p_sc = k_ptr + o_sc
     stride_d = stride_kd
     if HAS_EXTRA:
         o_x = o_n - n_main
-        x_row, m_x = _list_rows(p_x, o_x, m_n & (o_x >= 0), stride_xkey, x_num_slots, x_page_size, stride_xn,
-                                stride_xp, o_xh)  # fmt: skip
+        m_x_list = m_n & (o_x >= 0)
+        x_row, m_x = _list_rows(p_x, o_x, m_x_list, stride_xkey, x_num_slots, x_page_size, stride_xn, stride_xp, o_xh)
         p_row = tl.where(o_x >= 0, x_ptr + x_row, p_row)
+        if MODEL1:
+            x_sc, _ = _list_rows(p_x, o_x, m_x_list, stride_xkey, x_num_slots, x_page_size, stride_xn, M1_SCALE,
+                                 x_page_size * M1_DATA + o_xh)  # fmt: skip
+            p_sc = tl.where(o_x >= 0, x_ptr + x_sc, p_sc)
+        else:
+            p_sc = p_row
         m_key = m_key | m_x
         stride_d = tl.where(o_x >= 0, stride_xd, stride_kd)[:, None]
-    return p_row, m_key, stride_d
+    return p_row, p_sc, m_key, stride_d
 
 
 @triton.jit
@@ -246,6 +289,68 @@ def _load_latent(p_row, m_key, o_dv, m_dv, dv, stride_d, scale_offset, num_tiles
 
 
 @triton.jit
+def _ue8m0_to_f32(b_e):
+    """float32 values 2^(e - 127) of UE8M0 bytes e (int32 holding 0..255), exactly: the byte
+    shifted into float32's exponent field, except 0 (the subnormal 2^-127) and 255 (NaN)."""
+    b_bits = tl.where(b_e == 0, UE8M0_ZERO_BITS, b_e << 23)
+    b_bits = tl.where(b_e == 255, F32_NAN_BITS, b_bits)
+    return b_bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_model1(p_row, p_sc, m_key, SOFT_E4M3: tl.constexpr):
+    """MODEL1 K = V tile [BLOCK_N, M1_DIM] float32 of the tokens whose data runs start at p_row
+    and scale runs at p_sc (byte pointers [BLOCK_N]): channels [0, M1_NOPE) code * scale of
+    their M1_TILE-channel tile (exact), the rest the bfloat16 rope values (exact).
+
+    Every run is read as int32 words, split with shifts, as `_load_latent` reads V3's codes:
+    word loads are what Triton's pipeliner streams through shared memory (scale bytes read as
+    uint8 are not, and cost registers on sm_90). Byte k of code word w is channel 4 w + k;
+    the four byte planes are joined at the end. The planes' last M1_TILE // 4 word lanes are
+    the rope channels: each plane takes there its share of the rope words (value 4 i + k is in
+    word 2 i + k // 2, half k % 2), spread as the scales are, so one [BLOCK_N, 512] operand
+    serves both dots, with no concatenation and no masked full-width load."""
+    BLOCK_N: tl.constexpr = p_row.shape[0]
+    BLOCK_W: tl.constexpr = M1_DIM // 4
+    N_TILES: tl.constexpr = M1_DIM // M1_TILE
+    TILE_W: tl.constexpr = M1_TILE // 4
+    o_w = tl.arange(0, BLOCK_W)
+    p_w = p_row.to(tl.pointer_type(tl.int32), bitcast=True)  # [BLOCK_N]
+    # all BLOCK_W words: the lanes past the codes read rope bytes, replaced below
+    b_w = tl.load(p_w[:, None] + o_w[None, :], mask=m_key[:, None], other=0)  # [BLOCK_N, BLOCK_W]
+    # the scale run's 8 bytes (7 scales and the pad, whose tile is the rope's) as 2 words;
+    # scale t is byte t % 4 of word t // 4, joined in the codes' order
+    o_s = tl.arange(0, N_TILES // 4)
+    p_sw = p_sc.to(tl.pointer_type(tl.int32), bitcast=True)  # [BLOCK_N]
+    b_sw = tl.load(p_sw[:, None] + o_s[None, :], mask=m_key[:, None], other=0)  # [BLOCK_N, 2]
+    b_e = tl.join(tl.join(b_sw & 0xFF, (b_sw >> 16) & 0xFF), tl.join((b_sw >> 8) & 0xFF, (b_sw >> 24) & 0xFF))
+    b_sc = _ue8m0_to_f32(tl.reshape(b_e, [BLOCK_N, N_TILES]))
+    b_sc = tl.reshape(tl.broadcast_to(b_sc[:, :, None], [BLOCK_N, N_TILES, TILE_W]), [BLOCK_N, BLOCK_W])
+    o_r = tl.arange(0, M1_TILE // 2)
+    p_r = (p_row + M1_NOPE).to(tl.pointer_type(tl.int32), bitcast=True)  # [BLOCK_N]
+    b_r = tl.load(p_r[:, None] + o_r[None, :], mask=m_key[:, None], other=0)  # [BLOCK_N, 32] two rope values each
+    b_r02, b_r13 = tl.split(tl.reshape(b_r, [BLOCK_N, TILE_W, 2]))  # words 2 i and 2 i + 1
+    m_rope = (o_w >= M1_NOPE // 4)[None, :]
+    b_v0 = tl.where(m_rope, _spread_rope(b_r02 << 16, N_TILES), _e4m3_to_f32(b_w & 0xFF, SOFT_E4M3) * b_sc)
+    b_v1 = tl.where(m_rope, _spread_rope(b_r02 & BF16_HIGH, N_TILES),
+                    _e4m3_to_f32((b_w >> 8) & 0xFF, SOFT_E4M3) * b_sc)  # fmt: skip
+    b_v2 = tl.where(m_rope, _spread_rope(b_r13 << 16, N_TILES), _e4m3_to_f32((b_w >> 16) & 0xFF, SOFT_E4M3) * b_sc)
+    b_v3 = tl.where(m_rope, _spread_rope(b_r13 & BF16_HIGH, N_TILES),
+                    _e4m3_to_f32((b_w >> 24) & 0xFF, SOFT_E4M3) * b_sc)  # fmt: skip
+    return tl.reshape(tl.join(tl.join(b_v0, b_v2), tl.join(b_v1, b_v3)), [BLOCK_N, M1_DIM])
+
+
+@triton.jit
+def _spread_rope(b_bits, N_TILES: tl.constexpr):
+    """float32 values of bfloat16 bits in the high half of int32 [BLOCK_N, TILE_W], repeated
+    over N_TILES tiles as word lanes [BLOCK_N, N_TILES * TILE_W] (only the last tile is used)."""
+    BLOCK_N: tl.constexpr = b_bits.shape[0]
+    TILE_W: tl.constexpr = b_bits.shape[1]
+    b_val = b_bits.to(tl.float32, bitcast=True)
+    return tl.reshape(tl.broadcast_to(b_val[:, None, :], [BLOCK_N, N_TILES, TILE_W]), [BLOCK_N, N_TILES * TILE_W])
+
+
+@triton.jit
 def _load_rope(p_row, m_key, o_dr, m_dr, stride_d, rope_offset, IS_FP8: tl.constexpr):
     """The rope channels of the rows at p_row: [BLOCK_N, BLOCK_DR]. FP8: bfloat16 at byte
     rope_offset of the row (a pointer cast, not a division of byte offsets, so the loads keep
@@ -276,13 +381,17 @@ def _online_softmax(b_s, visible, b_kv, b_m, b_l, b_acc, scale_log2, DOT_PRECISI
 
 @triton.jit
 def _attend_block(
-    b_qv, b_qr, p_row, m_key, stride_d, visible, b_m, b_l, b_acc,
+    b_qv, b_qr, p_row, p_sc, m_key, stride_d, visible, b_m, b_l, b_acc,
     o_dv, m_dv, dv, o_dr, m_dr, scale_offset, rope_offset, num_tiles, scale_log2,
-    IS_FP8: tl.constexpr, SOFT_E4M3: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    IS_FP8: tl.constexpr, MODEL1: tl.constexpr, SOFT_E4M3: tl.constexpr, HAS_ROPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """One block of keys: load (in q's compute dtype), score, fold into the softmax state."""
-    b_kv = _load_latent(p_row, m_key, o_dv, m_dv, dv, stride_d, scale_offset, num_tiles, IS_FP8, SOFT_E4M3, BLOCK_T)
+    if MODEL1:
+        b_kv = _load_model1(p_row, p_sc, m_key, SOFT_E4M3)
+    else:
+        b_kv = _load_latent(p_row, m_key, o_dv, m_dv, dv, stride_d, scale_offset, num_tiles, IS_FP8, SOFT_E4M3,
+                            BLOCK_T)  # fmt: skip
     b_kv = b_kv.to(b_qv.dtype)  # [BLOCK_N, BLOCK_DV]
     b_s = tl.dot(b_qv, tl.trans(b_kv), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     if HAS_ROPE:
@@ -347,6 +456,7 @@ def _mla_decode_kernel(
     SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
     IS_FP8: tl.constexpr,
+    MODEL1: tl.constexpr,
     SOFT_E4M3: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_ROPE: tl.constexpr,
@@ -458,16 +568,16 @@ def _mla_decode_kernel(
     # multiples of BLOCK_N (the first one masked below n_start), so with PAGE_BLOCKS each
     # block lies in one page whatever the split bounds.
     n_first = n_start - n_start % BLOCK_N
-    p_row, m_key, stride_d = _block_rows(
+    p_row, p_sc, m_key, stride_d = _block_rows(
         n_first, n_start, n_stop, n_main, k_ptr, p_keys, stride_key, num_keys, page_size, stride_kn, stride_kp, o_kh,
         stride_kd, x_ptr, p_x, stride_jn, x_num_slots, x_page_size, stride_xn, stride_xp, o_xh, stride_xd,
-        SPARSE, HAS_EXTRA, PAGE_BLOCKS, BLOCK_N,
+        SPARSE, HAS_EXTRA, PAGE_BLOCKS, MODEL1, BLOCK_N,
     )  # fmt: skip
     for n0 in range(n_first, n_stop, BLOCK_N):
-        p_row_next, m_key_next, stride_d_next = _block_rows(
+        p_row_next, p_sc_next, m_key_next, stride_d_next = _block_rows(
             n0 + BLOCK_N, n_start, n_stop, n_main, k_ptr, p_keys, stride_key, num_keys, page_size, stride_kn,
             stride_kp, o_kh, stride_kd, x_ptr, p_x, stride_jn, x_num_slots, x_page_size, stride_xn, stride_xp, o_xh,
-            stride_xd, SPARSE, HAS_EXTRA, PAGE_BLOCKS, BLOCK_N,
+            stride_xd, SPARSE, HAS_EXTRA, PAGE_BLOCKS, MODEL1, BLOCK_N,
         )  # fmt: skip
         visible = m_key[None, :] & m_q[:, None]
         if not SPARSE:
@@ -475,11 +585,11 @@ def _mla_decode_kernel(
             o_n = n0 + tl.arange(0, BLOCK_N)
             visible &= (o_n[None, :] <= last[:, None]) | (o_n[None, :] >= n_main)
         b_m, b_l, b_acc = _attend_block(
-            b_qv, b_qr, p_row, m_key, stride_d, visible, b_m, b_l, b_acc,
+            b_qv, b_qr, p_row, p_sc, m_key, stride_d, visible, b_m, b_l, b_acc,
             o_dv, m_dv, dv, o_dr, m_dr, scale_offset, rope_offset, num_tiles, scale_log2,
-            IS_FP8, SOFT_E4M3, HAS_ROPE, DOT_PRECISION, BLOCK_T,
+            IS_FP8, MODEL1, SOFT_E4M3, HAS_ROPE, DOT_PRECISION, BLOCK_T,
         )  # fmt: skip
-        p_row, m_key, stride_d = p_row_next, m_key_next, stride_d_next
+        p_row, p_sc, m_key, stride_d = p_row_next, p_sc_next, m_key_next, stride_d_next
 
     # l != 0 (not l > 0): a NaN key that was selected must reach the output
     seen = b_l != 0
@@ -669,19 +779,25 @@ def _key_lengths(call: DecodeCall, cache_seqlens, topk_length, extra_topk_length
 def _row_layout(fmt) -> tuple[int, int, int]:
     """(scale_offset, rope_offset, num_tiles) of a row as the kernel indexes it: FP8 byte
     offsets and scale count from the format; plain rows: rope channels start at channel
-    kv_lora_rank, no scales."""
+    kv_lora_rank, no scales; MODEL1 tokens: none (their layout is the kernel's M1_* constants)."""
+    if isinstance(fmt, Model1Format):
+        return 0, 0, 1
     if fmt.is_fp8:
         return fmt.scale_offset, fmt.rope_offset, fmt.num_tiles
     return 0, fmt.kv_lora_rank, 1
 
 
-def _cache_args(cache: torch.Tensor | None, is_fp8: bool) -> tuple[torch.Tensor | None, tuple[int, ...]]:
+def _cache_args(cache: torch.Tensor | None, fmt) -> tuple[torch.Tensor | None, tuple[int, ...]]:
     """(pointer, strides) of a cache for the kernel: FP8 rows as their bytes (uint8, byte
-    strides), plain rows as they are; (None, zeros) without a cache."""
+    strides), plain rows as they are; (None, zeros) without a cache. MODEL1: the page stride,
+    the step between a page's data runs (not the view's stride(1)) and head stride 0 (one KV
+    head; the view's 584 would also cost the loads their 16-byte alignment)."""
     if cache is None:
         return None, (0, 0, 0, 0)
-    if is_fp8:
+    if fmt.is_fp8:
         cache = cache.view(torch.uint8)
+    if isinstance(fmt, Model1Format):
+        return cache, (cache.stride(0), fmt.data_bytes, 0, 1)
     return cache, cache.stride()
 
 
@@ -713,11 +829,16 @@ def flash_mla_with_kvcache(
             channels of each row are also V. h_kv = 1 is MLA; h_q must be a multiple of h_kv.
             FP8 (is_fp8_kvcache): uint8 / float8_e4m3fn [..., bytes] in `mla.formats.Fp8Format`'s
             layout (656 bytes for 512 + 64), dequantized to q's dtype on load.
+            MODEL1 (DeepSeek-V4, FlashMLA's FP8KVCacheLayout.MODEL1_FP8Sparse): is_fp8_kvcache
+            with d = head_dim_v = 512 and 584 bytes per token: uint8 / float8_e4m3fn
+            [num_blocks, page_block_size, 1, 584] = `Model1Format().kvcache_view(pages, page_size)`
+            of uint8 pages [num_blocks, page_bytes]; stride(0) is the page stride (>= page_bytes),
+            tokens are found by the page layout, not by stride(1). K = V = all 512 channels.
         block_table: int32 [b, max_blocks], page ids of each sequence in order; entries past a
             sequence's last page are never read. Ignored (may be None) with indices.
         cache_seqlens: int32 [b], tokens in the cache per sequence (the queries included).
             Ignored (may be None) with indices.
-        head_dim_v: channels of V, 1 <= head_dim_v <= d (FP8: the format's rules).
+        head_dim_v: channels of V, 1 <= head_dim_v <= d (FP8: the format's rules; MODEL1: 512).
         tile_scheduler_metadata, num_splits: `get_mla_metadata()`'s (FlashMLASchedMeta, None),
             the old form's two tensors (dense calls), or None (planned here, on the device).
         softmax_scale: defaults to d ** -0.5.
@@ -754,7 +875,8 @@ def flash_mla_with_kvcache(
     group = h_q // h_kv
     rows = group if call.per_token else s_q * group
     fmt = call.fmt
-    cut = decode_tiles(rows, fmt.is_fp8, _target_arch())
+    model1 = isinstance(fmt, Model1Format)
+    cut = decode_tiles(rows, fmt.is_fp8, _target_arch(), model1)
     m_tiles = triton.cdiv(rows, cut.block_m)
     tiles = (s_q if call.per_token else 1) * h_kv * m_tiles
 
@@ -789,8 +911,8 @@ def flash_mla_with_kvcache(
         lse_stage = torch.empty(b, n_split, s_q, h_q, dtype=torch.float32, device=q.device)
         o_strides, lse_strides = o_stage.stride(), lse_stage.stride()
 
-    k_arg, k_strides = _cache_args(k_cache, fmt.is_fp8)
-    x_arg, x_strides = _cache_args(extra_k_cache, fmt.is_fp8)
+    k_arg, k_strides = _cache_args(k_cache, fmt)
+    x_arg, x_strides = _cache_args(extra_k_cache, fmt)
     sparse, extra = call.sparse, call.has_extra
     table_args = (0, 0) if sparse else block_table.stride()
     index_args = (*indices.stride()[:2], 0, indices.stride(2)) if sparse else (0, 0, 0, 0)
@@ -809,7 +931,8 @@ def flash_mla_with_kvcache(
         CAUSAL=causal,
         SPLIT=n_split > 1,
         UPCAST=interpret,
-        IS_FP8=fmt.is_fp8,
+        IS_FP8=fmt.is_fp8 and not model1,
+        MODEL1=model1,
         SOFT_E4M3=cut.soft_e4m3,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HAS_ROPE=d > dv,
@@ -818,7 +941,7 @@ def flash_mla_with_kvcache(
         BLOCK_N=cut.block_n,
         BLOCK_DV=_block_d(dv),
         BLOCK_DR=_block_d(d - dv),
-        BLOCK_T=triton.next_power_of_2(fmt.num_tiles) if fmt.is_fp8 else 1,
+        BLOCK_T=triton.next_power_of_2(fmt.num_tiles) if fmt.is_fp8 and not model1 else 1,
         num_warps=cut.num_warps,
         num_stages=cut.num_stages,
     )  # fmt: skip
@@ -892,6 +1015,7 @@ def flash_mla_sparse_fwd(
         SPLIT=False,
         UPCAST=interpret,
         IS_FP8=False,
+        MODEL1=False,
         SOFT_E4M3=False,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HAS_ROPE=d > dv,

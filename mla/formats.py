@@ -318,8 +318,21 @@ class _Fp8KeyFormat(Fp8Format):
     min_rope_dim = 0
 
 
-def decode_format(k_cache: torch.Tensor, head_dim_v: int, head_dim: int, is_fp8: bool) -> PlainFormat | Fp8Format:
-    """The format a decode call reads k_cache in: from the call's head dims and FP8 flag."""
+def decode_format(
+    k_cache: torch.Tensor, head_dim_v: int, head_dim: int, is_fp8: bool
+) -> PlainFormat | Fp8Format | Model1Format:
+    """The format a decode call reads k_cache in: from the call's head dims, FP8 flag and the
+    cache's last dim. FP8 with head_dim 512 over 584-byte tokens is DeepSeek-V4's MODEL1
+    (`Model1Format`, K = V, so head_dim_v must be 512 too); other FP8 calls read V3's row
+    (`Fp8Format`, whose 512 + 64 row is 656 bytes, so the two never meet)."""
+    model1_row = k_cache.dim() >= 1 and k_cache.shape[-1] == Model1Format.row_width
+    if is_fp8 and head_dim == Model1Format.head_dim and model1_row:
+        if head_dim_v != Model1Format.head_dim_v:
+            raise ValueError(
+                f"a {Model1Format.row_width}-byte FP8 cache with d = {head_dim} is {Model1Format()}, whose K = V: "
+                f"head_dim_v must be {Model1Format.head_dim_v}"
+            )
+        return Model1Format()
     if is_fp8:
         return Fp8Format(head_dim_v, head_dim - head_dim_v)
     return PlainFormat(head_dim_v, head_dim - head_dim_v, k_cache.dtype)
@@ -429,7 +442,8 @@ class Model1Format:
     """Codes plus rope values of one token: 448 + 2 * 64."""
     scale_bytes = 8
     """Seven scales and a pad byte per token."""
-    bytes_per_token = 584
+    bytes_per_token = row_width = 584
+    """The last dim of a decode call's k_cache (`kvcache_view`)."""
     page_align = 576
     """Pages are padded to a multiple of this many bytes."""
     scale_floor = 1e-4
@@ -437,6 +451,8 @@ class Model1Format:
     dtype = torch.float8_e4m3fn
     storage_dtype = torch.uint8
     is_fp8 = True
+    head_dim_v = 512
+    """K = V: a decode call's output has all 512 channels, the rope ones included."""
 
     def page_bytes(self, page_size: int) -> int:
         """Bytes of one page: page_size * 584 rounded up to a multiple of 576."""
@@ -505,13 +521,79 @@ class Model1Format:
         tests/quant.py). Only the shape and the page stride (stride(0) = page_bytes) mean
         anything: readers find a token's bytes by the per-page layout above, not by stride(1)."""
         pages = _check_pages_2d(pages, self.page_bytes(page_size), "pages")
-        return pages[:, : page_size * self.bytes_per_token].view(pages.shape[0], page_size, 1, self.bytes_per_token)
+        # narrow, not [:, :n]: indexing needs a device guard, which the compile-only report
+        # (bench.compiled, fake CUDA tensors on a CPU-only torch) does not have
+        tokens = pages.narrow(1, 0, page_size * self.bytes_per_token)
+        return tokens.view(pages.shape[0], page_size, 1, self.bytes_per_token)
+
+    def check_pages(self, pages: torch.Tensor, name: str = "k_cache") -> torch.Tensor:
+        """Validate a decode call's k_cache, `kvcache_view`'s form uint8 (or float8_e4m3fn, as
+        FlashMLA passes it) [num_pages, page_size, 1, 584], and return it as uint8. What makes
+        its bytes readable by the page layout: the page stride (stride(0)) holds a whole page
+        (page_bytes, or more), tokens are 584-byte steps of the page's first page_size * 584
+        bytes (which the view covers, so nothing read lies outside it), bytes are contiguous,
+        and pages start on 4-byte boundaries (readers load the codes as 32-bit words)."""
+        if not isinstance(pages, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(pages).__name__}")
+        if pages.dtype == torch.float8_e4m3fn:
+            pages = pages.view(torch.uint8)
+        if pages.dtype != torch.uint8:
+            raise TypeError(f"{name} must be uint8 or float8_e4m3fn (raw MODEL1 cache bytes), got {pages.dtype}")
+        if pages.dim() != 4 or pages.shape[-1] != self.row_width:
+            raise ValueError(
+                f"{name} must be [num_pages, page_size, 1, {self.row_width}] for {self} (kvcache_view), "
+                f"got shape {tuple(pages.shape)}"
+            )
+        num_pages, page_size, h_kv = pages.shape[:3]
+        if h_kv != 1:
+            raise ValueError(f"{name} in {self} holds one KV head (K = V, MQA): h_kv must be 1, got {h_kv}")
+        if page_size < 1:
+            raise ValueError(f"{name} needs page_size >= 1, got shape {tuple(pages.shape)}")
+        if pages.stride(-1) != 1 or (page_size > 1 and pages.stride(1) != self.row_width):
+            raise ValueError(
+                f"{name} in {self} must be a view of whole pages (kvcache_view): stride(-1) = 1 and "
+                f"stride(1) = {self.row_width}, got strides {pages.stride()}"
+            )
+        if pages.storage_offset() % 4:
+            raise ValueError(
+                f"{name} in {self} must start on a 4-byte boundary, got byte offset {pages.storage_offset()}"
+            )
+        need = self.page_bytes(page_size)
+        if num_pages > 1 and (pages.stride(0) < need or pages.stride(0) % 4):
+            raise ValueError(
+                f"{name} in {self} needs stride(0) (the page stride, bytes) >= page_bytes = {need} for "
+                f"page_size {page_size} and a multiple of 4, got {pages.stride(0)}"
+            )
+        return pages
+
+    def kvcache_read(
+        self, k_cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Dequantized values [*slots.shape, 512] in `dtype` of the tokens at slots (any shape,
+        page * page_size + row, all within the cache: not checked) of a decode call's k_cache
+        (`kvcache_view`'s form, checked by `check_pages`; any page stride)."""
+        k_cache = k_cache.view(torch.uint8) if k_cache.dtype == torch.float8_e4m3fn else k_cache
+        num_pages, page_size = k_cache.shape[:2]
+        # each page's first page_size * 584 bytes, the extent the view covers
+        pages = k_cache.as_strided((num_pages, page_size * self.bytes_per_token), (k_cache.stride(0), 1))
+        flat = slots.reshape(-1).long()
+        page = (flat // page_size)[:, None]
+        data_at, scale_at = self.token_offsets(page_size, flat % page_size)
+        data = pages[page, data_at[:, None] + torch.arange(self.data_bytes, device=pages.device)]
+        scales = pages[page, scale_at[:, None] + torch.arange(self.scale_bytes, device=pages.device)]
+        return self.unpack(data, scales, dtype).reshape(*slots.shape, self.head_dim)
+
+    def token_offsets(self, page_size: int, row):
+        """Byte offsets in its page of the data run and the scale run of the token in row `row`
+        (an int or an integer tensor)."""
+        return row * self.data_bytes, page_size * self.data_bytes + row * self.scale_bytes
 
     def _offsets(self, page_size: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat byte offsets (int64) of each slot's data run and scale run."""
         page, row = slots // page_size, slots % page_size
         base = page * self.page_bytes(page_size)
-        return base + row * self.data_bytes, base + page_size * self.data_bytes + row * self.scale_bytes
+        data_at, scale_at = self.token_offsets(page_size, row)
+        return base + data_at, base + scale_at
 
     def __repr__(self) -> str:
         return "Model1Format()"

@@ -15,7 +15,9 @@ Two kinds of checks:
   Without them the kernel still reads nothing outside the cache: slots outside it are
   skipped like -1 entries.
 
-The cache format (`mla.formats`) owns the row layout; the contract only asks it.
+The cache format (`mla.formats`) owns the row layout; the contract only asks it, and asks
+`mla.formats.decode_format` which format a call reads (plain, V3's FP8 row, or V4's MODEL1
+pages for FP8 with d = head_dim_v = 512 over 584-byte tokens), so kernel and twin agree.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ may see into one padded tensor (static shapes: the block table's width, topk), m
 in `compute_dtype`, cast back. No per-row Python loop and no host synchronisation, so it
 runs on any device and torch.compile traces it without graph breaks. The arguments are
 checked by `mla.reference.contract`, as the kernels' are.
+
+Keys are dequantized by their format's own reader, then attended as plain rows: V3's FP8
+rows by `Fp8Format.values`, DeepSeek-V4's MODEL1 pages by `Model1Format.kvcache_read` (the
+tokens are gathered by slot through the page layout, since its pages are not arrays of rows).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import math
 
 import torch
 from einops import rearrange
+
+from mla.formats import Model1Format
 
 from .cache import gather_pages
 from .contract import (
@@ -81,17 +87,31 @@ def _row_values(fmt, rows, read, dtype, compute_dtype):
     return fmt.values(rows, dtype).to(compute_dtype)
 
 
+def _model1_keys(fmt: Model1Format, k_cache, slots, read, dtype, compute_dtype):
+    """Keys [..., 1, 512] in compute_dtype of a MODEL1 k_cache at flat slots [...] (page *
+    page_size + row), located by the page layout (`Model1Format.kvcache_read`), not by the
+    view's row stride; entries not read gather slot 0 and are zeroed after dequantizing (a NaN
+    scale would otherwise leak through 0 * NaN)."""
+    keys = fmt.kvcache_read(k_cache, torch.where(read, slots, 0), dtype)
+    return keys.masked_fill_(~read[..., None], 0)[..., None, :].to(compute_dtype)
+
+
 def _slot_rows(pages, slots, lengths):
     """Rows at flat slots [b, s_q, topk] of pages [num_blocks, page, h_kv, row], the first
     lengths[i] entries of row i's lists (all of them when lengths is None).
 
     Returns (rows [b, s_q, topk, h_kv, row], read [b, s_q, topk]: the entry is within its
     row's length and names a slot of the cache; other entries gather slot 0)."""
-    num_slots = pages.shape[0] * pages.shape[1]
+    read = _slot_read(pages.shape[0] * pages.shape[1], slots, lengths)
+    return pages.flatten(0, 1)[torch.where(read, slots, 0).long()], read
+
+
+def _slot_read(num_slots: int, slots, lengths):
+    """bool [b, s_q, topk]: the entry is within its row's length and names a slot of the cache."""
     read = (slots >= 0) & (slots < num_slots)
     if lengths is not None:
         read &= torch.arange(slots.shape[-1], device=slots.device) < lengths[:, None, None]
-    return pages.flatten(0, 1)[torch.where(read, slots, 0).long()], read
+    return read
 
 
 def _grouped_matmul(x: torch.Tensor, y: torch.Tensor, per_query: bool) -> torch.Tensor:
@@ -211,13 +231,20 @@ def run_decode(
     b, s_q = call.b, call.s_q
     qg = q.to(compute_dtype).view(b, s_q, call.h_kv, -1, q.shape[-1]).permute(0, 2, 3, 1, 4)  # [b, h_kv, group, s_q, d]
 
+    # MODEL1 pages are not arrays of rows: its keys are read by slot through the page layout
+    model1 = isinstance(fmt, Model1Format)
     parts, visible = [], []
     if not call.sparse:
         table, read, seen = visibility or dense_visibility(
             block_table, cache_seqlens, seqlens_q, s_q, k_cache.shape[0], call.page_size, call.causal
         )
-        rows = gather_pages(k_cache.view(fmt.storage_dtype), table, read.shape[1])
-        parts.append(_row_values(fmt, rows, read, dtype, compute_dtype))  # [b, n, h_kv, *]
+        if model1:
+            position = torch.arange(read.shape[1], device=table.device)
+            slots = table[:, position // call.page_size] * call.page_size + position % call.page_size  # [b, n]
+            parts.append(_model1_keys(fmt, k_cache, slots, read, dtype, compute_dtype))
+        else:
+            rows = gather_pages(k_cache.view(fmt.storage_dtype), table, read.shape[1])
+            parts.append(_row_values(fmt, rows, read, dtype, compute_dtype))  # [b, n, h_kv, *]
         visible.append(seen)
     listed = []  # key sets given as slot lists: (pages, slots, lengths)
     if call.sparse:
@@ -225,8 +252,12 @@ def run_decode(
     if call.has_extra:
         listed.append((extra_k_cache, extra_indices_in_kvcache, extra_topk_length))
     for pages, slots, lengths in listed:
-        rows, read = _slot_rows(pages.view(fmt.storage_dtype), slots, lengths)
-        parts.append(_row_values(fmt, rows, read, dtype, compute_dtype))  # [b, s_q, topk, h_kv, *]
+        if model1:
+            read = _slot_read(pages.shape[0] * pages.shape[1], slots, lengths)
+            parts.append(_model1_keys(fmt, pages, slots, read, dtype, compute_dtype))  # [b, s_q, topk, 1, 512]
+        else:
+            rows, read = _slot_rows(pages.view(fmt.storage_dtype), slots, lengths)
+            parts.append(_row_values(fmt, rows, read, dtype, compute_dtype))  # [b, s_q, topk, h_kv, *]
         visible.append(_queries_only(read, seqlens_q))
 
     sink = None if attn_sink is None else attn_sink.view(call.h_kv, -1, 1)

@@ -26,7 +26,8 @@ from bench.compiled import (
 MMA_KINDS = ("wgmma", "mma", "none")
 # The default run's configurations: both cache formats of the main decode shape, the sparse
 # path with every option (FP8, extra cache, sink: the most registers on sm_80) and a writer.
-SUBSET = ("v3-bf16-h128-sq1", "v3-fp8-h128-sq1", "sparse-fp8-h64-extra-sink", "write-bf16")
+SUBSET = ("v3-bf16-h128-sq1", "v3-fp8-h128-sq1", "sparse-fp8-h64-extra-sink", "v4-model1-h128-extra-sink",
+          "write-bf16")  # fmt: skip
 DECODE = "_mla_decode_kernel"
 
 
