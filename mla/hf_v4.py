@@ -52,7 +52,7 @@ from mla.pages import CacheFullError
 from mla.speculative.adapters import CausalLM
 from mla.v4 import V4Config
 from mla.v4_attention import V4Attention, v4_rotary
-from mla.v4_cache import CACHE_DTYPES, V4Cache
+from mla.v4_cache import V4Cache
 
 __all__ = ["MLADeepseekV4Attention", "V4HFCache", "V4PatchedCausalLM", "patch_v4", "unpatch_v4"]
 
@@ -65,9 +65,15 @@ class V4HFCache(RowsCache):
         config: the model's DeepseekV4Config.
         batch_size, max_length: the pool holds batch_size * ceil(max_length / page_size) pages
             (a step that needs more raises ValueError: make a bigger cache).
-        dtype: torch.float64 / float32 / bfloat16 / float16, the stored rows.
-        page_size: tokens per page; a multiple or divisor of both compress rates.
+        dtype: torch.float64 / float32 / bfloat16 / float16, the stored rows, or "fp8" /
+            torch.float8_e4m3fn: FlashMLA's MODEL1 pages for the window and the entries, MXFP4
+            indexer keys (needs head_dim 512 and rope_dim 64; `mla.v4_cache`).
+        page_size: tokens per page (entry pages hold as many entries).
         device: where the pages live.
+
+    The cache is compact (`V4Cache(max_rollback=0)`): each row keeps only the window and open
+    compressor windows' token rows besides its entries, which every truncation transformers and
+    `mla.speculative` make (back to at least the length before the last step) allows.
 
     transformers' view: row b is `pads[b]` leading pad columns (left padding, from the 2-D
     attention_mask of its first forward) then its sequence; `get_seq_length()` is the widest
@@ -82,7 +88,7 @@ class V4HFCache(RowsCache):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         num_pages = batch_size * -(-max_length // page_size)
-        self.v4 = V4Cache(V4Config.from_hf(config), num_pages, page_size, dtype=dtype, device=device)
+        self.v4 = V4Cache(V4Config.from_hf(config), num_pages, page_size, dtype=dtype, device=device, max_rollback=0)
         self.rows: list[int] = []  # sequence id of each batch row
         self.pads: list[int] = []  # leading pad columns of each row
         # the step in flight: (lengths and pads before it, whether it created the rows)
@@ -322,11 +328,12 @@ def _causal_lm(self) -> V4PatchedCausalLM:
 
 def patch_v4(model: nn.Module, targets, settings) -> nn.Module:
     """`mla.hf.patch` for DeepSeek-V4 (targets: (name, module) of its attention layers)."""
-    if settings.cache_dtype is not None and settings.cache_dtype not in CACHE_DTYPES:
-        raise ValueError(
-            f"patch: a DeepSeek-V4 cache holds one of {CACHE_DTYPES}, got cache_dtype={settings.cache_dtype!r}"
-        )
     config = V4Config.from_hf(targets[0][1].config)
+    if settings.cache_dtype is not None:
+        try:  # V4Cache owns which dtypes and dimensions it stores: ask it now, not at the first generate()
+            V4Cache(config, 1, 1, dtype=settings.cache_dtype, device="meta")
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"patch: cache_dtype={settings.cache_dtype!r}: {error}") from None
     for _, module in targets:
         module.__class__ = MLADeepseekV4Attention
         module.mla_settings = settings

@@ -230,18 +230,19 @@ class V4Indexer(V4Compressor):
         device = hidden_states.device
         visible_count = (torch.arange(1, s + 1, device=device) // self.config.compress_rates[CSA]).expand(b, s)
         table = torch.arange(b, dtype=torch.int32, device=device)[:, None]
-        chosen = self.choose(hidden_states, q_resid, cos, sin, keys[:, :, None].contiguous(), table, visible_count,
-                             "reference")  # fmt: skip
+        chosen = self.choose(hidden_states, q_resid, cos, sin, index_key_format(keys.dtype, self.config.index_head_dim),
+                             keys[:, :, None].contiguous(), table, visible_count, "reference")  # fmt: skip
         visible = torch.arange(keys.shape[1], device=device) < visible_count[..., None]
         return chosen_mask(chosen, visible)
 
-    def choose(self, hidden_states, q_resid, cos, sin, key_pages, table, visible_count, backend,
+    def choose(self, hidden_states, q_resid, cos, sin, key_format, key_pages, table, visible_count, backend,
                page_size=None) -> torch.Tensor:  # fmt: skip
         """Which entries each query attends, from paged indexer keys, through `backend`.
 
         hidden_states [b, s, hidden], q_resid [b, s, q_lora_rank], float32 rotary tables of the
-        queries [1 or b, s, rope / 2]; key_pages [num_pages, P, 1, D] (bfloat16 / float16 /
-        float32; the queries are scored in its dtype), table int32 [b, pages] (entry w of row
+        queries [1 or b, s, rope / 2]; key_pages [num_pages, P, 1, row] of rows in key_format
+        (`mla.formats.index_key_format`: plain keys score the queries in their dtype, MXFP4 ones
+        in the queries'), table int32 [b, pages] (entry w of row
         i at row w % P of page table[i, w // P]), visible_count [b, s] the entries query
         (i, t) sees, w < (t + 1) // m. Query t chooses the index_topk best of its visible
         entries (all when fewer), ties to the lower w: `index_scores` with each query its own
@@ -262,7 +263,7 @@ class V4Indexer(V4Compressor):
         weights = self.scorer(hidden_states)
         with torch.no_grad():  # a choice of entries: nothing to differentiate
             chosen, _ = ops.select(
-                index_key_format(key_pages.dtype, c.index_head_dim), q.reshape(b * s, 1, c.index_n_heads, -1),
+                key_format, q.reshape(b * s, 1, c.index_n_heads, -1),
                 weights.reshape(b * s, 1, -1), key_pages, table.repeat_interleave(s, dim=0),
                 visible_count.reshape(-1).to(torch.int32), n, None, c.index_topk, page_size, backend,
             )  # fmt: skip
@@ -490,9 +491,9 @@ class V4Attention(nn.Module):
         if n == 0:
             return None
         if self.kind == CSA:
-            key_pages = cache.layers[layer].index_keys
-            return indexer.choose(hidden_states, q_resid, cos, sin, key_pages, cache.entry_table(layer, ids),
-                                  visible_count, backend, page_size=key_pages.shape[1])  # fmt: skip
+            key_pages = cache.kvcache(layer, "index_keys")
+            return indexer.choose(hidden_states, q_resid, cos, sin, cache.index_format, key_pages,
+                                  cache.entry_table(layer, ids), visible_count, backend, page_size=key_pages.shape[1])  # fmt: skip
         held = [cache.entry_slots(layer, sid, 0, (start + tokens.shape[1]) // m) for sid, start in zip(ids, starts)]
         slots = torch.stack([F.pad(h, (0, n - h.shape[0]), value=-1) for h in held])  # [b, n]
         seen = torch.arange(n, device=slots.device) < visible_count.to(slots.device)[..., None]  # [b, s, n]
@@ -520,18 +521,23 @@ class V4Attention(nn.Module):
                 entries = compressor.pool(rows[None].to(raw.dtype), entry_cos, entry_sin, skip)[0]
                 cache.write(layer, entry_name, entry_slots, entries)
                 continue
-            from mla.kernels.compressor import write_compressed  # Triton loads on first use, as in mla.ops
+            from mla.kernels import compressor as kernels  # Triton loads on first use, as in mla.ops
 
-            pages = getattr(cache.layers[layer], entry_name)  # MODEL1 pages, or plain rows
-            pages = pages.unsqueeze(2) if pages.dim() == 3 else pages  # plain: [num_pages, P, 1, width]
             d = compressor.kv_norm.weight.shape[0]
             window = rows[skip * m :].unflatten(0, (hi - lo, m))  # [n, m, 2, c * d]
             before = rows[:m, :, :d] if skip else None  # the previous window's Ca half
-            write_compressed(
-                pages, cache.page_size, entry_slots, window[:, :, 0], window[:, :, 1], compressor.position_bias,
-                compressor.kv_norm.weight, entry_cos[0], entry_sin[0], None if before is None else before[:, 0],
-                None if before is None else before[:, 1], self.config.rms_norm_eps,
-            )  # fmt: skip
+            args = (window[:, :, 0], window[:, :, 1], compressor.position_bias, compressor.kv_norm.weight,
+                    entry_cos[0], entry_sin[0], None if before is None else before[:, 0],
+                    None if before is None else before[:, 1], self.config.rms_norm_eps)  # fmt: skip
+            if entry_name == "index_keys" and cache.index_format.is_fp4:
+                # no kernel writes MXFP4 rows: pool in the kernel, pack on the host
+                cache.write(layer, entry_name, entry_slots, kernels.compress(*args, raw.dtype))
+                continue
+            pages = getattr(cache.layers[layer], entry_name)  # MODEL1 pages, or plain rows
+            pages = pages.unsqueeze(2) if pages.dim() == 3 else pages  # plain: [num_pages, P, 1, width]
+            # MODEL1 pages quantize the module's values; plain pages round to their own dtype
+            kernels.write_compressed(pages, cache.page_size, entry_slots, *args,
+                                     raw.dtype if pages.dtype == torch.uint8 else None)  # fmt: skip
 
     def _attend(self, q: torch.Tensor, kv: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """q [b, s, h, d], kv [b, L, d] (K = V), bool visible [b, s, L] (every query sees at

@@ -30,9 +30,11 @@ Dtypes. A plain cache (float64 / float32 / bfloat16 / float16) stores every tens
 (index keys as above). An FP8 cache (dtype "fp8" or torch.float8_e4m3fn; needs head_dim 512 and
 rope_dim 64) stores kv and entries in `mla.formats.Model1Format` pages, uint8 [pages,
 page_bytes(rows per page)], quantized by `write` and dequantized by `read` (float32 unless a
-dtype is asked for; float64 rows are quantized from float32), and keeps the raw compressor rows
-and the index keys in bfloat16. `kvcache(layer, name)` gives kv / entries in the k_cache form
-a decode kernel takes.
+dtype is asked for; float64 rows are quantized from float32), the index keys as
+`mla.formats.Mxfp4KeyFormat` rows (68 B for index_head_dim 128: e2m1 values with a power-of-two
+scale per 32, as DeepSeek deploys them; `index_format`, which the indexer kernels read), and the
+raw compressor rows in bfloat16. `kvcache(layer, name)` gives kv / entries / index keys in the
+k_cache form the kernels take.
 
 Pending compressor state and exact rollback. There are no running accumulators: a sequence of
 length L has closed exactly the entries w < L // m, and its pending (open-window) state is the
@@ -90,7 +92,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mla.formats import PLAIN_DTYPES, Model1Format, is_fp8_dtype
+from mla.formats import PLAIN_DTYPES, Model1Format, index_key_format, is_fp8_dtype
 from mla.pages import RELEASED, CacheFullError, PagedSequences, as_int, positive
 from mla.v4 import COMPRESSED_TYPES, CSA, HCA, SLIDING, V4Config
 
@@ -161,7 +163,7 @@ class V4Cache(PagedSequences):
         num_pages: token pages in the pool, shared by all sequences and layers.
         page_size: tokens per token page (any positive int).
         dtype: torch.float64 / float32 / bfloat16 / float16, or "fp8" / torch.float8_e4m3fn
-            (MODEL1 kv and entries, bfloat16 raw rows and index keys; head_dim 512, rope_dim 64).
+            (MODEL1 kv and entries, MXFP4 index keys, bfloat16 raw rows; head_dim 512, rope_dim 64).
         device: where the tensors live.
         max_rollback: None (keep every token's rows: exact truncation to any length), or R >= 0:
             keep only the token rows a future step or a rollback of R tokens can need.
@@ -208,6 +210,8 @@ class V4Cache(PagedSequences):
         else:
             raise TypeError(f"dtype must be one of {CACHE_DTYPES} or 'fp8' / torch.float8_e4m3fn, got {dtype!r}")
         self.index_dtype = torch.float32 if dtype == torch.float64 else self.plain_dtype
+        # the indexer keys' row: MXFP4 in an FP8 cache (DeepSeek deploys them in FP4), else plain
+        self.index_format = index_key_format("mxfp4" if self.is_fp8 else self.index_dtype, config.index_head_dim)
         if max_rollback is not None:
             max_rollback = as_int("max_rollback", max_rollback)
             if max_rollback < 0:
@@ -258,8 +262,9 @@ class V4Cache(PagedSequences):
             store.update(
                 index_raw=torch.zeros(n, ps, 2, 2 * c.index_head_dim, dtype=plain, device=dev),
                 index_keys=torch.zeros(
-                    pool.num_pages, pool.per_page, 1, c.index_head_dim, dtype=self.index_dtype, device=dev
-                ),
+                    pool.num_pages, pool.per_page, 1, self.index_format.row_width,
+                    dtype=self.index_format.storage_dtype, device=dev,
+                ),  # fmt: skip
             )
         return V4LayerStore(kind, pool.rate, kv, **store)
 
@@ -504,6 +509,8 @@ class V4Cache(PagedSequences):
         target = self._tensor(layer, name)
         if self.is_fp8 and name in FP8_TENSORS:
             return self.format.read(target, self._per_page_of(layer, name), slots, dtype or torch.float32)
+        if name == "index_keys" and self.index_format.is_fp4:
+            return self.index_format.unpack(target.flatten(0, 1)[slots], dtype or torch.float32)
         rows = target.flatten(0, 1)[slots]
         return rows if dtype is None else rows.to(dtype)
 
@@ -518,6 +525,8 @@ class V4Cache(PagedSequences):
             rows = rows if rows.dtype in PLAIN_DTYPES else rows.float()
             self.format.write(target, self._per_page_of(layer, name), slots, rows)
             return
+        if name == "index_keys" and self.index_format.is_fp4:
+            rows = self.index_format.pack(rows.reshape(-1, self.config.index_head_dim).float())
         rows = rows.reshape(-1, *target.shape[2:]).to(target.dtype)
         target.flatten(0, 1).index_copy_(0, slots, rows)
 

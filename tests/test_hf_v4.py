@@ -32,9 +32,9 @@ NEW = 14  # decode steps close CSA windows at 20, 24, 28, 32 and HCA windows at 
 GREEDY = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None)
 
 
-def tiny_model(index_topk: int) -> DeepseekV4ForCausalLM:
+def tiny_model(index_topk: int, **changes) -> DeepseekV4ForCausalLM:
     """Sliding, CSA and HCA layers, MoE of 4 experts, 2 hyper-connection streams, float32 eager."""
-    config = tiny(num_hidden_layers=4, layer_types=(SLIDING, CSA, HCA, CSA), index_topk=index_topk)
+    config = tiny(num_hidden_layers=4, layer_types=(SLIDING, CSA, HCA, CSA), index_topk=index_topk, **changes)
     hf_config = DeepseekV4Config(
         **config.hf_kwargs(), vocab_size=VOCAB, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
         hc_mult=2, mlp_layer_types=["moe"] * 4,
@@ -203,6 +203,8 @@ def test_refused_inputs(patched):
     with pytest.raises(ValueError, match="no_grad"):
         patched(ids, cache=cache, use_cache=True)
     assert cache.lengths() == []  # the failed first step freed the rows it made
+    with pytest.raises(ValueError, match="cache_dtype='fp8'.*head_dim=512"):
+        mla.hf.patch(tiny_model(index_topk=3), cache_dtype="fp8")
 
 
 def test_triton_backend_runs_the_kernels_and_equals_the_reference(dense_model, monkeypatch):
@@ -238,3 +240,38 @@ def test_triton_backend_runs_the_kernels_and_equals_the_reference(dense_model, m
             "flash_mla_with_kvcache", "index_scores", "index_topk", "flash_mla_with_kvcache"]  # fmt: skip
     assert calls[-len(step) :] == step, calls
     assert "write_compressed" in calls
+
+
+def test_fp8_cache_through_the_kernels_within_fp8_rounding(monkeypatch):
+    """cache_dtype="fp8" (MODEL1 window rows and entries, MXFP4 indexer keys) on a model of
+    DeepSeek's head_dim 512 / rope 64 with CSA sparsity active: backend="triton" attends with the
+    MODEL1 sparse kernel and gives the reference backend's tokens; the prompt's logits stay within
+    FP8 rounding of the float32 cache's (this random model's top tokens are near ties, so the
+    generated tokens may differ after that)."""
+    import mla.kernels
+
+    model = tiny_model(index_topk=2, head_dim=512, rope_dim=64, num_heads=2, index_head_dim=64)
+    ids = prompts()[:, :9]
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
+                  return_dict_in_generate=True)  # fmt: skip
+    runs = {}
+    fp8_calls = []
+    kernel = mla.kernels.flash_mla_with_kvcache
+
+    def counted(*args, **kw):
+        fp8_calls.append(kw.get("is_fp8_kvcache"))
+        return kernel(*args, **kw)
+
+    monkeypatch.setattr(mla.kernels, "flash_mla_with_kvcache", counted)
+    for name, cache_dtype, backend in (("fp32", None, "reference"), ("fp8", "fp8", "reference"),
+                                       ("fp8-triton", "fp8", "triton")):  # fmt: skip
+        mla.hf.patch(model, cache_dtype=cache_dtype, backend=backend, page_size=4)
+        try:
+            runs[name] = model.generate(ids, **kwargs)
+        finally:
+            mla.hf.unpatch(model)
+    assert fp8_calls and all(fp8_calls)  # every kernel call read MODEL1 pages
+    assert torch.equal(runs["fp8-triton"].sequences, runs["fp8"].sequences)
+    fp8, fp32 = torch.stack(runs["fp8"].logits), torch.stack(runs["fp32"].logits)
+    assert_close(torch.stack(runs["fp8-triton"].logits), fp8, 1e-4, "triton vs reference over MODEL1 pages")
+    assert (fp8[0] - fp32[0]).abs().max() <= 2**-4 * fp32[0].abs().max()

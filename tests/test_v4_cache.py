@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from mla.cache import CacheFullError, LatentCache
+from mla.formats import Model1Format, Mxfp4KeyFormat
+from mla.pages import RELEASED
 from mla.v4 import CSA, HCA, SLIDING, V4Config
 from mla.v4_attention import V4Attention
-from mla.formats import Model1Format
-from mla.pages import RELEASED
 from mla.v4_cache import V4Cache
 
 from .test_v4_attention import TINY  # the tiny stack (sliding, CSA m = 4, HCA m' = 8) of both files
@@ -226,14 +226,14 @@ def test_deepseek_v4_bytes_per_token_as_documented():
         assert cache.bytes_per_token == expected
 
 
-@pytest.mark.parametrize("dtype, entry_bytes", [(torch.bfloat16, 6880), ("fp8", 21 * (585 + 256) / 4 + 20 * 585 / 128)],
+@pytest.mark.parametrize("dtype, entry_bytes", [(torch.bfloat16, 6880), ("fp8", 21 * (585 + 68) / 4 + 20 * 585 / 128)],
                          ids=["bf16", "fp8"])  # fmt: skip
 def test_deepseek_v4_flash_compact_bytes_at_1m_tokens(dtype, entry_bytes):
     """The module docstring's figures (meta tensors, nothing allocated): after a step at 1M
     tokens a sequence with max_rollback 0 and page_size 64 holds its entries and 2 token pages
     (tokens from 2^20 - 1 - keep 127, down to a page). Entries per token: CSA (512 + 128) * 2 / 4,
-    HCA 1024 / 128 in bfloat16; FP8: CSA (585 + 256) / 4 (64-entry MODEL1 pages, 37440 B, and
-    bfloat16 index keys), HCA 585 / 128."""
+    HCA 1024 / 128 in bfloat16; FP8: CSA (585 + 68) / 4 (64-entry MODEL1 pages, 37440 B, and
+    MXFP4 index keys), HCA 585 / 128."""
     n, config = 1 << 20, V4Config.deepseek_v4_flash()
     cache = V4Cache(config, n // 64, 64, dtype=dtype, device="meta", max_rollback=0)
     sid = cache.add_sequence()
@@ -649,7 +649,7 @@ class CompactV4CacheMachine(V4CacheMachine):
     def truncate(self, data):
         sid = data.draw(st.sampled_from(sorted(self.lengths)))
         new_length = data.draw(st.integers(0, self.lengths[sid]))
-        start, _ = self.step.get(sid, (0, 0))
+        start, step = self.step.get(sid, (0, 0))
         try:
             self.cache.truncate(sid, new_length)
         except ValueError as error:
@@ -658,7 +658,7 @@ class CompactV4CacheMachine(V4CacheMachine):
             assert self.cache.length(sid) == self.lengths[sid]
             return
         self.lengths[sid] = new_length
-        self.step[sid] = (min(start, new_length), 0)
+        self.step[sid] = (min(start, new_length), step)  # truncation never holds more pages
 
     @invariant()
     def pages_are_accounted_for(self):
@@ -696,11 +696,11 @@ def model1_rounded(rows: torch.Tensor) -> torch.Tensor:
 
 class Model1RoundedCache(V4Cache):
     """A float32 cache holding exactly the values an FP8 one holds: kv and entries rounded
-    through MODEL1, raw compressor rows and index keys in bfloat16."""
+    through MODEL1, index keys through MXFP4, raw compressor rows in bfloat16."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, dtype=torch.float32, **kwargs)
-        names = ("raw", "index_raw", "index_keys")
+        names = ("raw", "index_raw")
         self.layers = tuple(
             dataclasses.replace(store, **{n: t.bfloat16() for n in names if (t := getattr(store, n)) is not None})
             for store in self.layers
@@ -709,11 +709,14 @@ class Model1RoundedCache(V4Cache):
     def write(self, layer, name, slots, rows):
         if name in ("kv", "entries"):
             rows = model1_rounded(rows.detach().reshape(-1, 512).float())
+        if name == "index_keys":
+            fp4 = Mxfp4KeyFormat(self.config.index_head_dim)
+            rows = fp4.unpack(fp4.pack(rows.detach().reshape(-1, self.config.index_head_dim).float()))
         super().write(layer, name, slots, rows)
 
 
 def test_fp8_layout_and_round_trip():
-    """MODEL1 pages of page_size rows for kv and entries, bfloat16 for the rest; write /
+    """MODEL1 pages of page_size rows for kv and entries, MXFP4 index keys, bfloat16 raw rows; write /
     read is Model1Format's pack / unpack (float64 through float32); kvcache is the MODEL1 view
     over the same bytes."""
     config = V4Config(**FP8_CONFIG)
@@ -722,7 +725,9 @@ def test_fp8_layout_and_round_trip():
     assert cache.dtype == torch.float8_e4m3fn and cache.is_fp8
     assert csa.kv.dtype == torch.uint8 and tuple(csa.kv.shape) == (3, MODEL1.page_bytes(8))
     assert tuple(csa.entries.shape) == tuple(hca.entries.shape) == (5, MODEL1.page_bytes(8))
-    assert csa.raw.dtype == csa.index_raw.dtype == csa.index_keys.dtype == hca.raw.dtype == torch.bfloat16
+    assert csa.raw.dtype == csa.index_raw.dtype == hca.raw.dtype == torch.bfloat16
+    fp4 = Mxfp4KeyFormat(config.index_head_dim)  # 64-dim keys: 32 code bytes + 2 scales
+    assert csa.index_keys.dtype == torch.uint8 and tuple(csa.index_keys.shape) == (5, 8, 1, fp4.bytes_per_token)
     generator = torch.Generator().manual_seed(9)
     scales = torch.logspace(-3, 3, 6, dtype=torch.float64)[:, None]  # tiles far from 1 both ways
     rows = torch.randn(6, 512, dtype=torch.float64, generator=generator) * scales
@@ -740,6 +745,9 @@ def test_fp8_layout_and_round_trip():
     assert tuple(view.shape) == (3, 8, 1, 584) and view.data_ptr() == cache.layers[0].kv.data_ptr()
     assert tuple(cache.kvcache(1, "entries").shape) == (5, 8, 1, 584)
     assert cache.kvcache(1, "index_keys") is csa.index_keys
+    keys = torch.randn(3, config.index_head_dim, generator=generator)
+    cache.write(1, "index_keys", torch.tensor([7, 0, 12]), keys)
+    assert torch.equal(cache.read(1, "index_keys", torch.tensor([7, 0, 12])), fp4.unpack(fp4.pack(keys)))
 
 
 def test_plain_kvcache_is_a_view():
@@ -758,9 +766,11 @@ def test_plain_kvcache_is_a_view():
 def test_fp8_cache_equals_its_rounding(max_rollback):
     """A float32 model over an FP8 cache gives exactly what it gives over a float32 cache holding
     the MODEL1-rounded rows (and bfloat16 raw rows and keys), compact or not; and it stays within
-    FP8 rounding of the float32 cache."""
+    FP8 rounding of the float32 cache (reference backend: the kernels are held to it below)."""
     config = V4Config(**FP8_CONFIG)
     layers = [layer.float() for layer in stack(config, seed=4)]
+    for layer in layers:
+        layer.backend = "reference"
     x = torch.randn(2, 20, config.hidden_size, generator=torch.Generator().manual_seed(10))
     steps = [5, 1, 3, 4, 1, 6]
     outs = []
@@ -793,3 +803,19 @@ def test_triton_backend_equals_the_reference():
         outs.append(decode(layers, cache, ids, x, [9, 1, 3, 1, 1, 6]))
     assert_close(outs[1], outs[0], 1e-5)
     assert_close(outs[0], run(layers, x), 1e-5)
+
+
+def test_triton_backend_over_an_fp8_cache_equals_the_reference():
+    """backend="triton" over MODEL1 pages: the compressor kernel quantizes entries on write and
+    the sparse decode kernel reads MODEL1 window rows and entries; the reference backend writes
+    through Model1Format and dequantizes. Same bytes, so outputs agree to float32 rounding."""
+    config = V4Config(**FP8_CONFIG)
+    layers = [layer.float() for layer in stack(config, seed=4)]
+    x = torch.randn(1, 11, config.hidden_size, generator=torch.Generator().manual_seed(10))
+    outs = []
+    for backend in ("reference", "triton"):
+        for layer in layers:
+            layer.backend = backend
+        cache = V4Cache(config, 6, 4, dtype="fp8", max_rollback=0)
+        outs.append(decode(layers, cache, [cache.add_sequence()], x, [8, 1, 2]) - x)
+    assert (outs[1] - outs[0]).abs().max() <= 1e-5 * outs[0].abs().max()
