@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from mla import LatentCache, MLAConfig
-from mla.v4 import V4CacheLayout, V4Config
+from mla.v4 import V4Config
+from mla.v4_cache import sequence_bytes_per_token
 
 from .common import format_table as _format_table
 
@@ -100,10 +101,12 @@ V32_BASELINE = ("DeepSeek-V3.2", "fp8")
 def context_rows() -> list[dict]:
     """Bytes per token of a whole model's cache (all layers) at each context in CONTEXTS, from the
     caches' own accounting: V3 / V3.2 from `cache_bytes_per_token` (constant per token), V4 from
-    `mla.v4.V4CacheLayout.bytes_per_sequence` (sliding window + compressed entries + CSA indexer
-    keys + the compressor's pending state, per the real layer schedule; FP8 = FlashMLA's MODEL1
-    rows with MXFP4 indexer keys, as DeepSeek deploys them). ratio_vs_v32_at_1m: over V3.2's FP8
-    cache (61 x 788 bytes per token)."""
+    `mla.v4_cache.sequence_bytes_per_token`: what one sequence holds in a compact `V4Cache`
+    (max_rollback 0, pages of 64) built on the meta device after a decode step, per the real
+    layer schedule: window and open-window token pages (kv and the raw compressor rows that make
+    rollback exact), compressed entries, CSA indexer keys; FP8 = FlashMLA's MODEL1 rows with MXFP4
+    indexer keys, as DeepSeek deploys them. ratio_vs_v32_at_1m: over V3.2's FP8 cache (61 x 788
+    bytes per token)."""
     rows = []
     for name, cfg in (("DeepSeek-V3", MLAConfig.deepseek_v3()), ("DeepSeek-V3.2", MLAConfig.deepseek_v32())):
         for kv_dtype, dtype in KV_DTYPES.items():
@@ -112,9 +115,9 @@ def context_rows() -> list[dict]:
                          **{f"bytes_per_token_at_{c}": float(per_token) for c in CONTEXTS}})  # fmt: skip
     for name, cfg in (("DeepSeek-V4-Flash", V4Config.deepseek_v4_flash()), ("DeepSeek-V4-Pro", V4Config.deepseek_v4_pro())):
         for kv_dtype, dtype in KV_DTYPES.items():
-            layout = V4CacheLayout(cfg, dtype)
             rows.append({"model": name, "kv_dtype": kv_dtype, "layers": cfg.num_hidden_layers,
-                         **{f"bytes_per_token_at_{c}": layout.bytes_per_token(n) for c, n in CONTEXTS.items()}})  # fmt: skip
+                         **{f"bytes_per_token_at_{c}": sequence_bytes_per_token(cfg, n, dtype)
+                            for c, n in CONTEXTS.items()}})  # fmt: skip
     baseline = next(r["bytes_per_token_at_1m"] for r in rows if (r["model"], r["kv_dtype"]) == V32_BASELINE)
     for row in rows:
         row["ratio_vs_v32_at_1m"] = row["bytes_per_token_at_1m"] / baseline

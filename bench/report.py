@@ -286,8 +286,9 @@ def run(settings: Settings, device: torch.device, sections=SECTIONS, models=None
         log(f"\n== 1. KV cache bytes per token (latent vs full multi-head K/V) ==\n"
             f"{memory.format_table(rows)}{skipped}\n\n"
             "KV cache bytes per token of context, all layers: V4 keeps a 128-token window per layer plus one "
-            "compressed entry per 4 (CSA) or 128 (HCA) tokens and CSA indexer keys (mla.v4.V4CacheLayout); "
-            "FP8: FlashMLA's MODEL1 rows (584 B) and MXFP4 indexer keys\n"
+            "compressed entry per 4 (CSA) or 128 (HCA) tokens and CSA indexer keys: one sequence of a compact "
+            "mla.v4_cache.V4Cache (built on the meta device) after a decode step; FP8: FlashMLA's MODEL1 rows "
+            "(584 B) and MXFP4 indexer keys\n"
             f"{memory.format_context_table(report['memory_context'])}")
         _checkpoint(checkpoint, report, start)
 

@@ -96,7 +96,7 @@ from mla.formats import PLAIN_DTYPES, Model1Format, index_key_format, is_fp8_dty
 from mla.pages import RELEASED, CacheFullError, PagedSequences, as_int, positive
 from mla.v4 import COMPRESSED_TYPES, CSA, HCA, SLIDING, V4Config
 
-__all__ = ["CacheFullError", "V4Cache", "V4LayerStore"]
+__all__ = ["CacheFullError", "V4Cache", "V4LayerStore", "sequence_bytes_per_token"]
 
 CACHE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 """The plain cache dtypes; "fp8" / torch.float8_e4m3fn select the FP8 cache."""
@@ -556,3 +556,26 @@ class V4Cache(PagedSequences):
         if not 0 <= layer < len(self.layers):
             raise ValueError(f"layer {layer} is out of range for a cache of {len(self.layers)} layers")
         return layer
+
+
+def sequence_bytes_per_token(
+    config: V4Config, context: int, dtype: torch.dtype | str, page_size: int = 64, max_rollback: int = 0
+) -> float:
+    """Bytes per token that one sequence of `context` tokens holds in a compact V4Cache, over all
+    layers, right after a decode step (its prefill of context - 1 tokens, then one token): the
+    window and open-window token pages, all its entries and indexer keys. Measured on a cache
+    built on the meta device through the same code as a real one (nothing is allocated), so
+    the memory report's figures are this class's allocation."""
+    context = positive("context", context)
+    pages = -(-context // page_size) + 2
+    entry_pages = {kind: -(-(context // rate) // page_size) + 1 for kind, rate in config.compress_rates.items()
+                   if kind in config.layer_types}  # fmt: skip
+    cache = V4Cache(config, pages, page_size, dtype=dtype, device="meta", max_rollback=max_rollback,
+                    num_entry_pages=entry_pages)  # fmt: skip
+    sid = cache.add_sequence()
+    for step in (context - 1, 1):
+        cache.reserve([sid], step)
+        for layer in range(len(cache.layers)):
+            cache.advance(layer, [sid], step)
+    return cache.held_bytes(sid) / context
+
