@@ -227,35 +227,42 @@ def _sparse_call(h_q: int, fp8: bool, extra: bool, sink: bool) -> None:
     )
 
 
-def _model1_call(h_q: int) -> None:
+def _v4_format(fp8: bool):
+    """DeepSeek-V4's cache row: MODEL1 pages, or plain bf16 rows of 512 channels (K = V, no rope split)."""
+    from mla.formats import Model1Format, PlainFormat
+
+    return Model1Format() if fp8 else PlainFormat(512, 0, torch.bfloat16)
+
+
+def _v4_call(h_q: int, fp8: bool) -> None:
     """One DeepSeek-V4 decode step (s_q = 1) over DECODE_BATCH sequences, as FlashMLA's V4 path
-    calls it: MODEL1 pages (`Model1Format.kvcache_view`), the window as V4_WINDOW indices into
-    k_cache, EXTRA_TOPK compressed entries of the extra cache, per-row lengths, a sink."""
-    from mla.formats import Model1Format
+    calls it and `mla.v4_attention` does: the window as V4_WINDOW indices into k_cache,
+    EXTRA_TOPK compressed entries of the extra cache, per-row lengths, a sink; MODEL1 pages
+    (`Model1Format.kvcache_view`) or bf16 rows."""
     from mla.kernels import flash_mla_with_kvcache, get_mla_metadata
 
-    fmt, b = Model1Format(), DECODE_BATCH
+    fmt, b = _v4_format(fp8), DECODE_BATCH
     num_pages = b * DECODE_SEQLEN // PAGE_SIZE
 
     def cache():
-        return fmt.kvcache_view(_fake_cuda((num_pages, fmt.page_bytes(PAGE_SIZE)), torch.uint8), PAGE_SIZE)
+        if fp8:
+            return fmt.kvcache_view(_fake_cuda((num_pages, fmt.page_bytes(PAGE_SIZE)), torch.uint8), PAGE_SIZE)
+        return _fake_cuda((num_pages, PAGE_SIZE, 1, fmt.head_dim), torch.bfloat16)
 
     meta, _ = get_mla_metadata(num_sm=NUM_SMS)
     flash_mla_with_kvcache(
         _fake_cuda((b, 1, h_q, fmt.head_dim), torch.bfloat16), cache(), None, None, fmt.head_dim_v, meta,
-        is_fp8_kvcache=True, indices=_fake_cuda((b, 1, V4_WINDOW), torch.int32),
+        is_fp8_kvcache=fp8, indices=_fake_cuda((b, 1, V4_WINDOW), torch.int32),
         topk_length=_fake_cuda((b,), torch.int32), attn_sink=_fake_cuda((h_q,), torch.float32),
         extra_k_cache=cache(), extra_indices_in_kvcache=_fake_cuda((b, 1, EXTRA_TOPK), torch.int32),
         extra_topk_length=_fake_cuda((b,), torch.int32),
     )  # fmt: skip
 
 
-def _model1_work(h_q: int) -> tuple[int, int]:
-    from mla.formats import Model1Format
-
+def _v4_work(h_q: int, fp8: bool) -> tuple[int, int]:
     from .decode import decode_bytes, decode_flops
 
-    fmt, keys = Model1Format(), V4_WINDOW + EXTRA_TOPK
+    fmt, keys = _v4_format(fp8), V4_WINDOW + EXTRA_TOPK
     return (decode_bytes(DECODE_BATCH, 1, h_q, keys, fmt, torch.bfloat16.itemsize),
             decode_flops(DECODE_BATCH, 1, h_q, keys, fmt.head_dim, fmt.head_dim_v))  # fmt: skip
 
@@ -382,8 +389,9 @@ def _configs() -> dict[str, Config]:
     add("sparse-fp8-h64-extra-sink", *sparse(64, True, True, True))
     add("sparse-bf16-h128-extra-sink", *sparse(128, False, True, True))
     for h_q in (64, 128):
-        add(f"v4-model1-h{h_q}-extra-sink", "_mla_decode_kernel", functools.partial(_model1_call, h_q),
-            _model1_work(h_q))  # fmt: skip
+        for fp8 in (True, False):
+            add(f"v4-{'model1' if fp8 else 'bf16'}-h{h_q}-extra-sink", "_mla_decode_kernel",
+                functools.partial(_v4_call, h_q, fp8), _v4_work(h_q, fp8))  # fmt: skip
     # the chunk's tokens share one KV array: each of its rows crosses HBM once
     add("prefill-sparse-bf16-h128", "_mla_decode_kernel", functools.partial(_prefill_call, 128),
         _decode_work(1, PREFILL_TOKENS, 128, SPARSE_TOPK, fp8=False, rows=DECODE_SEQLEN, **DEEPSEEK_V3))  # fmt: skip

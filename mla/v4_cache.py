@@ -49,7 +49,7 @@ w >= n // m are no longer counted (re-closed and overwritten later), the pending
 kept tokens' raw rows, exactly what it was when the sequence last had n tokens.
 
 Bounded token rows (`max_rollback`). None (the reference mode) keeps every token's rows: exact
-truncation to any length, at about 29x V4CacheLayout's bytes (below). An int R keeps only what a
+truncation to any length, at about 29x the compact cache's bytes (below). An int R keeps only what a
 future step or a rollback of R tokens can need: at each `reserve` the cache first gives back the
 token pages of each reserved sequence whose tokens all lie before
 
@@ -65,20 +65,19 @@ A sequence then holds at most ceil((keep + R + s) / page_size) + 1 token pages a
 tokens, whatever its length, plus L // m entries per compressed layer.
 
 Bytes. `bytes_per_token` is the whole allocation over the token capacity num_pages * page_size;
-`held_bytes(sid)` is what one sequence holds now. Keep-all (max_rollback None) per token and
-layer: d (kv) + 2d (HCA raw) + d / m', or d + 4d + 4D + (d + D) / m (CSA); sliding d. For
-DeepSeek-V4 in bfloat16 (d = 512, D = 128): 1024 B per sliding, 6464 B per CSA and 3080 B per HCA
-layer, so 199,392 B per token for V4-Flash (2 sliding, 21 CSA, 20 HCA layers) and 289,400 B for
-V4-Pro (30 CSA, 31 HCA), against `mla.v4.V4CacheLayout`'s 6,886 B (Flash) and 9,856 B (Pro) at
-1M tokens: nearly all of it the raw compressor rows and the every-token kv rows. With
-max_rollback R the token rows are a constant (keep + R + page rounding) per sequence, so at long
-context a sequence holds little more than its entries and index keys: per token and CSA layer
-(d + D) / m values, per HCA layer d / m'. V4-Flash at 1M tokens, page_size 64, max_rollback 0
-(2 token pages held): 6,904 B per token in bfloat16 (V4CacheLayout: 6,886) and 4,758 B in FP8
-(V4CacheLayout: 3,518, which stores MXFP4 index keys, 68 B instead of our bfloat16 256 B, and
-counts no MODEL1 page padding: our CSA entry pages of P = 16 take 612 B per entry, the one-entry
-HCA pages 1152 B). V4CacheLayout's accounting (float32 accumulators instead of raw rows) is
-unchanged.
+`held_bytes(sid)` is what one sequence holds now; `sequence_bytes_per_token` what one sequence of
+a given length holds after a decode step (a cache on the meta device: the memory report's V4
+rows). Keep-all (max_rollback None) per token and layer: d (kv) + 2d (HCA raw) + d / m', or d +
+4d + 4D + (d + D) / m (CSA); sliding d. For DeepSeek-V4 in bfloat16 (d = 512, D = 128): 1024 B
+per sliding, 6464 B per CSA and 3080 B per HCA layer, so 199,392 B per token for V4-Flash (2
+sliding, 21 CSA, 20 HCA layers) and 289,400 B for V4-Pro (30 CSA, 31 HCA), nearly all of it the
+raw compressor rows and the every-token kv rows. With max_rollback R the token rows are a
+constant (keep + R + page rounding) per sequence, so at long context a sequence holds little more
+than its entries and index keys: per token and CSA layer (d + D) / m values, per HCA layer d /
+m'. At 1M tokens, page_size 64, max_rollback 0 (2 token pages held): V4-Flash 6,904 B per token
+in bfloat16 and 3,541 B in FP8, V4-Pro 9,882 B and 5,070 B, of which the token pages' raw rows
+are 26.5 B (Pro, FP8) and the rest entries (MODEL1 pages of 64 rows: 585 B per entry) and MXFP4
+keys.
 
 Bookkeeping is on the host. A step: `reserve(ids, s)`, then per layer the forward writes the
 s new tokens of each sequence after what that layer already holds (`step_starts` checks they

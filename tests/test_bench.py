@@ -127,7 +127,7 @@ def test_context_rows_put_v4_against_v32_at_a_million_tokens(tiny_report):
         # the window's share shrinks with context: fewer bytes per token at 1M than at 128k
         assert rows[model, "bf16"]["bytes_per_token_at_1m"] < rows[model, "bf16"]["bytes_per_token_at_128k"]
     goals = {t["name"].split(" FP8")[0]: t["status"] for t in tiny_report["targets"] if "% of DeepSeek-V3.2" in t["name"]}
-    assert goals == {"DeepSeek-V4-Pro": "PASS", "DeepSeek-V4-Flash": "PASS"}
+    assert goals == {"DeepSeek-V4-Pro": "MISS", "DeepSeek-V4-Flash": "PASS"}  # Pro: 10.55% of a 10.5% goal
 
 
 def test_memory_rows_raise_where_the_config_prices_another_size(monkeypatch):
