@@ -762,9 +762,11 @@ def patch(model: nn.Module, cache_dtype=None, page_size: int = 64, backend: str 
     makes an `MLACache` (module docstring: what is handled and what is refused).
 
     DeepSeek-V4 (DeepseekV4Attention) is dispatched to `mla.hf_v4.patch_v4`: the attention runs
-    `mla.v4_attention.V4Attention`'s cached path over one `V4Cache` (`mla.hf_v4.V4HFCache`),
-    PyTorch reference only, cache_dtype None or float64 / float32 / bfloat16 / float16; see
-    mla.hf_v4's docstring for what it supports and refuses.
+    `mla.v4_attention.V4Attention`'s cached path over one compact `V4Cache`
+    (`mla.hf_v4.V4HFCache`) through `backend`'s kernels or references, cache_dtype None,
+    float64 (reference only) / float32 / bfloat16 / float16 or "fp8" (MODEL1 pages, MXFP4
+    indexer keys; head_dim 512 and rope_dim 64); see mla.hf_v4's docstring for what it supports
+    and refuses.
 
     Args:
         model: an nn.Module holding DeepSeek-V2/V3/V3.2/V4 attention, e.g. DeepseekV3ForCausalLM,

@@ -12,8 +12,10 @@ row. One model forward with that cache:
    of transformers' 2-D attention_mask among the step's columns) are reserved, all or nothing,
    and the rows are grouped by that count (one group but for a left-padded prefill).
 2. Every attention layer runs V4Attention's cached path once per group on the group's real
-   columns (window rows, compressor rows, closed entries, CSA indexer keys written, then
-   attention over the window, entries and sink); pad columns get zeros.
+   columns (window rows, compressor rows, closed entries, CSA indexer keys written, then one
+   sparse decode call over the window, entries and sink, on `patch`'s backend: the Triton
+   kernels on CUDA or under the interpreter, their PyTorch twins otherwise); pad columns get
+   zeros.
 3. The forward hook commits the step; if the forward raised, the reserved tokens are truncated
    away (rows the step created are freed).
 
@@ -71,9 +73,12 @@ class V4HFCache(RowsCache):
         page_size: tokens per page (entry pages hold as many entries).
         device: where the pages live.
 
-    The cache is compact (`V4Cache(max_rollback=0)`): each row keeps only the window and open
-    compressor windows' token rows besides its entries, which every truncation transformers and
-    `mla.speculative` make (back to at least the length before the last step) allows.
+        max_rollback: tokens before the last step a truncation may go back (a draft model's
+            drafts span k single-token steps); truncation to the length before the last step
+            always works.
+
+    The cache is compact (`V4Cache(max_rollback=...)`): each row keeps only the window's and the
+    open compressor windows' token rows (plus max_rollback) besides its entries.
 
     transformers' view: row b is `pads[b]` leading pad columns (left padding, from the 2-D
     attention_mask of its first forward) then its sequence; `get_seq_length()` is the widest
@@ -82,13 +87,14 @@ class V4HFCache(RowsCache):
     """
 
     def __init__(self, config, batch_size: int = 1, max_length: int = 64, dtype: torch.dtype = torch.float32,
-                 page_size: int = 64, device: torch.device | str = "cpu"):  # fmt: skip
+                 page_size: int = 64, device: torch.device | str = "cpu", max_rollback: int = 16):  # fmt: skip
         super().__init__(layers=[])
         for name, value in (("batch_size", batch_size), ("max_length", max_length), ("page_size", page_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         num_pages = batch_size * -(-max_length // page_size)
-        self.v4 = V4Cache(V4Config.from_hf(config), num_pages, page_size, dtype=dtype, device=device, max_rollback=0)
+        self.v4 = V4Cache(V4Config.from_hf(config), num_pages, page_size, dtype=dtype, device=device,
+                          max_rollback=max_rollback)  # fmt: skip
         self.rows: list[int] = []  # sequence id of each batch row
         self.pads: list[int] = []  # leading pad columns of each row
         # the step in flight: (lengths and pads before it, whether it created the rows)

@@ -19,7 +19,7 @@ import mla.hf
 from mla.hf import MLACache
 from mla.hf_v4 import MLADeepseekV4Attention, V4HFCache
 from mla.speculative import generate as speculative_generate
-from mla.speculative.drafters import NgramDrafter
+from mla.speculative.drafters import DraftModelDrafter, NgramDrafter
 from mla.v4 import CSA, HCA, SLIDING
 
 from .test_v4_attention import assert_close, stable_topk, tiny
@@ -275,3 +275,15 @@ def test_fp8_cache_through_the_kernels_within_fp8_rounding(monkeypatch):
     fp8, fp32 = torch.stack(runs["fp8"].logits), torch.stack(runs["fp32"].logits)
     assert_close(torch.stack(runs["fp8-triton"].logits), fp8, 1e-4, "triton vs reference over MODEL1 pages")
     assert (fp8[0] - fp32[0]).abs().max() <= 2**-4 * fp32[0].abs().max()
+
+
+def test_speculative_decoding_with_a_draft_model_equals_greedy(patched):
+    """A second patched tiny V4 model drafts 4 tokens a step: its own compact cache rolls back
+    across its k single-token steps (V4HFCache keeps max_rollback tokens for that)."""
+    draft = mla.hf.patch(tiny_model(index_topk=3), backend="reference", page_size=2)  # pages released early
+    ids = prompts()
+    rows = [ids[0], ids[1, :13]]
+    out = speculative_generate(patched, rows, DraftModelDrafter(draft), max_new_tokens=NEW, num_draft_tokens=4)
+    for row, prompt in enumerate(rows):
+        greedy = patched.generate(prompt[None], **GREEDY)[0]
+        assert torch.equal(out.sequences[row, : out.lengths[row]], greedy), f"row {row}"
