@@ -1,8 +1,11 @@
 """`V4Attention`: one DeepSeek-V4 attention layer as a PyTorch module: the cache-free path
 (whole sequences, causal, differentiable: training, and the ground truth) and the cached path
 over a paged `mla.v4_cache.V4Cache` (prefill chunks and decode steps, proven equal to it in
-tests/test_v4_cache.py). Both share every piece of math below; they differ only in where the
-keys come from (`_one_shot_keys` / `_cached_keys`).
+tests/test_v4_cache.py). Both compute the math below. The cache-free path gathers keys and masks
+in PyTorch (`_one_shot_keys`, `_attend`); the cached path writes the cache and attends in one
+sparse decode call per layer (`_cached_attend`: `flash_mla_with_kvcache` with the window as
+`indices`, the entries as the extra cache and the sinks), on the Triton kernels or their
+PyTorch twins (`backend`).
 
 Every layer is shared-KV multi-query attention (one KV head of head_dim that is both K and V)
 with a per-head attention sink. For query token t (positions 0 ... s - 1 of one sequence):

@@ -1,7 +1,7 @@
-"""`V4Cache`: a paged DeepSeek-V4 KV cache for every layer of a model, in PyTorch tensors (the
-reference the cached `mla.v4_attention.V4Attention` path reads and writes), optionally compact
-(`max_rollback`) and in FP8 (`dtype="fp8"`, FlashMLA's MODEL1 pages; the sparse Triton kernel
-comes later).
+"""`V4Cache`: a paged DeepSeek-V4 KV cache for every layer of a model (what the cached
+`mla.v4_attention.V4Attention` path writes, and the decode, indexer and compressor kernels read
+through `kvcache`), optionally compact (`max_rollback`) and in FP8 (`dtype="fp8"`, FlashMLA's
+MODEL1 pages and MXFP4 indexer keys).
 
 Pools and tables. Token rows live in one pool of `num_pages` pages of `page_size` tokens, shared
 by all sequences and layers, with one block table row per sequence (as `mla.cache.LatentCache`):
