@@ -22,7 +22,8 @@ from .utils import assert_close, case_params, max_error
 
 @pytest.mark.parametrize(
     "case",
-    case_params(*GROUPS["sparse"], *GROUPS["deepseek-sparse"], *GROUPS["dense-extra"], *GROUPS["sparse-sweep-full"]),
+    case_params(*GROUPS["sparse"], *GROUPS["deepseek-sparse"], *GROUPS["deepseek-v4"], *GROUPS["dense-extra"],
+                *GROUPS["sparse-sweep-full"]),
 )
 def test_sparse_decode_matches_reference(case):
     """Slot lists (heads 1 to 128, head dims, every dtype and FP8, topk lengths, pages of 1 to

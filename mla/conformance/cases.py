@@ -34,6 +34,7 @@ from collections.abc import Iterable
 
 import torch
 
+from mla.formats import Model1Format
 from mla.reference.quant import quantize_latent_fp8
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -241,9 +242,16 @@ class Case:
 
 
 def to_fp8_cache(k_cache: torch.Tensor, dv: int) -> torch.Tensor:
-    """A plain cache [num_blocks, page, h_kv, d] as FlashMLA's FP8 rows, float8_e4m3fn [..., bytes]
-    like FlashMLA's own quantizer returns (the bytes are `mla.formats.Fp8Format`'s); NaN slots
-    become poisoned (NaN) tiles."""
+    """A plain cache [num_blocks, page, h_kv, d] as FlashMLA's FP8 cache, float8_e4m3fn like
+    FlashMLA's own quantizer returns: V3's rows [..., bytes] (`mla.formats.Fp8Format`), or for
+    DeepSeek-V4's d = dv = 512 its MODEL1 pages viewed [num_blocks, page, 1, 584]
+    (`Model1Format.kvcache_view`); NaN slots become poisoned (NaN) tiles."""
+    num_blocks, page, _, d = k_cache.shape
+    if d == dv == Model1Format.head_dim:
+        fmt = Model1Format()
+        pages = fmt.allocate(num_blocks, page, k_cache.device)
+        fmt.write(pages, page, torch.arange(num_blocks * page), k_cache.reshape(-1, d).float())
+        return fmt.kvcache_view(pages, page).view(torch.float8_e4m3fn)
     flat = k_cache.reshape(-1, k_cache.shape[-1])
     rows = quantize_latent_fp8(flat[:, :dv], flat[:, dv:])
     return rows.view(torch.float8_e4m3fn).view(*k_cache.shape[:3], -1)
@@ -374,6 +382,17 @@ def _deepseek_sparse_cases() -> list[Case]:
     ]
 
 
+def _deepseek_v4_cases() -> list[Case]:
+    """DeepSeek-V4's decode, which FlashMLA's V4 path takes: one K = V head of 512 (d = dv),
+    MODEL1 FP8 pages, the sliding window as slot lists, the compressed entries as an extra cache
+    with pages of their own, sinks; 64 or 128 query heads, s_q 1 or 2."""
+    return [
+        Case(2, 1, 64, 1, 512, 512, "bf16", 64, seed=26, topk=128, topk_length=(128, 40), fp8=True, sink=True,
+             extra=Extra(64, 64, (64, 9))),
+        Case(2, 2, 128, 1, 512, 512, "bf16", 16, seed=27, topk=128, fp8=True, sink=True, extra=Extra(16, 64)),
+    ]  # fmt: skip
+
+
 def _sparse_cases() -> list[Case]:
     """Slot lists with topk lengths, extra caches and sinks; "split" cases list more than one
     split's worth of keys in some row, so a large num_sm splits them."""
@@ -404,11 +423,12 @@ def _blind_row_cases() -> list[Case]:
 
 def _sparse_sweep() -> list[Case]:
     """The cartesian product of heads, head dims, dtypes, extra cache and sink; page size, topk
-    lengths, split schedule and s_q cycle. FP8 needs rope channels, so it skips 512/512."""
+    lengths, split schedule and s_q cycle. FP8 rows need rope channels (V3's) or d = dv = 512
+    (V4's MODEL1), so FP8 skips the other d = dv pairs."""
     cases = []
     axes = itertools.product((1, 3, 16, 64, 128), DIMS, ("bf16", "fp16", "fp32", "fp8"), (False, True), (False, True))
     for n, (h_q, (d, dv), dtype, extra, sink) in enumerate(axes):
-        if dtype == "fp8" and d == dv:
+        if dtype == "fp8" and d == dv != Model1Format.head_dim:
             continue
         split = n % 2 == 1
         topk = 300 if split else 48
@@ -465,6 +485,7 @@ GROUPS: dict[str, tuple[Case, ...]] = {
     "fp8": tuple(_fp8_cases()),
     "deepseek-dense": tuple(_deepseek_dense_cases()),
     "deepseek-sparse": tuple(_deepseek_sparse_cases()),
+    "deepseek-v4": tuple(_deepseek_v4_cases()),
     "sparse": tuple(_sparse_cases()),
     "blind-rows": tuple(_blind_row_cases()),
     "sink": tuple(_sink_cases()),
