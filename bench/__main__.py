@@ -11,7 +11,9 @@ Sections: 1 memory, 2 decode attention (the Triton kernel against the reference 
 attention layer absorbed / naive / transformers on any device, and its time over the time to
 stream its bytes at the copy bandwidth measured in the run; one DeepSeek-V3.2 sparse layer
 against the dense V3 layer, split into indexer and attention), 3 transformers generation
-unpatched vs mla.hf.patch, 4 speculative decoding on the shipped small model.
+unpatched vs mla.hf.patch, 4 speculative decoding on the shipped small model, 5 the compiled
+Triton kernels, 6 (--full only) MXFP4 compressed entries simulated on tiny DeepSeek-V4 models
+(greedy tokens kept against the float32 cache, bytes at 1M tokens; bench/mxfp4.py).
 """
 
 from __future__ import annotations

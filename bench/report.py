@@ -20,7 +20,7 @@ from mla import MLAConfig
 from . import decode, generation, layer, memory, sparse, speculative
 from .common import REPO, Target, device_label, metadata
 
-SECTIONS = ("memory", "decode", "generation", "speculative", "compiled")
+SECTIONS = ("memory", "decode", "generation", "speculative", "compiled", "mxfp4")
 # The compiled-code configurations of a quick report: one of each kernel and cache format; --full
 # compiles every configuration of bench.compiled (a few minutes on two cores).
 QUICK_COMPILED = ("v3-bf16-h128-sq1", "v3-fp8-h128-sq1", "small-bf16-h16-sq1", "combine-v3-h128-sq1", "write-bf16",
@@ -54,6 +54,8 @@ class Settings:
         (+ a draft's overshoot) must fit the shipped model's max_position_embeddings.
     profile_repeats: timings per verify length of the block drafter's cost profiles.
     compiled_configs: the configurations of section 5 (`bench.compiled.CONFIGS` names; None: all).
+    mxfp4_prompts: random prompts of section 6 (`bench.mxfp4`; 0: skipped, the quick run's
+        choice: 40 prompts take about 90 s on a CPU core).
     """
 
     kernel_sweep: dict = field(default_factory=lambda: dict(decode.QUICK_SWEEP))
@@ -74,6 +76,7 @@ class Settings:
     drafters: tuple = speculative.DRAFTERS
     profile_repeats: int = 15
     compiled_configs: tuple | None = QUICK_COMPILED
+    mxfp4_prompts: int = 0
 
     @classmethod
     def quick(cls, device: torch.device) -> Settings:
@@ -87,11 +90,11 @@ class Settings:
             return cls(
                 kernel_sweep=dict(decode.FULL_SWEEP), layer_contexts=(1024, 4096, 16384),
                 generation_tokens={"unpatched": 64, "patched": 128}, prompts=12, spec_new_tokens=192,
-                compiled_configs=None,
+                compiled_configs=None, mxfp4_prompts=40,
             )  # fmt: skip
         return cls(layer_contexts=(1024, 4096, 8192), generation_tokens={"unpatched": 8, "patched": 64},
                    prompts=12, spec_new_tokens=192, drafters=speculative.DRAFTER_SWEEP,
-                   compiled_configs=None)  # fmt: skip
+                   compiled_configs=None, mxfp4_prompts=40)  # fmt: skip
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -389,6 +392,22 @@ def run(settings: Settings, device: torch.device, sections=SECTIONS, models=None
         log(f"\n== 5. compiled code of the Triton kernels, no GPU needed (triton {compiled.triton.__version__}): "
             "registers and spill bytes from ptxas -v, shared memory, MMA kind, KV tiles in flight (kv stages), "
             f"CTAs per SM ==\n{compiled.format_compiled_table(rows)}")
+
+    if "mxfp4" in sections:
+        why = _missing("transformers") or ("" if settings.mxfp4_prompts else "--full only (about 90 s)")
+        if why:
+            report["notes"]["mxfp4"] = why
+            log(f"\n== 6. MXFP4 entries: skipped ({why}) ==")
+        else:
+            from . import mxfp4
+
+            result = mxfp4.mxfp4_report(settings.mxfp4_prompts, progress=_bar("6. mxfp4"))
+            report["mxfp4"] = result
+            log(f"\n== 6. MXFP4 entries (SGLang's 368 B row) simulated on tiny random DeepSeek-V4 models (head_dim "
+                f"512, rope 64; {result['settings']['models']} seeds, reference backend, float32, CPU): greedy "
+                "tokens with each cache against the float32 cache's; fp8-rounded: the simulation with MODEL1 "
+                f"entries, which must match fp8 ==\n{mxfp4.format_mxfp4(result)}")
+        _checkpoint(checkpoint, report, start)
 
     goals = targets(report, device)
     report["targets"] = [t.as_dict() for t in goals]
