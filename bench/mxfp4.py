@@ -27,10 +27,10 @@ many entries over a prompt of 20-40 tokens, and index_topk 4 makes the CSA index
 Random weights give near-tie logits, so "kept" is a strict test: a flip shows where a format's
 rounding moves a top-1 choice, not a quality loss one could see on a trained model.
 
-Bytes: `mla.v4.V4CacheLayout(config, "mxfp4" | "fp8").bytes_per_token(1M)` over DeepSeek-V3.2's
-FP8 cache (61 layers x 788 B per token). The "mxfp4" layout stores the 128-token window in MXFP4
-too; keeping it in MODEL1, as simulated here, would add 61 x 128 x (584 - 368) B per sequence:
-1.6 B per token of V4-Pro's at 1M tokens (0.003% of V3.2's cache).
+Bytes, over DeepSeek-V3.2's FP8 cache (61 layers x 788 B per token) at 1M tokens: FP8 is
+section 1's figure (`mla.v4_cache.sequence_bytes_per_token`: one sequence of a compact FP8
+V4Cache); MXFP4 entries are the same cache with each entry's share of a 64-row MODEL1 page (585
+B) replaced by Mxfp4EntryFormat's 368 B row, window rows left in MODEL1 as simulated here.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import time
 import torch
 
 from mla.formats import Model1Format, Mxfp4EntryFormat, Mxfp4KeyFormat
-from mla.v4 import CSA, HCA, SLIDING, V4CacheLayout, V4Config
-from mla.v4_cache import V4Cache
+from mla.v4 import CSA, HCA, SLIDING, V4Config
+from mla.v4_cache import V4Cache, sequence_bytes_per_token
 
 from .common import format_table
 
@@ -172,14 +172,17 @@ def leading_matches(tokens: torch.Tensor, reference: torch.Tensor) -> int:
     return int(differ[0]) if len(differ) else len(reference)
 
 
-def bytes_rows() -> list[dict]:
-    """V4-Flash / V4-Pro bytes per token at 1M tokens with FP8 (MODEL1) and MXFP4 entries."""
+def bytes_rows(page_size: int = 64) -> list[dict]:
+    """V4-Flash / V4-Pro bytes per token at 1M tokens with FP8 (MODEL1) and MXFP4 entries
+    (module docstring)."""
+    saved = Model1Format().page_bytes(page_size) / page_size - Mxfp4EntryFormat.bytes_per_token  # per entry
     rows = []
     for model, config in (("DeepSeek-V4-Flash", V4Config.deepseek_v4_flash()),
                           ("DeepSeek-V4-Pro", V4Config.deepseek_v4_pro())):  # fmt: skip
-        for dtype in ("fp8", "mxfp4"):
-            per_token = V4CacheLayout(config, dtype).bytes_per_token(MILLION)
-            rows.append({"model": model, "entries": dtype, "bytes_per_token_at_1m": per_token,
+        fp8 = sequence_bytes_per_token(config, MILLION, "fp8", page_size)
+        entries = sum(len(config.layers_of(kind)) * (MILLION // rate) for kind, rate in config.compress_rates.items())
+        for name, per_token in (("fp8", fp8), ("mxfp4", fp8 - entries * saved / MILLION)):
+            rows.append({"model": model, "entries": name, "bytes_per_token_at_1m": per_token,
                          "ratio_vs_v32_at_1m": per_token / V32_FP8_BYTES_PER_TOKEN})  # fmt: skip
     return rows
 
