@@ -131,6 +131,6 @@ def format_context_table(rows: list[dict]) -> str:
         ("layers", "layers", "d"),
         ("B/token at 128k", "bytes_per_token_at_128k", ",.0f"),
         ("B/token at 1M", "bytes_per_token_at_1m", ",.0f"),
-        ("of V3.2 FP8 at 1M", "ratio_vs_v32_at_1m", ".1%"),
+        ("of V3.2 FP8 at 1M", "ratio_vs_v32_at_1m", ".2%"),
     ]
     return _format_table(columns, rows)
