@@ -1,7 +1,7 @@
 """python -m bench: the benchmark report.
 
     python -m bench                 quick run: about 2 minutes on a 2-core CPU (127 s measured)
-    python -m bench --full          the full sweep: about 9 minutes there (523 s measured)
+    python -m bench --full          the full sweep: about 10 minutes there (570 s measured)
     python -m bench --json PATH     also save the JSON (and its figure, PATH with .png) there
 
 Run it from the repository root: bench/ is a folder of the repository, not an installed

@@ -237,7 +237,8 @@ def _index_scores_kernel(
         b_s = tl.dot(b_q, tl.trans(b_k.to(b_q.dtype)), input_precision="ieee")  # [BLOCK_H, BLOCK_N]
         # relu that keeps NaN (as torch.relu does; max.f32 would return the 0)
         b_s = tl.where(b_s < 0.0, 0.0, b_s)
-        b_score = tl.sum(b_s * b_w[:, None], 0)  # [BLOCK_N]
+        # padded heads (zero queries) score 0 * inf = NaN against an infinite key: leave them out
+        b_score = tl.sum(tl.where(m_h[:, None], b_s * b_w[:, None], 0.0), 0)  # [BLOCK_N]
         tl.store(p_out + o_n.to(tl.int64) * stride_on, tl.where(m_key, b_score, float("-inf")), mask=o_n < n_end)
         o_row, m_key = o_row_next, m_key_next
 

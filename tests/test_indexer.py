@@ -283,6 +283,20 @@ def test_fp4_kernel_decodes_every_code_and_scale_exactly(nan_empty, dim, n):
     assert score.isnan().all()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's 0 * inf
+def test_an_infinite_key_scores_inf_with_padded_heads():
+    """3 heads (the kernel pads them to its tile): a key holding +inf scores +inf in both twins,
+    not the NaN a padded head's zero query times inf would add."""
+    keys = torch.zeros(1, 4, 1, 16)
+    keys[0, 2, 0, 0] = math.inf
+    q = torch.zeros(1, 1, 3, 16)
+    q[..., 0] = torch.tensor([1.0, 2.0, 0.5])
+    args = (q, torch.ones(1, 1, 3), keys, torch.zeros(1, 1, dtype=torch.int32), torch.tensor([4], dtype=torch.int32), 4)
+    for impl in (reference, kernels):
+        scores = impl.index_scores(*args)[0, 0]
+        assert scores[2] == math.inf and torch.equal(scores[[0, 1, 3]], torch.zeros(3)), (impl.__name__, scores)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_select_reads_mxfp4_keys_through_their_format(backend):
     """`mla.ops.select` with an `Mxfp4KeyFormat` (as `index_key_format("mxfp4", dim)` gives)
