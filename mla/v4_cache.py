@@ -22,7 +22,7 @@ Per layer (`V4LayerStore`; d = head_dim, D = index_head_dim):
                 (2 * c * d, c = 2 for CSA's overlapping windows, 1 for HCA).
     index_raw:  CSA: the same for the indexer's own compressor (2 * 2 * D).
     entries:    CSA / HCA: the closed entries [d] (entry pool).
-    index_keys: CSA: the indexer keys of the closed entries, [P, 1, D] per entry page (entry
+    index_keys: CSA: the indexer keys of the closed entries, [page_size, 1, D] per entry page (entry
                 pool), float32 when the cache is float64 (the indexer scores in float32, as the
                 one-shot path).
 
@@ -110,9 +110,10 @@ class V4LayerStore:
 
     Plain cache: kv [num_pages, page_size, head_dim]; raw [num_pages, page_size, 2, c * head_dim]
     (kv_proj row, gate_proj row); index_raw [num_pages, page_size, 2, 2 * index_head_dim];
-    entries [num_entry_pages, P, head_dim]; index_keys [num_entry_pages, P, 1, index_head_dim].
-    FP8 cache: kv uint8 [num_pages, Model1Format().page_bytes(page_size)], entries uint8
-    [num_entry_pages, page_bytes(P)], the others bfloat16 as above.
+    entries [num_entry_pages, page_size, head_dim]; index_keys [num_entry_pages, page_size, 1,
+    index_head_dim]. FP8 cache: kv uint8 [num_pages, Model1Format().page_bytes(page_size)],
+    entries uint8 [num_entry_pages, page_bytes(page_size)], index keys uint8 [num_entry_pages,
+    page_size, 1, 68] (MXFP4), raw rows bfloat16 as above.
     """
 
     kind: str
@@ -130,16 +131,16 @@ class V4LayerStore:
 
 class _EntryPool:
     """The entry pages of one compressed layer kind: a free list and, per sequence, the pages of
-    its entries (entry w at row w % per_page of page table[w // per_page])."""
+    its entries (entry w at row w % page_size of page table[w // page_size])."""
 
-    def __init__(self, kind: str, rate: int, per_page: int, num_pages: int):
-        self.kind, self.rate, self.per_page, self.num_pages = kind, rate, per_page, num_pages
+    def __init__(self, kind: str, rate: int, page_size: int, num_pages: int):
+        self.kind, self.rate, self.page_size, self.num_pages = kind, rate, page_size, num_pages
         self.free: list[int] = list(range(num_pages - 1, -1, -1))
         self.tables: dict[int, list[int]] = {}
 
     def pages_for(self, length: int) -> int:
         """Pages the entries of a sequence of `length` tokens take."""
-        return -(-(length // self.rate) // self.per_page)
+        return -(-(length // self.rate) // self.page_size)
 
     def need(self, sid: int, length: int) -> int:
         return max(0, self.pages_for(length) - len(self.tables[sid]))
@@ -248,30 +249,30 @@ class V4Cache(PagedSequences):
     def _allocate(self, kind: str) -> V4LayerStore:
         c, n, ps, dev = self.config, self.num_pages, self.page_size, self.device
         plain = self.plain_dtype
-        kv = self._rows(n, ps, c.head_dim)
+        kv = self._rows(n, c.head_dim)
         if kind == SLIDING:
             return V4LayerStore(kind, 0, kv)
         pool = self.pools[kind]
         width = (2 if kind == CSA else 1) * c.head_dim
         store = dict(
             raw=torch.zeros(n, ps, 2, width, dtype=plain, device=dev),
-            entries=self._rows(pool.num_pages, pool.per_page, c.head_dim),
+            entries=self._rows(pool.num_pages, c.head_dim),
         )
         if kind == CSA:
             store.update(
                 index_raw=torch.zeros(n, ps, 2, 2 * c.index_head_dim, dtype=plain, device=dev),
                 index_keys=torch.zeros(
-                    pool.num_pages, pool.per_page, 1, self.index_format.row_width,
+                    pool.num_pages, ps, 1, self.index_format.row_width,
                     dtype=self.index_format.storage_dtype, device=dev,
                 ),  # fmt: skip
             )
         return V4LayerStore(kind, pool.rate, kv, **store)
 
-    def _rows(self, pages: int, per_page: int, width: int) -> torch.Tensor:
-        """A kv / entries page tensor: MODEL1 pages (FP8) or [pages, per_page, width]."""
+    def _rows(self, pages: int, width: int) -> torch.Tensor:
+        """A kv / entries page tensor: MODEL1 pages (FP8) or [pages, page_size, width]."""
         if self.is_fp8:
-            return self.format.allocate(pages, per_page, self.device)
-        return torch.zeros(pages, per_page, width, dtype=self.dtype, device=self.device)
+            return self.format.allocate(pages, self.page_size, self.device)
+        return torch.zeros(pages, self.page_size, width, dtype=self.dtype, device=self.device)
 
     @property
     def bytes_per_token(self) -> int:
@@ -286,8 +287,7 @@ class V4Cache(PagedSequences):
     def held_bytes(self, sid: int) -> int:
         """Bytes of the pages sequence `sid` holds now: its token pages in every layer's token
         tensors and its entry pages in every layer's entry tensors."""
-        sid = self._check_id(sid)
-        tokens = sum(p != RELEASED for p in self._seq_pages[sid])
+        tokens = self.held_pages(sid)
         total = 0
         for store in self.layers:
             for name in ("kv", "raw", "index_raw"):
@@ -432,7 +432,7 @@ class V4Cache(PagedSequences):
         """int64 [stop - start] flat slots (page * page_size + row) of tokens start ... stop - 1
         in the token tensors. ValueError outside the reserved tokens or before `first_held`
         (rows a compact cache released)."""
-        length, held = self._lengths[sid], self._front[sid] * self.page_size
+        length, held = self._lengths[sid], self.first_held(sid)
         if not 0 <= start <= stop <= length:
             raise ValueError(f"tokens {start} ... {stop - 1} are not within sequence {sid}'s {length} reserved tokens")
         if start < held and start < stop:
@@ -440,24 +440,26 @@ class V4Cache(PagedSequences):
                 f"tokens {start} ... {stop - 1} of sequence {sid}: its rows before token {held} were released "
                 f"(max_rollback={self.max_rollback} keeps {self.keep} tokens before a step, plus the rollback)"
             )
-        token = torch.arange(start, stop)
-        table = torch.tensor(self._seq_pages[sid], dtype=torch.int64)
-        return (table[token // self.page_size] * self.page_size + token % self.page_size).to(self.device)
+        return self._flat_slots(self._seq_pages[sid], start, stop)
 
     def entry_slots(self, layer: int, sid: int, start: int, stop: int) -> torch.Tensor:
-        """int64 [stop - start] flat slots (page * P + row) of entries start ... stop - 1 in
-        layer `layer`'s entry tensors (its kind's entry pool, P entries per page)."""
+        """int64 [stop - start] flat slots (page * page_size + row) of entries start ... stop - 1
+        in layer `layer`'s entry tensors (its kind's entry pool)."""
         pool = self._pool(layer)
         count = self._lengths[sid] // pool.rate
         if not 0 <= start <= stop <= count:
             raise ValueError(f"entries {start} ... {stop - 1} are not within sequence {sid}'s {count} entries")
-        entry = torch.arange(start, stop)
-        table = torch.tensor(pool.tables[sid], dtype=torch.int64)
-        return (table[entry // pool.per_page] * pool.per_page + entry % pool.per_page).to(self.device)
+        return self._flat_slots(pool.tables[sid], start, stop)
+
+    def _flat_slots(self, pages: list[int], start: int, stop: int) -> torch.Tensor:
+        """int64 flat slots (page * page_size + row) of rows start ... stop - 1 of a page list."""
+        index = torch.arange(start, stop)
+        table = torch.tensor(pages, dtype=torch.int64)
+        return (table[index // self.page_size] * self.page_size + index % self.page_size).to(self.device)
 
     def entry_table(self, layer: int, seq_ids: Iterable[int]) -> torch.Tensor:
-        """int32 [b, max pages] block table of layer `layer`'s entry tensors (P entries per page),
-        padded with 0."""
+        """int32 [b, max pages] block table of layer `layer`'s entry tensors (page_size entries per
+        page), padded with 0."""
         pool = self._pool(layer)
         rows = [pool.tables[s] for s in self._check_ids(seq_ids)]
         width = max([1] + [len(r) for r in rows])
@@ -497,17 +499,13 @@ class V4Cache(PagedSequences):
             raise ValueError(f"layer {layer} ({store.kind}) has no cache tensor {name!r}")
         return tensor
 
-    def _per_page_of(self, layer: int, name: str) -> int:
-        """Rows per page of layer `layer`'s tensor `name`."""
-        return self.page_size if name in ("kv", "raw", "index_raw") else self._pool(layer).per_page
-
     def read(self, layer: int, name: str, slots: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows [len(slots), ...] of layer `layer`'s tensor `name` (a V4LayerStore field) at flat
         slots (`slots` for token tensors, `entry_slots` for entries / index_keys), in `dtype`
         (default: as stored; MODEL1 kv / entries dequantize to float32)."""
         target = self._tensor(layer, name)
         if self.is_fp8 and name in FP8_TENSORS:
-            return self.format.read(target, self._per_page_of(layer, name), slots, dtype or torch.float32)
+            return self.format.read(target, self.page_size, slots, dtype or torch.float32)
         if name == "index_keys" and self.index_format.is_fp4:
             return self.index_format.unpack(target.flatten(0, 1)[slots], dtype or torch.float32)
         rows = target.flatten(0, 1)[slots]
@@ -522,7 +520,7 @@ class V4Cache(PagedSequences):
         if self.is_fp8 and name in FP8_TENSORS:
             rows = rows.reshape(-1, self.config.head_dim)
             rows = rows if rows.dtype in PLAIN_DTYPES else rows.float()
-            self.format.write(target, self._per_page_of(layer, name), slots, rows)
+            self.format.write(target, self.page_size, slots, rows)
             return
         if name == "index_keys" and self.index_format.is_fp4:
             rows = self.index_format.pack(rows.reshape(-1, self.config.index_head_dim).float())
@@ -531,15 +529,14 @@ class V4Cache(PagedSequences):
 
     def kvcache(self, layer: int, name: str = "kv") -> torch.Tensor:
         """Layer `layer`'s "kv", "entries" or "index_keys" in the k_cache form a decode kernel
-        takes, over the same memory: plain [pages, P, 1, width]; FP8 kv / entries the MODEL1
-        view uint8 [pages, P, 1, 584] (`Model1Format.kvcache_view`); P the tensor's rows per
-        page (page_size for kv; the entry pool's P for entries and index keys, whose block
-        table is `entry_table`)."""
+        takes, over the same memory: plain [pages, page_size, 1, width]; FP8 kv / entries the
+        MODEL1 view uint8 [pages, page_size, 1, 584] (`Model1Format.kvcache_view`). Entries and
+        index keys are indexed through `entry_table`."""
         if name not in ("kv", "entries", "index_keys"):
             raise ValueError(f"kvcache takes 'kv', 'entries' or 'index_keys', got {name!r}")
         target = self._tensor(self._check_layer(layer), name)
         if self.is_fp8 and name in FP8_TENSORS:
-            return self.format.kvcache_view(target, self._per_page_of(layer, name))
+            return self.format.kvcache_view(target, self.page_size)
         return target if name == "index_keys" else target.unsqueeze(2)
 
     def __repr__(self) -> str:
