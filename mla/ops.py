@@ -171,6 +171,15 @@ def select(fmt: CacheFormat | Mxfp4KeyFormat, q: torch.Tensor, weights: torch.Te
     return reference_indexer.index_topk(scores, topk)
 
 
+def _query(q: torch.Tensor, is_fp8: bool, cache_dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """q as a decode call takes it: in the cache dtype over plain rows; over FP8 rows in its own
+    dtype (the kernel dequantizes to it, as the reference does), a float64 q as float32 for the
+    kernel, which takes 16- and 32-bit q."""
+    if not is_fp8:
+        return q.to(cache_dtype)
+    return q.float() if backend == "triton" and q.dtype == torch.float64 else q
+
+
 def attend_lists(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -185,9 +194,10 @@ def attend_lists(
 ) -> torch.Tensor:
     """Sparse decode through `backend`: each query of q [b, s, h, d] attends the slots
     `indices` [b, s, k] of k_cache and, in the same softmax, the slots `extra_indices` of
-    extra_k_cache (-1 skipped), with an optional float32 sink per head: out [b, s, h, head_dim_v]
-    in q's dtype (`flash_mla_with_kvcache`'s contract; the reference checks its arguments, and
-    computes in at least float32 and takes a float64 q)."""
+    extra_k_cache (-1 skipped), with an optional float32 sink per head (`flash_mla_with_kvcache`'s
+    contract; the reference checks its arguments and computes in at least float32). q is taken as
+    `attend` takes it (`_query`); out [b, s, h, head_dim_v] is in that dtype."""
+    q = _query(q, is_fp8, k_cache.dtype, backend)
     if backend == "triton":
         out, _ = torch.ops.mla.sparse_decode(q, k_cache, indices, head_dim_v, softmax_scale, is_fp8, None, attn_sink,
                                              extra_k_cache, extra_indices)  # fmt: skip
@@ -252,10 +262,7 @@ def attend(
     q goes in the cache dtype for plain rows; over FP8 rows in its own dtype (the kernel dequantizes
     to it, as the reference does), a float64 q as float32 for the kernel, which takes 16- and 32-bit q.
     """
-    if not fmt.is_fp8:
-        q = q.to(fmt.dtype)
-    elif backend == "triton" and q.dtype == torch.float64:
-        q = q.float()
+    q = _query(q, fmt.is_fp8, fmt.dtype, backend)
     if backend == "triton" and indices is not None:
         out, _ = torch.ops.mla.sparse_decode(q, k_cache, indices, fmt.head_dim_v, softmax_scale, fmt.is_fp8, seqlens_q)
         return out

@@ -461,10 +461,8 @@ class V4Attention(nn.Module):
             extra_slots = self._cached_entries(cache, ids, starts, tokens, hidden_states, q_resid, cos, sin, token_slots,
                                                backend)  # fmt: skip
             extra = None if extra_slots is None else cache.kvcache(layer, "entries")
-        # plain rows are read in their dtype; MODEL1 rows dequantize to q's (the kernel takes 16- and 32-bit q)
-        q_in = q.to(pages.dtype) if not cache.is_fp8 else q.float() if q.dtype == torch.float64 else q
         out = ops.attend_lists(
-            q_in, pages, indices, self.config.head_dim, self.softmax_scale, cache.is_fp8, backend,
+            q, pages, indices, self.config.head_dim, self.softmax_scale, cache.is_fp8, backend,
             self.sinks.detach().float(), extra, extra_slots,
         )  # fmt: skip
         return out.to(q.dtype)
