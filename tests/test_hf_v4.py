@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DeepseekV3Config, DeepseekV4Config, DeepseekV4ForCausalLM, DynamicCache
+from transformers import DeepseekV3Config, DeepseekV4ForCausalLM, DynamicCache
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Attention
 
 import mla.hf
@@ -22,7 +22,7 @@ from mla.speculative import generate as speculative_generate
 from mla.speculative.drafters import DraftModelDrafter, NgramDrafter
 from mla.v4 import CSA, HCA, SLIDING
 
-from .test_v4_attention import assert_close, stable_topk, tiny
+from .test_v4_attention import assert_close, hf_model, stable_topk, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,20 +33,9 @@ GREEDY = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=
 
 
 def tiny_model(index_topk: int, **changes) -> DeepseekV4ForCausalLM:
-    """Sliding, CSA and HCA layers, MoE of 4 experts, 2 hyper-connection streams, float32 eager."""
-    config = tiny(num_hidden_layers=4, layer_types=(SLIDING, CSA, HCA, CSA), index_topk=index_topk, **changes)
-    hf_config = DeepseekV4Config(
-        **config.hf_kwargs(), vocab_size=VOCAB, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
-        hc_mult=2, mlp_layer_types=["moe"] * 4,
-    )  # fmt: skip
-    hf_config._attn_implementation = "eager"
-    torch.manual_seed(7)
-    model = DeepseekV4ForCausalLM(hf_config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("sinks", "position_bias")):
-                p.normal_(0, 0.5)  # zero at init: make them matter
-    return model
+    """A transformers V4 model (`hf_model`) of sliding, CSA, HCA and CSA layers."""
+    return hf_model(tiny(num_hidden_layers=4, layer_types=(SLIDING, CSA, HCA, CSA), index_topk=index_topk, **changes),
+                    VOCAB)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,26 @@ def hf_attention(config: V4Config, kind: str, seed: int = 0) -> DeepseekV4Attent
     return module.eval()
 
 
+def hf_model(config: V4Config, vocab: int = 97):
+    """A transformers DeepseekV4ForCausalLM with this attention config: MoE of 4 experts, 2
+    hyper-connection streams, float32 eager, seed 7; sinks and gate biases N(0, 0.5) (zero at
+    init: make them matter)."""
+    from transformers import DeepseekV4ForCausalLM
+
+    hf_config = DeepseekV4Config(
+        **config.hf_kwargs(), vocab_size=vocab, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+        hc_mult=2, mlp_layer_types=["moe"] * config.num_hidden_layers,
+    )  # fmt: skip
+    hf_config._attn_implementation = "eager"
+    torch.manual_seed(7)
+    model = DeepseekV4ForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("sinks", "position_bias")):
+                p.normal_(0, 0.5)
+    return model
+
+
 def hf_forward(module: DeepseekV4Attention, x: torch.Tensor) -> torch.Tensor:
     """What DeepseekV4Model hands one attention layer for a whole sequence, without a cache."""
     b, s, _ = x.shape
@@ -286,21 +306,9 @@ def test_transformers_cached_decode_equals_its_one_shot_once_topk_is_stable(monk
     of transformers (index_topk 3 of up to 10 entries) decodes token by token exactly as its
     one-shot forward once `Tensor.topk` breaks ties to the lower index. With torch.topk this
     seed's steps differ by 0.04 (torch 2.13 on CPU): a zero score tied at the k-th place."""
-    from transformers import DeepseekV4ForCausalLM
-
     monkeypatch.setattr(torch.Tensor, "topk", stable_topk)
-    config = tiny(num_hidden_layers=2, layer_types=(CSA, CSA))  # transformers reads the HCA rate in CSA caches too
-    hf_config = DeepseekV4Config(
-        **config.hf_kwargs(), vocab_size=97, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
-        hc_mult=2, mlp_layer_types=["moe", "moe"],
-    )  # fmt: skip
-    hf_config._attn_implementation = "eager"
-    torch.manual_seed(7)
-    model = DeepseekV4ForCausalLM(hf_config).eval()
+    model = hf_model(tiny(num_hidden_layers=2, layer_types=(CSA, CSA)))  # transformers reads the HCA rate in CSA caches too
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("sinks", "position_bias")):
-                p.normal_(0, 0.5)
         ids = torch.randint(0, 97, (1, 40))
         one_shot = model(ids, use_cache=False).logits
         out = model(ids[:, :20], use_cache=True)
